@@ -1,0 +1,193 @@
+"""relayctl: render, check and apply the relay's Postfix configuration; run the milter.
+
+Exit codes (stable, for scripts):
+  0  success
+  1  unexpected error
+  2  usage error
+  3  invalid configuration (tenant or settings file)
+  4  rendered Postfix configuration failed its checks (nothing was installed)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import ConfigError, Settings, TenantSet, load_settings, load_tenants
+
+EXIT_CONFIG = 3
+EXIT_CHECK = 4
+
+DEFAULT_TENANTS = "/etc/tenant-relay/tenants"
+DEFAULT_SETTINGS = "/etc/tenant-relay/relay.yaml"
+
+
+class Context:
+    def __init__(self, tenants_dir: Path, settings_file: Path | None):
+        self.tenants_dir = tenants_dir
+        self.settings_file = settings_file
+
+    def load(self) -> tuple[TenantSet, Settings]:
+        try:
+            settings = load_settings(self.settings_file)
+            tenants = load_tenants(self.tenants_dir)
+        except ConfigError as exc:
+            click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+        return tenants, settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="relayctl")
+@click.option(
+    "--tenants",
+    "tenants_dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_TENANTS,
+    envvar="RELAY_TENANTS",
+    show_default=True,
+    help="Directory of tenant YAML files.",
+)
+@click.option(
+    "--settings",
+    "settings_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    envvar="RELAY_SETTINGS",
+    help=f"Relay settings YAML (default: {DEFAULT_SETTINGS} if it exists, else built-in defaults).",
+)
+@click.pass_context
+def main(ctx: click.Context, tenants_dir: Path, settings_file: Path | None) -> None:
+    """Operate the multi-tenant mail relay.
+
+    Typical use: edit a tenant file, then `relayctl check` and `relayctl apply`.
+    Exit codes: 0 ok, 1 error, 2 usage, 3 invalid configuration, 4 Postfix check failed.
+    """
+    if settings_file is None and Path(DEFAULT_SETTINGS).is_file():
+        settings_file = Path(DEFAULT_SETTINGS)
+    ctx.obj = Context(tenants_dir, settings_file)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def tenants(obj: Context, as_json: bool) -> None:
+    """Validate the tenant files and list the tenants."""
+    ts, _ = obj.load()
+    if as_json:
+        click.echo(json.dumps([t.model_dump(mode="json") | {"source": str(ts.sources[t.id])} for t in ts], indent=2))
+        return
+    click.echo(f"{'TENANT':<16} {'RELAY DOMAIN':<32} {'SIGNING':<28} {'SMARTHOST':<28} TLS")
+    for t in ts:
+        click.echo(
+            f"{t.id:<16} {t.relay_domain:<32} {t.signing_domain:<28} {t.smarthost.nexthop:<28} {t.smarthost.tls}"
+        )
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output directory.")
+@click.option("--templates", type=click.Path(path_type=Path, file_okay=False), default=None, help="Template directory.")
+@click.pass_obj
+def render(obj: Context, out: Path, templates: Path | None) -> None:
+    """Render main.cf, master.cf and the lookup tables into OUT (no checks, no install)."""
+    from .render import render_files, write_files
+
+    ts, settings = obj.load()
+    try:
+        for path in write_files(render_files(ts, settings, templates), out):
+            click.echo(str(path))
+    except ConfigError as exc:
+        click.echo(f"relayctl: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@main.command()
+@click.option("--templates", type=click.Path(path_type=Path, file_okay=False), default=None, help="Template directory.")
+@click.pass_obj
+def check(obj: Context, templates: Path | None) -> None:
+    """Validate tenants and settings, render into a staging directory and check it with Postfix.
+
+    Runs `postconf -n` (any warning fails), `postconf -M`, a lookup of every
+    tenant's route, and `postfix check`. Nothing live is touched.
+    """
+    from .render import render_and_check
+
+    ts, settings = obj.load()
+    click.echo(f"tenants: {len(ts)} valid ({', '.join(t.id for t in ts)})")
+    try:
+        _, result = render_and_check(ts, settings, templates)
+    except ConfigError as exc:
+        click.echo(f"relayctl: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if not result.ok:
+        for p in result.problems:
+            click.echo(f"check failed: {p}", err=True)
+        sys.exit(EXIT_CHECK)
+    click.echo("postfix: staged configuration passed postconf, route lookups and postfix check")
+
+
+@main.command()
+@click.option("--templates", type=click.Path(path_type=Path, file_okay=False), default=None, help="Template directory.")
+@click.option("--reload/--no-reload", default=True, show_default=True, help="Reload Postfix if it is running.")
+@click.pass_obj
+def apply(obj: Context, templates: Path | None, reload: bool) -> None:
+    """Check the configuration in staging, then install it into the config directory and reload.
+
+    If any check fails, nothing live changes (exit 4). Queued mail is kept:
+    `postfix reload` re-reads the configuration without dropping the queue.
+    """
+    from .render import install, postfix_running, reload_postfix, render_and_check
+
+    ts, settings = obj.load()
+    files, result = render_and_check(ts, settings, templates)
+    if not result.ok:
+        for p in result.problems:
+            click.echo(f"check failed: {p}", err=True)
+        click.echo("nothing was installed", err=True)
+        sys.exit(EXIT_CHECK)
+    changed = install(files, settings)
+    for name in changed:
+        click.echo(f"installed {settings.config_directory / name}")
+    if not changed:
+        click.echo("configuration unchanged")
+    elif reload and postfix_running(settings):
+        reload_postfix(settings)
+        click.echo("postfix reloaded")
+
+
+@main.command("milter")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Log here instead of stderr.")
+@click.pass_obj
+def run_milter(obj: Context, log_file: Path | None) -> None:
+    """Run the verifying, rewriting, routing milter (foreground; stop with SIGTERM)."""
+    from . import logs
+    from .adapter import serve
+    from .policy import Policy
+
+    ts, settings = obj.load()
+    logs.setup(settings.log_level, str(log_file) if log_file else None)
+    logging.getLogger("relay.milter").info("NOQUEUE: event=config tenants=%s", ",".join(t.id for t in ts))
+    serve(Policy(ts, settings), settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Leave the lab running until Ctrl-C (inspect it with postqueue -c).")
+def demo(keep: bool) -> None:
+    """Provision a private relay on loopback, send signed mail, show where it landed.
+
+    Starts a private Postfix instance (its own config and queue under /var/tmp),
+    the milter, a loopback DNS server and two customer smarthosts, then sends
+    one good message per tenant and a few that must be refused.
+    """
+    from .demo import run_demo
+
+    sys.exit(run_demo(keep=keep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Typed, validated tenant definitions and relay settings.
+
+Tenant files are YAML: one tenant per file (a mapping) or several (a list of
+mappings, or a mapping with a ``tenants:`` list). Every error names the file,
+the tenant and the field, so an operator can fix it without reading code.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from . import defaults
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,30}$")
+_HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator."""
+
+
+def _domain(value: str) -> str:
+    value = value.strip().lower().rstrip(".")
+    if len(value) > 253 or not _DOMAIN_RE.match(value):
+        raise ValueError(f"not a valid DNS domain name: {value!r}")
+    return value
+
+
+def _address(value: str) -> str:
+    value = value.strip()
+    local, sep, domain = value.rpartition("@")
+    if not sep or not _LOCAL_RE.match(local) or ".." in local or local.startswith(".") or local.endswith("."):
+        raise ValueError(f"not a plain mailbox address (local@domain): {value!r}")
+    return f"{local}@{_domain(domain)}"
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME_RE.match(value):
+        raise ValueError(f"not a valid header field name: {value!r}")
+    return value
+
+
+Domain = Annotated[str, AfterValidator(_domain)]
+Address = Annotated[str, AfterValidator(_address)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Smarthost(_Strict):
+    """The customer's own last-mile SMTP server."""
+
+    host: str
+    port: int = Field(25, ge=1, le=65535)
+    # none: plaintext only; may: opportunistic STARTTLS; encrypt: TLS required;
+    # verify: TLS required and the certificate must verify against ca_file (or the system CAs).
+    tls: Literal["none", "may", "encrypt", "verify"] = "may"
+    ca_file: Path | None = None
+    # Parallel deliveries to this smarthost (Postfix destination concurrency and maxproc).
+    concurrency: int = Field(defaults.SMARTHOST_CONCURRENCY, ge=1, le=100)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        v = v.strip().lower().rstrip(".")
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            pass
+        if not re.match(rf"^{_LABEL}(\.{_LABEL})*$", v):
+            raise ValueError(f"not a host name or IP address: {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ca(self) -> "Smarthost":
+        if self.ca_file is not None and self.tls != "verify":
+            raise ValueError("ca_file is only used with tls: verify")
+        return self
+
+    @property
+    def nexthop(self) -> str:
+        """Postfix nexthop: brackets suppress MX lookups, IPv6 needs the ipv6: form."""
+        host = self.host
+        if ":" in host:
+            host = f"ipv6:{host}"
+        return f"[{host}]:{self.port}"
+
+
+class HeaderRules(_Strict):
+    # Hop-only headers the platform adds for the relay; removed before the last mile.
+    strip: tuple[HeaderName, ...] = ()
+    # Replace (or add) Reply-To with this address.
+    reply_to: Address | None = None
+    # Replace the envelope sender (MAIL FROM) with this address; bounces go there.
+    envelope_sender: Address | None = None
+
+
+class Tenant(_Strict):
+    id: str
+    description: str = ""
+    relay_domain: Domain
+    # The dedicated hop DKIM identity: d= and s= of the signature the platform adds.
+    signing_domain: Domain
+    selector: str
+    # Pinned key: PEM (SubjectPublicKeyInfo) or a DKIM TXT record / bare p= value.
+    # Without one the key is looked up in DNS at <selector>._domainkey.<signing_domain>.
+    public_key: str | None = None
+    required_signed_headers: tuple[str, ...] = defaults.REQUIRED_SIGNED_HEADERS
+    # Reject signatures older than this many seconds (by t=); 0 disables the check.
+    max_signature_age: int = Field(0, ge=0)
+    allowed_sender_domains: tuple[Domain, ...] = Field(min_length=1)
+    # Optional exact sender addresses (header From). Empty means any address in the domains.
+    allowed_senders: tuple[Address, ...] = ()
+    # Client IPs allowed to submit for this tenant. Empty means any client.
+    allowed_client_ips: tuple[Network, ...] = ()
+    smarthost: Smarthost
+    headers: HeaderRules = HeaderRules()
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError(
+                "must be 1-31 characters of a-z, 0-9 and _, starting with a letter or digit "
+                "(it names a Postfix transport)"
+            )
+        return v
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not re.match(rf"^{_LABEL}(\.{_LABEL})*$", v):
+            raise ValueError(f"not a valid DKIM selector: {v!r}")
+        return v
+
+    @field_validator("required_signed_headers")
+    @classmethod
+    def _signed(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(_header_name(h).lower() for h in v))
+        if "from" not in names:
+            names = ("from",) + names
+        return names
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        return dkim_txt_record(v)
+
+    @model_validator(mode="after")
+    def _senders(self) -> "Tenant":
+        for addr in self.allowed_senders:
+            if addr.rpartition("@")[2] not in self.allowed_sender_domains:
+                raise ValueError(f"allowed_senders: {addr} is not in allowed_sender_domains")
+        if self.relay_domain in self.allowed_sender_domains:
+            raise ValueError("relay_domain must not also be an allowed sender domain")
+        return self
+
+    def sender_allowed(self, address: str) -> bool:
+        local, _, domain = address.rpartition("@")
+        domain = domain.lower()
+        if domain not in self.allowed_sender_domains:
+            return False
+        if not self.allowed_senders:
+            return True
+        return f"{local}@{domain}" in self.allowed_senders
+
+    def envelope_sender_allowed(self, address: str) -> bool:
+        """The envelope sender may also be a bounce address in the hop signing domain."""
+        return self.sender_allowed(address) or address.rpartition("@")[2].lower() == self.signing_domain
+
+    def client_allowed(self, ip: str | None) -> bool:
+        if not self.allowed_client_ips:
+            return True
+        if ip is None:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self.allowed_client_ips)
+
+    @property
+    def bounce_domains(self) -> tuple[str, ...]:
+        """Domains whose mail (bounces the relay itself generates) goes to this tenant's smarthost."""
+        domains = list(self.allowed_sender_domains)
+        if self.headers.envelope_sender:
+            domains.append(self.headers.envelope_sender.rpartition("@")[2])
+        return tuple(dict.fromkeys(domains))
+
+    @property
+    def transport(self) -> str:
+        return f"relay_{self.id}"
+
+
+def dkim_txt_record(key: str) -> str:
+    """Normalise a pinned key (PEM, TXT record or bare base64) to a DKIM TXT record."""
+    text = key.strip()
+    if text.startswith("-----BEGIN"):
+        body = re.sub(r"-----[^-]+-----", "", text)
+        der = re.sub(r"\s+", "", body)
+        try:
+            base64.b64decode(der, validate=True)
+        except ValueError as exc:
+            raise ValueError(f"PEM body is not valid base64: {exc}") from None
+        if "RSA PUBLIC KEY" in text:
+            raise ValueError("PKCS#1 'RSA PUBLIC KEY' PEM is not supported; use SubjectPublicKeyInfo ('PUBLIC KEY')")
+        return f"v=DKIM1; k=rsa; p={der}"
+    flat = re.sub(r"\s+", "", text)
+    if "p=" in flat:
+        tags = dict(t.split("=", 1) for t in flat.split(";") if "=" in t)
+        if not tags.get("p"):
+            raise ValueError("DKIM record has an empty p= (revoked key)")
+        try:
+            base64.b64decode(tags["p"], validate=True)
+        except ValueError as exc:
+            raise ValueError(f"p= is not valid base64: {exc}") from None
+        return "; ".join(f"{k}={v}" for k, v in tags.items())
+    try:
+        base64.b64decode(flat, validate=True)
+    except ValueError:
+        raise ValueError("public_key must be PEM, a DKIM TXT record, or base64 p= data") from None
+    return f"v=DKIM1; k=rsa; p={flat}"
+
+
+class DnsSettings(_Strict):
+    # Empty: use /etc/resolv.conf.
+    nameservers: tuple[str, ...] = ()
+    port: int = Field(53, ge=1, le=65535)
+    timeout: float = Field(defaults.DNS_TIMEOUT, gt=0, le=60)
+
+
+class Settings(_Strict):
+    """Relay-wide settings (relay.yaml). Every field has a production default."""
+
+    myhostname: Domain = "relay.localdomain"
+    # authserv-id in Authentication-Results; defaults to myhostname.
+    authserv_id: str | None = None
+    config_directory: Path = Path(defaults.CONFIG_DIRECTORY)
+    queue_directory: Path = Path(defaults.QUEUE_DIRECTORY)
+    data_directory: Path = Path(defaults.DATA_DIRECTORY)
+    mail_owner: str = defaults.MAIL_OWNER
+    setgid_group: str = defaults.SETGID_GROUP
+    # Postfix master.cf service names for the upstream SMTP listener ("25", "127.0.0.1:2525").
+    smtpd_listen: tuple[str, ...] = ("25",)
+    inet_interfaces: str = "all"
+    inet_protocols: Literal["all", "ipv4", "ipv6"] = "all"
+    # "" logs to syslog instead of a file.
+    maillog_file: str = defaults.MAILLOG_FILE
+    milter_socket: str = defaults.MILTER_SOCKET
+    milter_socket_group: str = defaults.MILTER_SOCKET_GROUP
+    milter_socket_mode: int = defaults.MILTER_SOCKET_MODE
+    milter_connect_timeout: str = defaults.MILTER_CONNECT_TIMEOUT
+    milter_command_timeout: str = defaults.MILTER_COMMAND_TIMEOUT
+    milter_content_timeout: str = defaults.MILTER_CONTENT_TIMEOUT
+    maximal_queue_lifetime: str = defaults.MAXIMAL_QUEUE_LIFETIME
+    message_size_limit: int = Field(defaults.MESSAGE_SIZE_LIMIT, ge=1024)
+    dns: DnsSettings = DnsSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("milter_socket")
+    @classmethod
+    def _socket(cls, v: str) -> str:
+        if v.startswith("unix:") and v[5:].startswith("/"):
+            return v
+        if re.match(r"^inet6?:[^:]+:\d+$", v) or re.match(r"^inet6?:\[[0-9a-fA-F:]+\]:\d+$", v):
+            return v
+        raise ValueError("use unix:/absolute/path or inet:host:port")
+
+    @field_validator("maximal_queue_lifetime", "milter_connect_timeout", "milter_command_timeout", "milter_content_timeout")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        if not re.match(r"^\d+[smhdw]?$", v):
+            raise ValueError(f"not a Postfix time value (e.g. 30s, 48h, 5d): {v!r}")
+        return v
+
+    @field_validator("smtpd_listen")
+    @classmethod
+    def _listen(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            if not re.match(r"^([0-9a-zA-Z.\-]+:|\[[0-9a-fA-F:]+\]:)?\d+$", item):
+                raise ValueError(f"not a master.cf inet service name ([host:]port): {item!r}")
+        return v
+
+    @property
+    def authserv(self) -> str:
+        return self.authserv_id or self.myhostname
+
+    def libmilter_socket(self) -> str:
+        """libmilter spells inet sockets port@host; Postfix spells them host:port."""
+        s = self.milter_socket
+        if s.startswith("unix:"):
+            return s
+        family, _, rest = s.partition(":")
+        host, _, port = rest.rpartition(":")
+        return f"{family}:{port}@{host.strip('[]')}"
+
+
+@dataclass(frozen=True)
+class TenantSet:
+    """All tenants, indexed the ways the milter looks them up."""
+
+    tenants: tuple[Tenant, ...]
+    sources: dict[str, Path]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_relay", {t.relay_domain: t for t in self.tenants})
+        object.__setattr__(self, "_by_id", {t.id: t for t in self.tenants})
+
+    def by_relay_domain(self, domain: str) -> Tenant | None:
+        return self._by_relay.get(domain.lower().rstrip("."))  # type: ignore[attr-defined]
+
+    def by_id(self, tenant_id: str) -> Tenant | None:
+        return self._by_id.get(tenant_id)  # type: ignore[attr-defined]
+
+    def __iter__(self):
+        return iter(self.tenants)
+
+    def __len__(self) -> int:
+        return len(self.tenants)
+
+
+def _format_validation(path: Path, tenant: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(tenant)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{path}: tenant {tenant}: field {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _documents(path: Path) -> list[Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if data is None:
+        return []
+    if isinstance(data, dict) and set(data) == {"tenants"}:
+        data = data["tenants"]
+    if isinstance(data, dict):
+        return [data]
+    if isinstance(data, list):
+        return data
+    raise ConfigError(f"{path}: expected a tenant mapping or a list of tenants, got {type(data).__name__}")
+
+
+def tenant_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: tenant directory does not exist")
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def load_tenants(directory: Path | str) -> TenantSet:
+    """Load and cross-check every tenant file in a directory. Raises ConfigError."""
+    directory = Path(directory)
+    errors: list[str] = []
+    tenants: list[Tenant] = []
+    sources: dict[str, Path] = {}
+    for path in tenant_files(directory):
+        try:
+            docs = _documents(path)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            continue
+        for n, doc in enumerate(docs, 1):
+            if not isinstance(doc, dict):
+                errors.append(f"{path}: entry {n}: expected a mapping, got {type(doc).__name__}")
+                continue
+            name = str(doc.get("id", f"#{n}"))
+            try:
+                tenant = Tenant.model_validate(doc)
+            except ValidationError as exc:
+                errors.append(_format_validation(path, name, exc))
+                continue
+            if tenant.id in sources:
+                errors.append(f"{path}: tenant {tenant.id}: field id: duplicate, already defined in {sources[tenant.id]}")
+                continue
+            tenants.append(tenant)
+            sources[tenant.id] = path
+    errors.extend(_cross_check(tenants, sources))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    if not tenants:
+        raise ConfigError(f"{directory}: no tenants defined (*.yaml)")
+    return TenantSet(tuple(tenants), sources)
+
+
+def _cross_check(tenants: list[Tenant], sources: dict[str, Path]) -> list[str]:
+    """Uniqueness that keeps tenants apart: one relay domain, one hop identity and
+    one sender domain belong to exactly one tenant."""
+    errors = []
+    seen: dict[tuple[str, str], str] = {}
+    all_relay = {t.relay_domain for t in tenants}
+
+    def claim(kind: str, value: str, tenant: Tenant, field: str) -> None:
+        owner = seen.setdefault((kind, value), tenant.id)
+        if owner != tenant.id:
+            errors.append(
+                f"{sources[tenant.id]}: tenant {tenant.id}: field {field}: {value} is already used by tenant {owner}"
+            )
+
+    for t in tenants:
+        claim("relay", t.relay_domain, t, "relay_domain")
+        claim("signing", t.signing_domain, t, "signing_domain")
+        for d in t.bounce_domains:
+            claim("sender", d, t, "allowed_sender_domains")
+            if d in all_relay:
+                errors.append(f"{sources[t.id]}: tenant {t.id}: field allowed_sender_domains: {d} is a relay domain")
+    return errors
+
+
+def load_settings(path: Path | str | None) -> Settings:
+    if path is None:
+        return Settings()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot load settings: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            "\n".join(
+                f"{path}: settings: field {'.'.join(map(str, e['loc']))}: "
+                f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in exc.errors()
+            )
+        ) from None

@@ -1,0 +1,42 @@
+"""Every default in one place, so operators and tests read the same numbers."""
+
+from pathlib import Path
+
+# Postfix paths of a standard Debian install.
+CONFIG_DIRECTORY = "/etc/postfix"
+QUEUE_DIRECTORY = "/var/spool/postfix"
+DATA_DIRECTORY = "/var/lib/postfix"
+MAIL_OWNER = "postfix"
+SETGID_GROUP = "postdrop"
+MAILLOG_FILE = "/var/log/postfix.log"
+
+# Milter socket in Postfix syntax (unix:/path or inet:host:port).
+MILTER_SOCKET = "unix:/run/relay-milter/milter.sock"
+MILTER_SOCKET_GROUP = "postfix"
+MILTER_SOCKET_MODE = 0o660
+# Postfix waits this long for the milter before applying milter_default_action (tempfail).
+MILTER_CONNECT_TIMEOUT = "10s"
+MILTER_COMMAND_TIMEOUT = "30s"
+MILTER_CONTENT_TIMEOUT = "60s"
+
+# Temporary failures are retried for 48 h, then the message bounces.
+MAXIMAL_QUEUE_LIFETIME = "48h"
+MESSAGE_SIZE_LIMIT = 25 * 1024 * 1024
+
+# DKIM key lookups when a tenant has no pinned key.
+DNS_TIMEOUT = 5.0
+
+# Headers the relay always removes on the way through (the route marker is ours).
+ROUTE_HEADER = "X-Relay-Route"
+# Headers a tenant's hop signature must cover unless the tenant says otherwise.
+REQUIRED_SIGNED_HEADERS = ("from", "to", "subject")
+# RFC 5322 section 3.6: at most one of each. Duplicates are a display-spoofing trick.
+SINGLETON_HEADERS = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id")
+
+SMARTHOST_CONCURRENCY = 5
+
+# Templates ship at the top of the source tree; installs copy them here.
+TEMPLATE_DIRS = (
+    Path(__file__).resolve().parents[2] / "postfix-templates",
+    Path("/usr/share/tenant-relay/postfix-templates"),
+)

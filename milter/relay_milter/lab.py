@@ -1,0 +1,419 @@
+"""A relay on loopback, built from real parts: the demo and the end-to-end tests use it.
+
+- a private Postfix instance (own config, queue and data directories; the
+  system Postfix, if any, is not touched), rendered by our own templates;
+- the real milter, as a separate process (``relayctl milter``);
+- dnsmasq on a loopback port serving DKIM keys;
+- aiosmtpd sinks standing in for the customers' smarthosts.
+
+Everything listens on 127.0.0.1 only. Needs root (Postfix starts as root).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dkim
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from .render import _run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- keys ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    private_pem: bytes
+    txt: str  # the DKIM TXT record (v=DKIM1; k=...; p=...)
+    algorithm: str  # rsa-sha256 | ed25519-sha256
+
+    @property
+    def public_b64(self) -> str:
+        return self.txt.split("p=", 1)[1]
+
+
+def rsa_key(bits: int = 2048) -> DkimKey:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return DkimKey(pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}", "rsa-sha256")
+
+
+def ed25519_key() -> DkimKey:
+    key = ed25519.Ed25519PrivateKey.generate()
+    raw_priv = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    raw_pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    # dkimpy takes the base64 of the 32-byte seed as the ed25519 private key.
+    return DkimKey(base64.b64encode(raw_priv), f"v=DKIM1; k=ed25519; p={base64.b64encode(raw_pub).decode()}", "ed25519-sha256")
+
+
+def sign(
+    message: bytes,
+    key: DkimKey,
+    domain: str,
+    selector: str,
+    headers: tuple[str, ...] = ("from", "to", "subject", "date", "message-id"),
+    canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
+    **kwargs,
+) -> bytes:
+    """Prepend a DKIM-Signature made with dkimpy (the same library a platform would use)."""
+    sig = dkim.sign(
+        message,
+        selector.encode(),
+        domain.encode(),
+        key.private_pem,
+        include_headers=[h.encode() for h in headers],
+        canonicalize=canonicalize,
+        signature_algorithm=key.algorithm.encode(),
+        **kwargs,
+    )
+    return sig + message
+
+
+def make_message(
+    sender: str,
+    to: str,
+    subject: str = "Test message",
+    body: str = "Hello from the platform.\r\n",
+    extra_headers: tuple[tuple[str, str], ...] = (),
+    message_id: str | None = None,
+) -> bytes:
+    mid = message_id or f"<{time.time_ns()}.{os.getpid()}@platform.example>"
+    lines = [
+        f"From: Platform Sender <{sender}>",
+        f"To: {to}",
+        f"Subject: {subject}",
+        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}",
+        f"Message-ID: {mid}",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+    ]
+    lines += [f"{n}: {v}" for n, v in extra_headers]
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+# -- sinks -----------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    peer: str
+
+    def header(self, name: str) -> list[str]:
+        import email
+
+        msg = email.message_from_bytes(self.content)
+        return [str(v) for v in msg.get_all(name, [])]
+
+
+class _SinkHandler:
+    def __init__(self, sink: "Sink"):
+        self.sink = sink
+
+    async def handle_DATA(self, server, session, envelope):
+        reply = self.sink.reply
+        if reply.startswith("250"):
+            with self.sink.lock:
+                self.sink.messages.append(
+                    Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content or envelope.content, str(session.peer))
+                )
+        return reply
+
+
+class Sink:
+    """An aiosmtpd server standing in for a customer's smarthost."""
+
+    def __init__(self, name: str, port: int | None = None):
+        self.name = name
+        self.port = port or free_port()
+        self.messages: list[Received] = []
+        self.lock = threading.Lock()
+        self.reply = "250 2.0.0 Ok: queued"
+        self._controller = None
+
+    def start(self) -> "Sink":
+        from aiosmtpd.controller import Controller
+
+        self._controller = Controller(_SinkHandler(self), hostname="127.0.0.1", port=self.port, ready_timeout=10)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller:
+            self._controller.stop()
+            self._controller = None
+
+    def wait(self, count: int = 1, timeout: float = 30) -> list[Received]:
+        wait_for(lambda: len(self.messages) >= count, timeout, what=f"{count} message(s) at sink {self.name}")
+        return list(self.messages)
+
+
+# -- DNS -------------------------------------------------------------------------
+
+
+class DnsServer:
+    """dnsmasq on a loopback port, authoritative for nothing but the TXT records we give it."""
+
+    def __init__(self, workdir: Path, records: dict[str, str], port: int | None = None):
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.records = records
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DnsServer":
+        exe = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+        args = [
+            exe, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
+            "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
+            "--user=root", f"--pid-file={self.workdir / 'dnsmasq.pid'}", "--log-facility=-",
+        ]
+        for name, text in self.records.items():
+            chunks = [text[i : i + 250] for i in range(0, len(text), 250)]
+            args.append(f"--txt-record={name}," + ",".join(f'"{c}"' if "," in c else c for c in chunks))
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "dnsmasq.log", "ab"))
+        wait_for(self._answers, 10, what="dnsmasq")
+        return self
+
+    def _answers(self) -> bool:
+        import dns.message
+        import dns.query
+
+        if self.proc and self.proc.poll() is not None:
+            raise RuntimeError(f"dnsmasq exited: {(self.workdir / 'dnsmasq.log').read_text()}")
+        try:
+            dns.query.udp(dns.message.make_query("probe.invalid.", "TXT"), "127.0.0.1", port=self.port, timeout=0.5)
+            return True
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+# -- the relay --------------------------------------------------------------------
+
+
+@dataclass
+class TenantSpec:
+    id: str
+    relay_domain: str
+    signing_domain: str
+    selector: str
+    key: DkimKey
+    sender_domains: list[str]
+    pin_key: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class Lab:
+    """A private relay: Postfix + milter + DNS + sinks, all under one /var/tmp directory."""
+
+    def __init__(self, base: Path | None = None):
+        # Under /var so maillog_file is accepted (maillog_file_prefixes), and
+        # world-traversable so Postfix's unprivileged daemons reach the milter socket.
+        self.base = Path(base or tempfile.mkdtemp(prefix="relay-lab-", dir="/var/tmp"))
+        os.chmod(self.base, 0o755)
+        self.config_dir = self.base / "postfix"
+        self.queue_dir = self.base / "queue"
+        self.data_dir = self.base / "data"
+        self.tenants_dir = self.base / "tenants"
+        self.settings_file = self.base / "relay.yaml"
+        self.maillog = self.base / "maillog"
+        self.milter_log = self.base / "milter.log"
+        self.milter_socket = self.base / "run" / "milter.sock"
+        self.smtp_port = free_port()
+        self.sinks: dict[str, Sink] = {}
+        self.tenants: dict[str, TenantSpec] = {}
+        self.dns: DnsServer | None = None
+        self.milter_proc: subprocess.Popen | None = None
+        self.postfix_started = False
+        for d in (self.config_dir, self.queue_dir, self.tenants_dir, self.milter_socket.parent):
+            d.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(exist_ok=True)
+        shutil.chown(self.data_dir, "postfix", "postfix")
+
+    # configuration --------------------------------------------------------------
+
+    def add_tenant(self, spec: TenantSpec, sink: Sink, **smarthost) -> None:
+        self.tenants[spec.id] = spec
+        self.sinks[spec.id] = sink
+        doc = {
+            "id": spec.id,
+            "relay_domain": spec.relay_domain,
+            "signing_domain": spec.signing_domain,
+            "selector": spec.selector,
+            "allowed_sender_domains": spec.sender_domains,
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "none", **smarthost},
+        }
+        if spec.pin_key:
+            doc["public_key"] = spec.key.txt
+        doc.update(spec.extra)
+        (self.tenants_dir / f"{spec.id}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def settings(self) -> dict:
+        return {
+            "myhostname": "relay.lab.test",
+            "config_directory": str(self.config_dir),
+            "queue_directory": str(self.queue_dir),
+            "data_directory": str(self.data_dir),
+            "smtpd_listen": [f"127.0.0.1:{self.smtp_port}"],
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "maillog_file": str(self.maillog),
+            "milter_socket": f"unix:{self.milter_socket}",
+            "milter_command_timeout": "10s",
+            "milter_content_timeout": "15s",
+            "dns": {"nameservers": ["127.0.0.1"], "port": self.dns.port if self.dns else 53, "timeout": 3},
+        }
+
+    def write_settings(self, **overrides) -> None:
+        self.settings_file.write_text(yaml.safe_dump(self.settings() | overrides, sort_keys=False))
+
+    def relayctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"relayctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        return r
+
+    # processes -----------------------------------------------------------------
+
+    def start_dns(self) -> None:
+        records = {f"{t.selector}._domainkey.{t.signing_domain}": t.key.txt for t in self.tenants.values()}
+        self.dns = DnsServer(self.base, records).start()
+
+    def start_milter(self) -> None:
+        if self.milter_socket.exists():
+            self.milter_socket.unlink()
+        cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file), "milter", "--log-file", str(self.milter_log)]
+        self.milter_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.base / "milter.stderr", "ab"))
+        wait_for(lambda: self._milter_up(), 20, what="milter socket")
+
+    def _milter_up(self) -> bool:
+        if self.milter_proc and self.milter_proc.poll() is not None:
+            raise RuntimeError(f"milter exited: {(self.base / 'milter.stderr').read_text()[-2000:]}")
+        return self.milter_socket.exists()
+
+    def stop_milter(self, sig: int = signal.SIGTERM) -> None:
+        if self.milter_proc and self.milter_proc.poll() is None:
+            self.milter_proc.send_signal(sig)
+            try:
+                self.milter_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.milter_proc.kill()
+                self.milter_proc.wait(10)
+        self.milter_proc = None
+
+    def start_postfix(self) -> None:
+        r = _run(["postfix", "-c", str(self.config_dir), "start"])
+        if r.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {r.stdout}\n{self.maillog_text()[-3000:]}")
+        self.postfix_started = True
+        wait_for(self._smtp_up, 20, what="postfix smtpd")
+
+    def _smtp_up(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop_postfix(self) -> None:
+        if self.postfix_started:
+            _run(["postfix", "-c", str(self.config_dir), "stop"])
+            self.postfix_started = False
+
+    def start(self) -> "Lab":
+        """DNS, settings, rendered+checked+installed config, sinks, milter, Postfix."""
+        self.start_dns()
+        self.write_settings()
+        self.relayctl("apply", "--no-reload")
+        for sink in self.sinks.values():
+            if sink._controller is None:
+                sink.start()
+        self.start_milter()
+        self.start_postfix()
+        return self
+
+    def stop(self) -> None:
+        self.stop_postfix()
+        self.stop_milter()
+        for sink in self.sinks.values():
+            sink.stop()
+        if self.dns:
+            self.dns.stop()
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    # mail ------------------------------------------------------------------------
+
+    def send(self, message: bytes, mail_from: str, rcpts: list[str]) -> tuple[int, str, dict]:
+        """Send over SMTP. Returns (code, text, refused recipients) of the final reply."""
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="platform.lab.test", timeout=60) as smtp:
+            try:
+                refused = smtp.sendmail(mail_from, rcpts, message)
+            except smtplib.SMTPRecipientsRefused as exc:
+                code, text = next(iter(exc.recipients.values()))
+                return code, text.decode(errors="replace"), exc.recipients
+            except smtplib.SMTPResponseException as exc:
+                return exc.smtp_code, exc.smtp_error.decode(errors="replace"), {}
+            return 250, "ok", refused
+
+    def queue(self) -> list[dict]:
+        r = subprocess.run(["postqueue", "-c", str(self.config_dir), "-j"], capture_output=True, text=True, timeout=30)
+        return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+    def flush(self) -> None:
+        subprocess.run(["postqueue", "-c", str(self.config_dir), "-f"], capture_output=True, timeout=30)
+
+    def maillog_text(self) -> str:
+        try:
+            return self.maillog.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def milter_log_text(self) -> str:
+        try:
+            return self.milter_log.read_text(errors="replace")
+        except OSError:
+            return ""
