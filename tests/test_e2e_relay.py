@@ -1,0 +1,187 @@
+"""End to end through a real Postfix with the real milter, real DKIM and loopback sinks."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+
+from relay_milter.lab import Sink, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def nothing_delivered(lab, seconds: float = 1.0) -> bool:
+    time.sleep(seconds)
+    return all(not s.messages for s in lab.sinks.values())
+
+
+def test_signed_message_reaches_its_tenants_smarthost_only(acme, lab):
+    raw = acme.signed(
+        to="Alice <" + acme.rcpt("alice@example.org") + ">",
+        extra_headers=(("X-Platform-Trace", "hop-123"), ("Reply-To", "noreply@platform.example")),
+    )
+    code, text, _ = acme.send(raw, to="alice@example.org", mail_from="news@acme.example")
+    assert code == 250, text
+
+    [got] = lab.sinks["acme"].wait(1)
+    assert lab.sinks["globex"].messages == []
+    # Envelope: decoded recipient, tenant's envelope sender.
+    assert got.rcpt_tos == ["alice@example.org"]
+    assert got.mail_from == "bounces@acme.example"
+    # Headers: hop signature and hop-only headers gone, Reply-To replaced, To decoded,
+    # Authentication-Results added, route marker not leaked.
+    assert got.header("DKIM-Signature") == []
+    assert got.header("X-Platform-Trace") == []
+    assert got.header("X-Relay-Route") == []
+    assert got.header("Reply-To") == ["replies@acme.example"]
+    assert got.header("To") == ["Alice <alice@example.org>"]
+    [ar] = got.header("Authentication-Results")
+    assert ar.startswith("relay.lab.test;")
+    assert "dkim=pass" in ar and "header.d=hop.acme.test" in ar and "header.s=r2026" in ar
+    assert b"Hello from the platform." in got.content
+
+
+def test_key_from_dns_tenant_is_routed_to_its_own_sink(globex, lab):
+    code, text, _ = globex.send(globex.signed(to="bob@example.org"), to="bob@example.org")
+    assert code == 250, text
+    [got] = lab.sinks["globex"].wait(1)
+    assert got.rcpt_tos == ["bob@example.org"]
+    assert got.mail_from == "news@globex.example"  # globex keeps the envelope sender
+    assert lab.sinks["acme"].messages == []
+    [ar] = got.header("Authentication-Results")
+    assert "dkim=pass" in ar and "header.d=hop.globex.test" in ar
+
+
+def test_multiple_recipients_are_all_decoded(acme, lab):
+    rcpts = [acme.rcpt("a@example.org"), acme.rcpt("b.c+tag@sub.example.net"), acme.rcpt("x=y@example.com")]
+    code, text, _ = acme.lab.send(acme.signed(), "news@acme.example", rcpts)
+    assert code == 250, text
+    [got] = lab.sinks["acme"].wait(1)
+    assert sorted(got.rcpt_tos) == ["a@example.org", "b.c+tag@sub.example.net", "x=y@example.com"]
+
+
+def _rejected(lab, code, expect_code, expect_dsn, text, log_pattern):
+    assert code == expect_code, text
+    if expect_dsn:
+        assert expect_dsn in text, text
+    assert nothing_delivered(lab)
+    wait_for(lambda: re.search(log_pattern, lab.milter_log_text() + lab.maillog_text()), 5, what=log_pattern)
+
+
+def test_unsigned_message_is_rejected(acme, lab):
+    code, text, _ = acme.send(acme.message())
+    _rejected(lab, code, 550, "5.7.2", text, r"event=reject stage=eom .*no DKIM signature|no signature by d=hop.acme.test")
+
+
+def test_bad_signature_is_rejected(acme, lab, globex_key):
+    # Right d= and s=, wrong private key.
+    code, text, _ = acme.send(acme.signed(key=globex_key))
+    _rejected(lab, code, 550, "5.7.20", text, r"event=reject stage=eom .*did not verify")
+
+
+def test_body_altered_after_signing_is_rejected(acme, lab):
+    raw = acme.signed().replace(b"Hello from the platform.", b"Hello from a forger!!!!")
+    code, text, _ = acme.send(raw)
+    _rejected(lab, code, 550, "5.7.20", text, r"body hash mismatch")
+
+
+def test_other_tenants_signature_for_this_relay_domain_is_rejected(acme, globex, lab):
+    # A valid globex signature, addressed to acme's relay domain.
+    raw = globex.signed(sender="news@acme.example")
+    code, text, _ = acme.send(raw)
+    _rejected(lab, code, 550, "5.7.21", text, r"belongs to another tenant")
+
+
+def test_unknown_relay_domain_is_refused_by_postfix(acme, lab):
+    code, text, _ = acme.send(acme.signed(), rcpts=["alice=example.org@unknown.relay.test"])
+    assert code == 554 and "Relay access denied" in text, text
+    assert nothing_delivered(lab)
+
+
+def test_disallowed_header_sender_is_rejected(acme, lab):
+    code, text, _ = acme.send(acme.signed(sender="ceo@evil.example"))
+    _rejected(lab, code, 550, "5.7.1", text, r"From address ceo@evil.example is not allowed")
+
+
+def test_disallowed_envelope_sender_is_rejected_at_rcpt(acme, lab):
+    code, text, _ = acme.send(acme.signed(), mail_from="someone@evil.example")
+    _rejected(lab, code, 550, "5.7.1", text, r"stage=rcpt .*envelope sender someone@evil.example")
+
+
+@pytest.mark.parametrize(
+    "rcpt",
+    ["alice@acme.relay.test", "alice=@acme.relay.test", "=example.org@acme.relay.test", "alice=exa_mple.org@acme.relay.test", "alice=example.org=@acme.relay.test", "a..b=example.org@acme.relay.test"],
+)
+def test_malformed_encoded_recipient_is_rejected(acme, lab, rcpt):
+    code, text, _ = acme.send(acme.signed(), rcpts=[rcpt])
+    _rejected(lab, code, 550, "5.1.3", text, r"stage=rcpt .*5\.1\.3")
+
+
+def test_replayed_signature_with_altered_to_or_subject_is_rejected(acme, lab):
+    original = acme.signed(to="alice@example.org", subject="Your invoice")
+    code, _, _ = acme.send(original)
+    assert code == 250
+    lab.sinks["acme"].wait(1)
+    lab.sinks["acme"].messages.clear()
+    for old, new in ((b"To: alice@example.org", b"To: mallory@example.org"), (b"Subject: Your invoice", b"Subject: Urgent: wire money")):
+        replayed = original.replace(old, new)
+        assert replayed != original
+        code, text, _ = acme.send(replayed, to="mallory@example.org")
+        _rejected(lab, code, 550, "5.7.20", text, r"signed headers changed")
+
+
+def test_recipients_of_two_tenants_in_one_transaction_are_split(acme, globex, lab):
+    code, text, refused = acme.lab.send(acme.signed(), "news@acme.example", [acme.rcpt("a@example.org"), globex.rcpt("b@example.org")])
+    assert code == 250, text  # the acme recipient is accepted...
+    assert list(refused.values())[0][0] == 452  # ...the globex one is deferred to its own transaction
+    [got] = lab.sinks["acme"].wait(1)
+    assert got.rcpt_tos == ["a@example.org"]
+    assert lab.sinks["globex"].messages == []
+
+
+def test_milter_down_means_tempfail_and_no_delivery(acme, lab):
+    lab.stop_milter()
+    try:
+        code, text, _ = acme.send(acme.signed())
+        assert 400 <= code < 500, (code, text)
+        assert nothing_delivered(lab)
+    finally:
+        lab.start_milter()
+    code, text, _ = acme.send(acme.signed())
+    assert code == 250, text
+    lab.sinks["acme"].wait(1)
+
+
+def test_milter_hung_past_timeout_means_tempfail(acme, lab):
+    lab.milter_proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        code, text, _ = acme.send(acme.signed())
+        assert 400 <= code < 500, (code, text)
+        assert time.monotonic() - t0 < 60
+    finally:
+        lab.milter_proc.send_signal(signal.SIGCONT)
+    assert nothing_delivered(lab)
+
+
+def test_smarthost_down_defers_then_delivers_after_flush(acme, lab):
+    sink = lab.sinks["acme"]
+    sink.stop()
+    try:
+        code, text, _ = acme.send(acme.signed(subject="while down"))
+        assert code == 250, text
+        queued = wait_for(
+            lambda: [m for m in lab.queue() if any("deferred" == m.get("queue_name") for _ in [0])], 30, what="deferred message"
+        )
+        [entry] = queued
+        assert entry["recipients"][0]["address"] == "alice@example.org"
+        assert "delay_reason" in entry["recipients"][0]
+    finally:
+        sink.start()
+    lab.flush()
+    [got] = sink.wait(1, timeout=30)
+    assert got.header("Subject") == ["while down"]
+    wait_for(lambda: lab.queue() == [], 15, what="empty queue")
