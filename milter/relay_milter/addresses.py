@@ -104,6 +104,8 @@ def rewrite_address_header(value: str, relay_domain: str) -> str | None:
     changed = False
     out = []
     for name, addr in pairs:
+        if not addr.isascii() or not _PRINTABLE.match(addr or "x"):
+            return None  # not something we can re-serialise faithfully: leave the header alone
         if addr.lower().endswith(suffix):
             try:
                 addr = decode_local(addr[: -len(suffix)])
@@ -113,4 +115,5 @@ def rewrite_address_header(value: str, relay_domain: str) -> str | None:
         out.append(email.utils.formataddr((name, addr)) if name else addr)
     if not changed:
         return None
-    return ", ".join(out)
+    result = ", ".join(out)
+    return None if "\r" in result or "\n" in result else result

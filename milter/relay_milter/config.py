@@ -20,6 +20,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
@@ -62,7 +64,16 @@ def _header_name(value: str) -> str:
 Domain = Annotated[str, AfterValidator(_domain)]
 Address = Annotated[str, AfterValidator(_address)]
 HeaderName = Annotated[str, AfterValidator(_header_name)]
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR network: {exc}") from None
+
+
+Network = Annotated[
+    Union[ipaddress.IPv4Network, ipaddress.IPv6Network], PlainValidator(_network), PlainSerializer(str)
+]
 
 
 class _Strict(BaseModel):

@@ -66,7 +66,14 @@ class DkimKey:
 
 
 def rsa_key(bits: int = 2048) -> DkimKey:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    if bits < 1024:  # cryptography refuses to generate weak keys; tests need one to refuse it
+        out = subprocess.run(
+            ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{bits}"],
+            capture_output=True, check=True,
+        ).stdout
+        key = serialization.load_pem_private_key(out, password=None)
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
     der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return DkimKey(pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}", "rsa-sha256")

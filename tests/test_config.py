@@ -1,0 +1,158 @@
+"""Tenant and settings validation: every error names the file, the tenant and the field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from relay_milter.config import ConfigError, Settings, load_settings, load_tenants
+from relay_milter.lab import ed25519_key, rsa_key
+
+GOOD = """
+id: acme
+relay_domain: acme.relay.example.net
+signing_domain: hop.acme.example
+selector: r2026
+allowed_sender_domains: [acme.example]
+smarthost: {host: smtp.acme.example, port: 587, tls: encrypt, concurrency: 3}
+"""
+
+
+def write(d: Path, name: str, text: str) -> Path:
+    p = d / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_good_tenant_loads_with_defaults(tmp_path):
+    write(tmp_path, "acme.yaml", GOOD)
+    ts = load_tenants(tmp_path)
+    [t] = ts.tenants
+    assert t.id == "acme" and t.transport == "relay_acme"
+    assert t.smarthost.nexthop == "[smtp.acme.example]:587"
+    assert t.required_signed_headers == ("from", "to", "subject")
+    assert ts.by_relay_domain("ACME.relay.example.net.") is t
+    assert ts.sources["acme"] == tmp_path / "acme.yaml"
+
+
+def test_examples_shipped_with_the_repo_are_valid():
+    ts = load_tenants(Path(__file__).parents[1] / "examples" / "tenants")
+    assert len(ts) == 2
+
+
+@pytest.mark.parametrize(
+    "patch, field, message",
+    [
+        ("colour: blue\n", "colour", "unknown field"),
+        ("smarthost: {host: smtp.acme.example, port: 70000}\n", "smarthost.port", "less than or equal to 65535"),
+        ("smarthost: {host: smtp.acme.example, tls: sometimes}\n", "smarthost.tls", "'none', 'may', 'encrypt' or 'verify'"),
+        ("smarthost: {host: smtp.acme.example, tlsx: may}\n", "smarthost.tlsx", "unknown field"),
+        ("relay_domain: not_a_domain\n", "relay_domain", "not a valid DNS domain name"),
+        ("allowed_sender_domains: []\n", "allowed_sender_domains", "at least 1 item"),
+        ("allowed_senders: [ceo@other.example]\n", "(tenant)", "not in allowed_sender_domains"),
+        ("allowed_client_ips: [10.0.0.0/33, 10.0.0.1/8]\n", "allowed_client_ips.0", "not a CIDR network"),
+        ("allowed_client_ips: [10.0.0.1/8]\n", "allowed_client_ips.0", "has host bits set"),
+        ("public_key: '-----BEGIN PUBLIC KEY-----\\n!!!\\n-----END PUBLIC KEY-----'\n", "public_key", "not valid base64"),
+        ("headers: {reply_to: 'not an address'}\n", "headers.reply_to", "not a plain mailbox"),
+        ("headers: {strip: ['Bad Header']}\n", "headers.strip.0", "not a valid header field name"),
+    ],
+)
+def test_bad_values_name_file_tenant_and_field(tmp_path, patch, field, message):
+    path = write(tmp_path, "acme.yaml", GOOD + patch)
+    with pytest.raises(ConfigError) as exc:
+        load_tenants(tmp_path)
+    text = str(exc.value)
+    assert f"{path}: tenant acme: field {field}:" in text
+    assert message in text
+
+
+def test_bad_id_is_reported(tmp_path):
+    write(tmp_path, "x.yaml", GOOD.replace("id: acme", "id: Acme-Corp"))
+    with pytest.raises(ConfigError, match=r"tenant Acme-Corp: field id: .*names a Postfix transport"):
+        load_tenants(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "other, field",
+    [
+        ({"relay_domain": "acme.relay.example.net"}, "relay_domain"),
+        ({"signing_domain": "hop.acme.example"}, "signing_domain"),
+        ({"allowed_sender_domains": "[acme.example]"}, "allowed_sender_domains"),
+    ],
+)
+def test_tenants_cannot_share_identities(tmp_path, other, field):
+    write(tmp_path, "a.yaml", GOOD)
+    second = {
+        "id": "globex",
+        "relay_domain": "globex.relay.example.net",
+        "signing_domain": "hop.globex.example",
+        "allowed_sender_domains": "[globex.example]",
+    } | other
+    write(
+        tmp_path,
+        "b.yaml",
+        "\n".join(f"{k}: {v}" for k, v in second.items()) + "\nselector: s\nsmarthost: {host: mx.globex.example}\n",
+    )
+    with pytest.raises(ConfigError, match=rf"b.yaml: tenant globex: field {field}: .* already used by tenant acme"):
+        load_tenants(tmp_path)
+
+
+def test_duplicate_id_and_yaml_errors_are_all_reported(tmp_path):
+    write(tmp_path, "a.yaml", GOOD)
+    write(tmp_path, "b.yaml", GOOD)
+    write(tmp_path, "c.yaml", "id: [unclosed\n")
+    with pytest.raises(ConfigError) as exc:
+        load_tenants(tmp_path)
+    assert "b.yaml: tenant acme: field id: duplicate, already defined in" in str(exc.value)
+    assert "c.yaml: not valid YAML" in str(exc.value)
+
+
+def test_list_file_and_empty_directory(tmp_path):
+    write(tmp_path, "all.yaml", "tenants:\n" + textwrap.indent(textwrap.dedent(GOOD).replace("id:", "- id:", 1).replace("\nrelay", "\n  relay").replace("\nsigning", "\n  signing").replace("\nselector", "\n  selector").replace("\nallowed", "\n  allowed").replace("\nsmarthost", "\n  smarthost"), "  "))
+    assert [t.id for t in load_tenants(tmp_path)] == ["acme"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no tenants defined"):
+        load_tenants(empty)
+
+
+@pytest.mark.parametrize("keyfn", [rsa_key, ed25519_key])
+def test_pinned_key_forms_normalise_to_a_txt_record(tmp_path, keyfn):
+    key = keyfn() if keyfn is ed25519_key else keyfn(1024)
+    write(tmp_path, "a.yaml", GOOD + f"public_key: '{key.txt}'\n")
+    assert load_tenants(tmp_path).tenants[0].public_key == key.txt
+
+
+def test_pem_key_becomes_rsa_record(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pub = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    write(tmp_path, "a.yaml", GOOD + "public_key: |\n" + textwrap.indent(pem, "  "))
+    rec = load_tenants(tmp_path).tenants[0].public_key
+    assert rec.startswith("v=DKIM1; k=rsa; p=MI")
+
+
+def test_client_allowlist_matches_v4_v6_and_mapped(tmp_path):
+    write(tmp_path, "a.yaml", GOOD + "allowed_client_ips: [192.0.2.0/24, '2001:db8::/32']\n")
+    t = load_tenants(tmp_path).tenants[0]
+    assert t.client_allowed("192.0.2.7")
+    assert t.client_allowed("::ffff:192.0.2.7")
+    assert t.client_allowed("2001:db8::1")
+    assert not t.client_allowed("198.51.100.1")
+    assert not t.client_allowed(None)
+    assert not t.client_allowed("garbage")
+
+
+def test_settings_defaults_and_errors(tmp_path):
+    s = Settings()
+    assert s.maximal_queue_lifetime == "48h" and s.authserv == "relay.localdomain"
+    assert Settings(milter_socket="inet:127.0.0.1:8891").libmilter_socket() == "inet:8891@127.0.0.1"
+    p = write(tmp_path, "relay.yaml", "maximal_queue_lifetime: two days\nmilter_sockett: x\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(p)
+    assert "field maximal_queue_lifetime: Value error, not a Postfix time value" in str(exc.value)
+    assert "field milter_sockett: unknown field" in str(exc.value)
