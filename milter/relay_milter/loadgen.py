@@ -228,8 +228,14 @@ async def send_all_async(
     deadline: float = 120.0,
     timeout: float = 60.0,
     helo: str = "loadgen.lab.test",
+    pace: float = 0.0,
 ) -> RunResult:
-    """Send every message; see the module docstring for the retry semantics."""
+    """Send every message; see the module docstring for the retry semantics.
+
+    ``pace`` makes each client pause that long between transactions (a steady
+    rate for soak and fault runs). In retry mode a client that got a temporary
+    failure closes its connection and starts a fresh SMTP session for the retry.
+    """
     queue: asyncio.Queue[Outgoing] = asyncio.Queue()
     for m in messages:
         queue.put_nowait(m)
@@ -274,7 +280,10 @@ async def send_all_async(
                 sent_on_conn += 1
                 settle(m, attempt, latency)
                 if retry and not (200 <= attempt.code < 300):
+                    await c.close()
                     await asyncio.sleep(retry_delay)
+                elif pace:
+                    await asyncio.sleep(pace)
             except _ConnectionLost as exc:
                 await c.close(quit=False)
                 settle(m, Attempt(exc.stage, 0, exc.why, exc.ambiguous), None)
