@@ -67,16 +67,11 @@ class RelayMilter(Milter.Base):
 
     # -- callbacks ------------------------------------------------------------
 
-    # connect, hello, header and body never refuse anything: tell Postfix not to
-    # wait for a reply to them (protocol negotiation, P_NR_*). That removes one
-    # milter round trip per header field, which dominates small messages.
-    @Milter.noreply
     def connect(self, hostname, family, hostaddr):
         ip = hostaddr[0] if isinstance(hostaddr, tuple) else None
         self.tx = Transaction(client_ip=ip, client_name=hostname or "")
         return Milter.CONTINUE
 
-    @Milter.noreply
     def hello(self, heloname):
         self.tx.helo = heloname or ""
         return Milter.CONTINUE
@@ -93,7 +88,6 @@ class RelayMilter(Milter.Base):
             self.tx.queue_id = self._macro("i")
         return self._answer(self.policy.on_rcpt(self.tx, to), "rcpt", sender=self.tx.mail_from, rcpt=to)
 
-    @Milter.noreply
     def header(self, name, value):
         if isinstance(value, bytes):  # undecodable: keep the bytes through surrogates
             value = value.decode("utf-8", "surrogateescape")
@@ -105,7 +99,6 @@ class RelayMilter(Milter.Base):
     def _leading_space(self) -> bool:
         return bool(getattr(self, "_protocol", 0) & Milter.P_HDR_LEADSPC)
 
-    @Milter.noreply
     def body(self, chunk):
         self._body += chunk
         return Milter.CONTINUE
