@@ -16,7 +16,10 @@ import dkim.util
 import dns.exception
 import dns.resolver
 
+from . import fastcanon
 from .config import DnsSettings, Tenant
+
+fastcanon.install()  # output-identical, faster dkimpy canonicalization helpers
 
 log = logging.getLogger("relay.dkim")
 

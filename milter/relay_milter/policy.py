@@ -123,7 +123,10 @@ class Message:
             line = f"{name}:{value}".encode("utf-8", "surrogateescape")
             out += re.sub(rb"\r?\n", b"\r\n", line) + b"\r\n"
         out += b"\r\n"
-        out += re.sub(rb"(?<!\r)\n", b"\r\n", self.body)
+        body = self.body
+        if body.count(b"\n") != body.count(b"\r\n"):  # Postfix sends CRLF; skip the regex then
+            body = re.sub(rb"(?<!\r)\n", b"\r\n", body)
+        out += body
         return bytes(out)
 
 
