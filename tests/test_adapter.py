@@ -41,7 +41,7 @@ def policy(tmp_path, key):
 
 @pytest.fixture
 def ctx(policy):
-    RelayMilter.policy = policy
+    RelayMilter.source = policy
     Milter.factory = RelayMilter
     ctx = MilterCtx()
     ctx._setsymval("i", "4XyZ1Qd2")

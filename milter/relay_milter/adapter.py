@@ -12,7 +12,6 @@ import grp
 import logging
 import os
 import re
-import threading
 
 import Milter
 import milter as _milter
@@ -33,9 +32,12 @@ def _reply_text(text: str) -> str:
 
 @Milter.header_leading_space
 class RelayMilter(Milter.Base):
-    policy: Policy  # set by serve() (or a test) before any connection
+    # Set by serve() (or a test) before any connection: a Policy, or a
+    # ReloadingPolicy; either way .current() gives the policy for a transaction.
+    source: Policy
 
     def __init__(self) -> None:
+        self.policy = self.source.current()
         self.tx = Transaction()
         self._headers: list[tuple[str, str]] = []
         self._body = bytearray()
@@ -77,6 +79,7 @@ class RelayMilter(Milter.Base):
         return Milter.CONTINUE
 
     def envfrom(self, mailfrom, *params):
+        self.policy = self.source.current()  # one policy for the whole transaction
         self._headers = []
         self._body = bytearray()
         self.tx.queue_id = self._macro("i")
@@ -166,9 +169,12 @@ class RelayMilter(Milter.Base):
         return Milter.CONTINUE
 
 
-def serve(policy: Policy, socket: str, socket_group: str | None, socket_mode: int, timeout: int = 600) -> None:
-    """Run the milter until SIGTERM/SIGINT (libmilter handles both and drains)."""
-    RelayMilter.policy = policy
+def serve(source, socket: str, socket_group: str | None, socket_mode: int, timeout: int = 600) -> None:
+    """Run the milter until SIGTERM/SIGINT (libmilter handles both and drains).
+
+    ``source`` is a Policy or a ReloadingPolicy (anything with ``.current()``).
+    """
+    RelayMilter.source = source
     Milter.factory = RelayMilter
     _milter.set_flags(FLAGS)
     _milter.set_exception_policy(Milter.TEMPFAIL)
@@ -187,6 +193,6 @@ def serve(policy: Policy, socket: str, socket_group: str | None, socket_mode: in
             return result
 
         _milter.opensocket = opensocket
-    logs.event(log, logging.INFO, None, "start", socket=socket, tenants=len(policy.tenants), threads=threading.active_count())
+    logs.event(log, logging.INFO, None, "start", socket=socket, tenants=len(source.current().tenants))
     Milter.runmilter("relay-milter", socket, timeout)
     logs.event(log, logging.INFO, None, "stop")

@@ -164,15 +164,21 @@ def apply(obj: Context, templates: Path | None, reload: bool) -> None:
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Log here instead of stderr.")
 @click.pass_obj
 def run_milter(obj: Context, log_file: Path | None) -> None:
-    """Run the verifying, rewriting, routing milter (foreground; stop with SIGTERM)."""
+    """Run the verifying, rewriting, routing milter (foreground; stop with SIGTERM).
+
+    Tenant file changes are picked up within a second without a restart; an
+    invalid change is logged (event=reload_failed) and the last good set stays.
+    """
     from . import logs
     from .adapter import serve
-    from .policy import Policy
+    from .reloader import ReloadingPolicy
 
-    ts, settings = obj.load()
+    ts, settings = obj.load()  # exits 3 on an invalid configuration
     logs.setup(settings.log_level, str(log_file) if log_file else None)
     logging.getLogger("relay.milter").info("NOQUEUE: event=config tenants=%s", ",".join(t.id for t in ts))
-    serve(Policy(ts, settings), settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
+    source = ReloadingPolicy(obj.tenants_dir, settings)
+    source.watch()
+    serve(source, settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
 
 
 @main.command()

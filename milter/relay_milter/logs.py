@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Any
 
-_BARE = re.compile(r"^[A-Za-z0-9_.:@/<>+=\-\[\]]+$")
+_BARE = re.compile(r"^[A-Za-z0-9_.,:@/<>+=\-\[\]]+$")
 
 
 def logfmt_value(value: Any) -> str:

@@ -140,6 +140,10 @@ class Policy:
         self._relay_domains = frozenset(t.relay_domain for t in tenants)
         self._signing_domains = frozenset(t.signing_domain for t in tenants)
 
+    def current(self) -> "Policy":
+        """A fixed policy is its own source (see reloader.ReloadingPolicy)."""
+        return self
+
     # -- envelope -------------------------------------------------------------
 
     def on_mail(self, tx: Transaction, sender: str) -> Verdict:
@@ -158,7 +162,10 @@ class Policy:
             return Verdict.reject("550", "5.1.3", f"bad recipient address syntax: {exc.reason}")
         tenant = self.tenants.by_relay_domain(decoded.relay_domain)
         if tenant is None:
-            return Verdict.reject("550", "5.1.2", f"{decoded.relay_domain} is not a relay domain here")
+            # Postfix only lets relay domains through (reject_unauth_destination), so a
+            # domain the milter does not know means the two configurations are out of
+            # step for a moment (a tenant is being added): ask the client to retry.
+            return Verdict.tempfail("451", "4.3.5", f"{decoded.relay_domain} is not configured on this relay yet")
         target_domain = decoded.address.rpartition("@")[2]
         if target_domain in self._relay_domains or target_domain.endswith(tuple("." + d for d in self._relay_domains)):
             return Verdict.reject("550", "5.1.3", "encoded recipient points back at a relay domain")
