@@ -463,11 +463,12 @@ def test_ansible_lint_production_profile_is_clean():
     lint = _tool("ansible-lint")
     env = os.environ | {"ANSIBLE_NOCOLOR": "1", "NO_COLOR": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     r = subprocess.run(
-        [lint, "--profile", "production", "--offline", "--nocolor", "site.yml", "roles/relay"],
+        # ansible/.ansible-lint: profile production, offline; lints the role, playbooks and inventories.
+        [lint, "--profile", "production", "--offline", "--nocolor"],
         capture_output=True, text=True, cwd=ANSIBLE_DIR, env=env, timeout=300,
     )
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
-    assert "passed" in (r.stdout + r.stderr).lower() or "0 failure" in (r.stdout + r.stderr)
+    assert "Profile 'production' was required, and it passed" in r.stdout + r.stderr
 
 
 def test_vagrantfile_is_valid_ruby():
