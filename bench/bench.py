@@ -30,7 +30,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay_milter.addresses import encode_recipient
-from relay_milter.lab import DkimKey, Lab, TenantSpec, ed25519_key, rsa_key, sign, wait_for
+from relay_milter.lab import Lab, TenantSpec, ed25519_key, port_open, rsa_key, sign, stop_process, wait_for
 from relay_milter.loadgen import (
     MaillogCounter,
     Outgoing,
@@ -167,9 +166,7 @@ class BenchDns:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_process(self.proc)
 
 
 class OpenDkim:
@@ -221,23 +218,13 @@ class OpenDkim:
         def up() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"opendkim exited: {(d / 'opendkim.stderr').read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return True
-            except OSError:
-                return False
+            return port_open(self.port)
 
         wait_for(up, 15, what="opendkim")
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def postconf_edit(lab: Lab, *assignments: str) -> None:

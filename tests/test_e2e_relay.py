@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from relay_milter.lab import Sink, wait_for
+from relay_milter.lab import wait_for
 
 pytestmark = pytest.mark.e2e
 

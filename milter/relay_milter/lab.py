@@ -51,6 +51,26 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Signal a child we started, wait for it, and kill it if it does not go."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 # -- keys ----------------------------------------------------------------------
 
 
@@ -230,9 +250,7 @@ class DnsServer:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_process(self.proc)
 
 
 # -- the relay --------------------------------------------------------------------
@@ -340,13 +358,7 @@ class Lab:
         return self.milter_socket.exists()
 
     def stop_milter(self, sig: int = signal.SIGTERM) -> None:
-        if self.milter_proc and self.milter_proc.poll() is None:
-            self.milter_proc.send_signal(sig)
-            try:
-                self.milter_proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.milter_proc.kill()
-                self.milter_proc.wait(10)
+        stop_process(self.milter_proc, sig)
         self.milter_proc = None
 
     def start_postfix(self) -> None:
@@ -357,11 +369,7 @@ class Lab:
         wait_for(self._smtp_up, 20, what="postfix smtpd")
 
     def _smtp_up(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=1):
-                return True
-        except OSError:
-            return False
+        return port_open(self.smtp_port)
 
     def stop_postfix(self) -> None:
         if self.postfix_started:

@@ -378,24 +378,16 @@ class SmtpSinkProcess:
         return self
 
     def _up(self) -> bool:
-        import socket
+        from .lab import port_open
 
         if self.proc and self.proc.poll() is not None:
             raise RuntimeError(f"smtp-sink exited with {self.proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
+        return port_open(self.port)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        from .lab import stop_process
+
+        stop_process(self.proc)
         self.proc = None
 
 
