@@ -138,6 +138,7 @@ class Policy:
         self.settings = settings
         self.keys = keys or KeyResolver(settings.dns)
         self._relay_domains = frozenset(t.relay_domain for t in tenants)
+        self._relay_suffixes = tuple("." + d for d in self._relay_domains)
         self._signing_domains = frozenset(t.signing_domain for t in tenants)
 
     def current(self) -> "Policy":
@@ -167,7 +168,7 @@ class Policy:
             # step for a moment (a tenant is being added): ask the client to retry.
             return Verdict.tempfail("451", "4.3.5", f"{decoded.relay_domain} is not configured on this relay yet")
         target_domain = decoded.address.rpartition("@")[2]
-        if target_domain in self._relay_domains or target_domain.endswith(tuple("." + d for d in self._relay_domains)):
+        if target_domain in self._relay_domains or target_domain.endswith(self._relay_suffixes):
             return Verdict.reject("550", "5.1.3", "encoded recipient points back at a relay domain")
         if tx.tenant is not None and tx.tenant.id != tenant.id:
             return Verdict.tempfail(
