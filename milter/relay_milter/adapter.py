@@ -156,8 +156,9 @@ class RelayMilter(Milter.Base):
             new_sender=d.new_sender,
             header_from=d.header_from,
             message_id=d.message_id,
-            rcpts=",".join(new for _, new in d.recipient_changes),
-            dkim=f"pass d={d.dkim.domain} s={d.dkim.selector} a={d.dkim.algorithm} key={d.dkim.key_source}",
+            rcpts=",".join(f"<{dec.address}>" for _, dec in self.tx.recipients),
+            dkim=f"pass d={d.dkim.domain} s={d.dkim.selector} a={d.dkim.algorithm} key={d.dkim.key_source}" if d.dkim else None,
+            auth=self.tx.auth_user,
         )
 
     def abort(self):

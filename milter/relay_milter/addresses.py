@@ -66,14 +66,23 @@ def decode_local(encoded_local: str) -> str:
     local, sep, domain = encoded_local.rpartition("=")
     if not sep:
         raise AddressError("recipient is not encoded as local=domain@relay-domain")
-    domain = domain.lower().rstrip(".")
+    return _check_mailbox(local, domain.lower().rstrip("."), "encoded recipient")
+
+
+def _check_mailbox(local: str, domain: str, what: str) -> str:
     if not local or len(local) > 64 or not _LOCAL_RE.match(local) or ".." in local or local[0] == "." or local[-1] == ".":
-        raise AddressError("encoded recipient has an invalid local part")
+        raise AddressError(f"{what} has an invalid local part")
     if not _DOMAIN_RE.match(domain) or len(domain) > 253:
-        raise AddressError("encoded recipient has an invalid domain")
+        raise AddressError(f"{what} has an invalid domain")
     if domain.rsplit(".", 1)[1].isdigit():
-        raise AddressError("encoded recipient domain looks like an IP address")
+        raise AddressError(f"{what} domain looks like an IP address")
     return f"{local}@{domain}"
+
+
+def plain_recipient(raw: str) -> str:
+    """An authenticated submission's recipient: a plain ASCII dot-atom mailbox, as is."""
+    local, domain = split_relay_address(raw)
+    return _check_mailbox(local, domain, "recipient")
 
 
 def decode_recipient(raw: str) -> Decoded:

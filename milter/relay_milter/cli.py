@@ -152,7 +152,10 @@ def apply(obj: Context, templates: Path | None, reload: bool) -> None:
         sys.exit(EXIT_CHECK)
     changed = install(files, settings)
     for name in changed:
-        click.echo(f"installed {settings.config_directory / name}")
+        if name.endswith(" (removed)"):
+            click.echo(f"removed {settings.config_directory / name.removesuffix(' (removed)')}")
+        else:
+            click.echo(f"installed {settings.config_directory / name}")
     if not changed:
         click.echo("configuration unchanged")
     elif reload and postfix_running(settings):
@@ -179,6 +182,115 @@ def run_milter(obj: Context, log_file: Path | None) -> None:
     source = ReloadingPolicy(obj.tenants_dir, settings)
     source.watch()
     serve(source, settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
+
+
+@main.group()
+def user() -> None:
+    """Manage submission users (SMTP AUTH on the submission listeners).
+
+    A user must first be listed in one tenant's `submission_users`; its password
+    lives in the Cyrus sasldb (settings `sasl_database`). Passwords are read from
+    standard input or a prompt, never from the command line, and never logged.
+    """
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password (one line) from standard input.")
+@click.option("--generate", is_flag=True, help="Generate a random password and print it once.")
+@click.pass_obj
+def user_add(obj: Context, name: str, password_stdin: bool, generate: bool) -> None:
+    """Create user NAME, or set a new password for it."""
+    import secrets
+
+    from .users import UserError, set_password
+
+    ts, settings = obj.load()
+    if password_stdin and generate:
+        raise click.UsageError("--password-stdin and --generate exclude each other")
+    if generate:
+        password = secrets.token_urlsafe(24)
+    elif password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        tenant = set_password(settings, ts, name, password)
+    except ConfigError as exc:
+        click.echo(f"relayctl: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except UserError as exc:
+        click.echo(f"relayctl: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"user {name} (tenant {tenant}) can now log in", err=generate)
+    if generate:
+        click.echo(password)
+
+
+@user.command("remove")
+@click.argument("name")
+@click.pass_obj
+def user_remove(obj: Context, name: str) -> None:
+    """Delete user NAME's password: it can no longer log in."""
+    from .users import UserError, delete
+
+    _, settings = obj.load()
+    try:
+        delete(settings, name)
+    except UserError as exc:
+        click.echo(f"relayctl: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"user {name} removed")
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def user_list(obj: Context, as_json: bool) -> None:
+    """List users with their tenant and state (active, no-password, orphaned)."""
+    from .users import UserError, status
+
+    ts, settings = obj.load()
+    try:
+        rows = status(settings, ts)
+    except UserError as exc:
+        click.echo(f"relayctl: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps([{"user": r.user, "tenant": r.tenant, "state": r.state} for r in rows], indent=2))
+        return
+    click.echo(f"{'USER':<24} {'TENANT':<16} STATE")
+    for r in rows:
+        click.echo(f"{r.user:<24} {r.tenant or '-':<16} {r.state}")
+
+
+@main.group()
+def cert() -> None:
+    """Certificates for the relay's own STARTTLS."""
+
+
+@cert.command("selfsigned")
+@click.option("--name", "names", multiple=True, help="DNS name or IP (repeatable; default: myhostname).")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option("--force", is_flag=True, help="Replace existing files.")
+@click.pass_obj
+def cert_selfsigned(obj: Context, names: tuple[str, ...], days: int, force: bool) -> None:
+    """Write a self-signed certificate to the settings' tls_cert_file/tls_key_file.
+
+    For a first start or a lab. Clients cannot verify it: replace it with one
+    from your CA and run `relayctl apply`.
+    """
+    from .certs import make_cert
+
+    _, settings = obj.load()
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        click.echo("relayctl: set tls_cert_file and tls_key_file in the settings first", err=True)
+        sys.exit(EXIT_CONFIG)
+    if not force and (settings.tls_cert_file.exists() or settings.tls_key_file.exists()):
+        click.echo(f"relayctl: {settings.tls_cert_file} exists (use --force to replace it)", err=True)
+        sys.exit(1)
+    make_cert(list(names) or [settings.myhostname], days=days).write(settings.tls_cert_file, settings.tls_key_file)
+    click.echo(f"wrote {settings.tls_cert_file} and {settings.tls_key_file} (key mode 0600)")
 
 
 @main.command()

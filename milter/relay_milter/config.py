@@ -33,6 +33,7 @@ _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,30}$")
+_USER_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
 
 
@@ -80,6 +81,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
+class SmarthostAuth(_Strict):
+    """SMTP AUTH towards the smarthost. The password is not here: it is the tenant's
+    ``smarthost_password`` in the secrets file (settings ``secrets_file``, mode 0600)."""
+
+    username: str = Field(min_length=1, max_length=256)
+
+    @field_validator("username")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not re.match(r"^[\x21-\x7e]+$", v):
+            raise ValueError("must be printable ASCII without spaces")
+        return v
+
+
 class Smarthost(_Strict):
     """The customer's own last-mile SMTP server."""
 
@@ -89,6 +104,11 @@ class Smarthost(_Strict):
     # verify: TLS required and the certificate must verify against ca_file (or the system CAs).
     tls: Literal["none", "may", "encrypt", "verify"] = "may"
     ca_file: Path | None = None
+    # With tls: verify, the name the certificate must carry (default: host). Needed
+    # when host is an IP address: Postfix matches DNS names only.
+    tls_match: str | None = None
+    # Log in to the smarthost (only over TLS: tls must be encrypt or verify).
+    auth: SmarthostAuth | None = None
     # Parallel deliveries to this smarthost (Postfix destination concurrency and maxproc).
     concurrency: int = Field(defaults.SMARTHOST_CONCURRENCY, ge=1, le=100)
 
@@ -104,11 +124,33 @@ class Smarthost(_Strict):
             raise ValueError(f"not a host name or IP address: {v!r}")
         return v
 
+    @field_validator("tls_match")
+    @classmethod
+    def _match(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip().lower().rstrip(".")
+        if not re.match(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$", v):
+            raise ValueError(f"not a host name: {v!r}")
+        return v
+
     @model_validator(mode="after")
-    def _ca(self) -> "Smarthost":
+    def _tls(self) -> "Smarthost":
         if self.ca_file is not None and self.tls != "verify":
             raise ValueError("ca_file is only used with tls: verify")
+        if self.tls_match is not None and self.tls != "verify":
+            raise ValueError("tls_match is only used with tls: verify")
+        if self.auth is not None and self.tls not in ("encrypt", "verify"):
+            raise ValueError("auth needs tls: encrypt or verify (credentials are never sent in clear)")
         return self
+
+    @property
+    def tls_policy(self) -> str:
+        """The smtp_tls_policy_maps entry for this smarthost."""
+        if self.tls != "verify":
+            return self.tls
+        # The CA (ca_file) is the transport's smtp_tls_CAfile; see master.cf.j2.
+        return f"verify match={self.tls_match or self.host}"
 
     @property
     def nexthop(self) -> str:
@@ -144,8 +186,11 @@ class Tenant(_Strict):
     allowed_sender_domains: tuple[Domain, ...] = Field(min_length=1)
     # Optional exact sender addresses (header From). Empty means any address in the domains.
     allowed_senders: tuple[Address, ...] = ()
-    # Client IPs allowed to submit for this tenant. Empty means any client.
+    # Client IPs allowed to submit for this tenant (both ingress modes). Empty means any client.
     allowed_client_ips: tuple[Network, ...] = ()
+    # SASL user names that submit for this tenant on the submission port (SMTP AUTH
+    # under STARTTLS). Passwords live in the SASL database: `relayctl user add`.
+    submission_users: tuple[str, ...] = ()
     smarthost: Smarthost
     headers: HeaderRules = HeaderRules()
 
@@ -157,6 +202,16 @@ class Tenant(_Strict):
                 "must be 1-31 characters of a-z, 0-9 and _, starting with a letter or digit "
                 "(it names a Postfix transport)"
             )
+        return v
+
+    @field_validator("submission_users")
+    @classmethod
+    def _users(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for user in v:
+            if not _USER_RE.match(user):
+                raise ValueError(f"not a valid submission user name (a-z, 0-9, . _ - +, 1-64): {user!r}")
+        if len(set(v)) != len(v):
+            raise ValueError("listed twice")
         return v
 
     @field_validator("selector")
@@ -282,6 +337,15 @@ class Settings(_Strict):
     smtpd_listen: tuple[str, ...] = ("25",)
     inet_interfaces: str = "all"
     inet_protocols: Literal["all", "ipv4", "ipv6"] = "all"
+    # Submission listeners (SMTP AUTH after STARTTLS), e.g. ["587", "2525"]. Needs tls_cert_file.
+    submission_listen: tuple[str, ...] = ()
+    # The relay's own certificate (PEM, chain first) and key, for STARTTLS on every listener.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Cyrus SASL database of submission users (relayctl user add|remove|list).
+    sasl_database: Path = Path(defaults.SASL_DATABASE)
+    # Per-tenant secrets (YAML: tenant id -> {smarthost_password: ...}), root-only.
+    secrets_file: Path = Path(defaults.SECRETS_FILE)
     # "" logs to syslog instead of a file.
     maillog_file: str = defaults.MAILLOG_FILE
     milter_socket: str = defaults.MILTER_SOCKET
@@ -311,13 +375,24 @@ class Settings(_Strict):
             raise ValueError(f"not a Postfix time value (e.g. 30s, 48h, 5d): {v!r}")
         return v
 
-    @field_validator("smtpd_listen")
+    @field_validator("smtpd_listen", "submission_listen")
     @classmethod
     def _listen(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
             if not re.match(r"^([0-9a-zA-Z.\-]+:|\[[0-9a-fA-F:]+\]:)?\d+$", item):
                 raise ValueError(f"not a master.cf inet service name ([host:]port): {item!r}")
         return v
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.submission_listen and self.tls_cert_file is None:
+            raise ValueError("submission_listen needs tls_cert_file and tls_key_file (AUTH only under STARTTLS)")
+        clash = set(self.submission_listen) & set(self.smtpd_listen)
+        if clash:
+            raise ValueError(f"listener(s) {', '.join(sorted(clash))} in both smtpd_listen and submission_listen")
+        return self
 
     @property
     def authserv(self) -> str:
@@ -343,12 +418,16 @@ class TenantSet:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_relay", {t.relay_domain: t for t in self.tenants})
         object.__setattr__(self, "_by_id", {t.id: t for t in self.tenants})
+        object.__setattr__(self, "_by_user", {u: t for t in self.tenants for u in t.submission_users})
 
     def by_relay_domain(self, domain: str) -> Tenant | None:
         return self._by_relay.get(domain.lower().rstrip("."))  # type: ignore[attr-defined]
 
     def by_id(self, tenant_id: str) -> Tenant | None:
         return self._by_id.get(tenant_id)  # type: ignore[attr-defined]
+
+    def by_submission_user(self, user: str) -> Tenant | None:
+        return self._by_user.get(user)  # type: ignore[attr-defined]
 
     def __iter__(self):
         return iter(self.tenants)
@@ -444,11 +523,71 @@ def _cross_check(tenants: list[Tenant], sources: dict[str, Path]) -> list[str]:
     for t in tenants:
         claim("relay", t.relay_domain, t, "relay_domain")
         claim("signing", t.signing_domain, t, "signing_domain")
+        for u in t.submission_users:
+            claim("user", u, t, "submission_users")
         for d in t.bounce_domains:
             claim("sender", d, t, "allowed_sender_domains")
             if d in all_relay:
                 errors.append(f"{sources[t.id]}: tenant {t.id}: field allowed_sender_domains: {d} is a relay domain")
     return errors
+
+
+class TenantSecrets(_Strict):
+    """One tenant's entry in the secrets file."""
+
+    smarthost_password: str | None = None
+    webhook_secret: str | None = None
+
+    @field_validator("smarthost_password", "webhook_secret")
+    @classmethod
+    def _one_line(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "\r\n\0")):
+            raise ValueError("must be a non-empty single line")
+        return v
+
+
+def load_secrets(path: Path, tenants: TenantSet) -> dict[str, TenantSecrets]:
+    """Read the root-only secrets file. Only needed when a tenant uses one, so a
+    missing file is an error only then."""
+    needs = [t for t in tenants if t.smarthost.auth]
+    if not path.exists():
+        if needs:
+            raise ConfigError(
+                f"{path}: missing; tenant {needs[0].id}: field smarthost.auth needs its smarthost_password there"
+            )
+        return {}
+    st = path.stat()
+    if st.st_mode & 0o077 and st.st_uid == 0:
+        raise ConfigError(f"{path}: mode {st.st_mode & 0o777:04o}: secrets must not be readable by others (chmod 0600)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot load secrets: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of tenant id -> secrets")
+    errors: list[str] = []
+    out: dict[str, TenantSecrets] = {}
+    invalid: set[str] = set()
+    for tid, entry in data.items():
+        if tenants.by_id(str(tid)) is None:
+            errors.append(f"{path}: tenant {tid}: no such tenant")
+            continue
+        try:
+            out[str(tid)] = TenantSecrets.model_validate(entry or {})
+        except ValidationError as exc:
+            invalid.add(str(tid))
+            # Never echo a secret value back: name the field only.
+            errors += [
+                f"{path}: tenant {tid}: field {'.'.join(map(str, e['loc'])) or '(entry)'}: "
+                f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in exc.errors(include_input=False)
+            ]
+    for t in needs:
+        if t.id not in invalid and not (t.id in out and out[t.id].smarthost_password):
+            errors.append(f"{path}: tenant {t.id}: field smarthost_password: required by the tenant's smarthost.auth")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return out
 
 
 def load_settings(path: Path | str | None) -> Settings:

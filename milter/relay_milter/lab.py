@@ -31,6 +31,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from .certs import CertPair, make_ca, make_cert
 from .render import _run
 
 
@@ -161,6 +162,8 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     peer: str
+    tls: tuple | None = None  # (cipher, protocol, bits) when the session was under STARTTLS
+    login: str | None = None  # the SMTP AUTH user the relay logged in as
 
     def header(self, name: str) -> list[str]:
         import email
@@ -178,17 +181,41 @@ class _SinkHandler:
         if reply.startswith("250"):
             with self.sink.lock:
                 self.sink.messages.append(
-                    Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content or envelope.content, str(session.peer))
+                    Received(
+                        envelope.mail_from,
+                        list(envelope.rcpt_tos),
+                        envelope.original_content or envelope.content,
+                        str(session.peer),
+                        tls=(session.ssl or {}).get("cipher"),
+                        login=session.auth_data if session.authenticated else None,
+                    )
                 )
         return reply
 
 
-class Sink:
-    """An aiosmtpd server standing in for a customer's smarthost."""
+def _authenticator(user: str, password: str):
+    from aiosmtpd.smtp import AuthResult, LoginPassword
 
-    def __init__(self, name: str, port: int | None = None):
+    def check(server, session, envelope, mechanism, auth_data):
+        ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user and auth_data.password.decode() == password
+        return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
+
+    return check
+
+
+class Sink:
+    """An aiosmtpd server standing in for a customer's smarthost.
+
+    ``tls``: offer STARTTLS with this certificate (plaintext stays possible, so a
+    relay that skipped TLS would be caught delivering in clear). ``auth``:
+    (user, password) the relay must log in with; AUTH is offered only under TLS.
+    """
+
+    def __init__(self, name: str, port: int | None = None, tls: CertPair | None = None, auth: tuple[str, str] | None = None):
         self.name = name
         self.port = port or free_port()
+        self.tls = tls
+        self.auth = auth
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         self.reply = "250 2.0.0 Ok: queued"
@@ -197,7 +224,22 @@ class Sink:
     def start(self) -> "Sink":
         from aiosmtpd.controller import Controller
 
-        self._controller = Controller(_SinkHandler(self), hostname="127.0.0.1", port=self.port, ready_timeout=10)
+        kwargs: dict = {}
+        if self.tls:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            with tempfile.TemporaryDirectory() as tmp:
+                cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+                self.tls.write(cert, key)
+                ctx.load_cert_chain(cert, key)
+            kwargs |= {"tls_context": ctx, "require_starttls": False}
+        if self.auth:
+            import logging
+
+            logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's login_data deprecation noise
+            kwargs |= {"authenticator": _authenticator(*self.auth), "auth_required": True, "auth_require_tls": True}
+        self._controller = Controller(_SinkHandler(self), hostname="127.0.0.1", port=self.port, ready_timeout=10, **kwargs)
         self._controller.start()
         return self
 
@@ -209,6 +251,22 @@ class Sink:
     def wait(self, count: int = 1, timeout: float = 30) -> list[Received]:
         wait_for(lambda: len(self.messages) >= count, timeout, what=f"{count} message(s) at sink {self.name}")
         return list(self.messages)
+
+
+def _exchange(smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpts: list[str], before=None) -> tuple[int, str, dict]:
+    """One transaction; returns (code, text, refused recipients) of the deciding reply."""
+    try:
+        if before:
+            before(smtp)
+        refused = smtp.sendmail(mail_from, rcpts, message)
+    except smtplib.SMTPRecipientsRefused as exc:
+        code, text = next(iter(exc.recipients.values()))
+        return code, text.decode(errors="replace"), exc.recipients
+    except smtplib.SMTPResponseException as exc:
+        return exc.smtp_code, exc.smtp_error.decode(errors="replace"), {}
+    except smtplib.SMTPNotSupportedError as exc:  # e.g. AUTH not offered
+        return 0, str(exc), {}
+    return 250, "ok", refused
 
 
 # -- DNS -------------------------------------------------------------------------
@@ -285,6 +343,15 @@ class Lab:
         self.milter_log = self.base / "milter.log"
         self.milter_socket = self.base / "run" / "milter.sock"
         self.smtp_port = free_port()
+        self.submission_port = free_port()
+        self.sasl_db = self.base / "sasldb2"
+        self.secrets_file = self.base / "secrets.yaml"
+        self.secrets: dict[str, dict] = {}
+        # A throwaway CA for the customer smarthosts, and the relay's own self-signed certificate.
+        self.ca = make_ca("Relay Lab Smarthost CA")
+        self.ca_file = self.base / "tls" / "smarthost-ca.pem"
+        self.relay_cert = self.base / "tls" / "relay.pem"
+        self.relay_key = self.base / "tls" / "relay.key"
         self.sinks: dict[str, Sink] = {}
         self.tenants: dict[str, TenantSpec] = {}
         self.dns: DnsServer | None = None
@@ -294,6 +361,12 @@ class Lab:
             d.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
         shutil.chown(self.data_dir, "postfix", "postfix")
+        make_cert(["relay.lab.test"]).write(self.relay_cert, self.relay_key)
+        self.ca_file.write_bytes(self.ca.cert_pem)
+
+    def smarthost_cert(self, name: str, ca: CertPair | None = None) -> CertPair:
+        """A certificate for a customer smarthost, signed by the lab CA (or ``ca``)."""
+        return make_cert([name], ca or self.ca)
 
     # configuration --------------------------------------------------------------
 
@@ -320,6 +393,11 @@ class Lab:
             "queue_directory": str(self.queue_dir),
             "data_directory": str(self.data_dir),
             "smtpd_listen": [f"127.0.0.1:{self.smtp_port}"],
+            "submission_listen": [f"127.0.0.1:{self.submission_port}"],
+            "tls_cert_file": str(self.relay_cert),
+            "tls_key_file": str(self.relay_key),
+            "sasl_database": str(self.sasl_db),
+            "secrets_file": str(self.secrets_file),
             "inet_interfaces": "127.0.0.1",
             "inet_protocols": "ipv4",
             "maillog_file": str(self.maillog),
@@ -331,6 +409,16 @@ class Lab:
 
     def write_settings(self, **overrides) -> None:
         self.settings_file.write_text(yaml.safe_dump(self.settings() | overrides, sort_keys=False))
+        fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(self.secrets, f)
+
+    def add_user(self, user: str, password: str) -> None:
+        """Give a tenant's submission user a password (relayctl user add --password-stdin)."""
+        cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file)]
+        r = subprocess.run([*cmd, "user", "add", user, "--password-stdin"], input=password + "\n", capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"relayctl user add {user} failed ({r.returncode}): {r.stderr}")
 
     def relayctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file), *args]
@@ -405,14 +493,25 @@ class Lab:
     def send(self, message: bytes, mail_from: str, rcpts: list[str]) -> tuple[int, str, dict]:
         """Send over SMTP. Returns (code, text, refused recipients) of the final reply."""
         with smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="platform.lab.test", timeout=60) as smtp:
-            try:
-                refused = smtp.sendmail(mail_from, rcpts, message)
-            except smtplib.SMTPRecipientsRefused as exc:
-                code, text = next(iter(exc.recipients.values()))
-                return code, text.decode(errors="replace"), exc.recipients
-            except smtplib.SMTPResponseException as exc:
-                return exc.smtp_code, exc.smtp_error.decode(errors="replace"), {}
-            return 250, "ok", refused
+            return _exchange(smtp, message, mail_from, rcpts)
+
+    def submit(
+        self, message: bytes, mail_from: str, rcpts: list[str], user: str, password: str, starttls: bool = True
+    ) -> tuple[int, str, dict]:
+        """Authenticated submission on the submission port (STARTTLS, then AUTH PLAIN)."""
+        import ssl
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the lab's relay certificate is self-signed
+        with smtplib.SMTP("127.0.0.1", self.submission_port, local_hostname="app.lab.test", timeout=60) as smtp:
+
+            def login(smtp: smtplib.SMTP) -> None:
+                if starttls:
+                    smtp.starttls(context=ctx)
+                smtp.login(user, password)
+
+            return _exchange(smtp, message, mail_from, rcpts, login)
 
     def queue(self) -> list[dict]:
         r = subprocess.run(["postqueue", "-c", str(self.config_dir), "-j"], capture_output=True, text=True, timeout=30)

@@ -15,7 +15,14 @@ from enum import Enum
 import authres
 
 from . import defaults
-from .addresses import AddressError, Decoded, decode_recipient, rewrite_address_header, strip_brackets
+from .addresses import (
+    AddressError,
+    Decoded,
+    decode_recipient,
+    plain_recipient,
+    rewrite_address_header,
+    strip_brackets,
+)
 from .config import Settings, Tenant, TenantSet
 from .dkimverify import DkimResult, KeyResolver, verify_hop_signature
 
@@ -66,6 +73,7 @@ class Transaction:
     client_ip: str | None = None
     client_name: str = ""
     helo: str = ""
+    # SASL login name ({auth_authen}); set only on the submission listeners.
     auth_user: str | None = None
     queue_id: str | None = None
     mail_from: str | None = None  # envelope sender without brackets; "" is the null sender
@@ -154,9 +162,24 @@ class Policy:
         tx.mail_from = addr
         tx.recipients.clear()
         tx.tenant = None
+        if tx.auth_user is None:
+            return CONTINUE  # signed ingress: the tenant comes from the recipients
+        # Authenticated submission: the login decides the tenant, for the whole transaction.
+        tenant = self.tenants.by_submission_user(self._login_name(tx.auth_user))
+        if tenant is None:
+            return Verdict.reject("550", "5.7.1", f"user {tx.auth_user} is not a submission user of any tenant")
+        if not tenant.client_allowed(tx.client_ip):
+            return Verdict.reject("550", "5.7.1", f"client {tx.client_ip} is not allowed to submit for this tenant")
+        if addr == "":
+            return Verdict.reject("550", "5.7.1", "the null sender is not accepted by this relay")
+        if not tenant.sender_allowed(addr):
+            return Verdict.reject("550", "5.7.1", f"envelope sender {addr} is not allowed for user {tx.auth_user}")
+        tx.tenant = tenant
         return CONTINUE
 
     def on_rcpt(self, tx: Transaction, rcpt: str) -> Verdict:
+        if tx.auth_user is not None:
+            return self._submission_rcpt(tx, rcpt)
         try:
             decoded = decode_recipient(rcpt)
         except AddressError as exc:
@@ -186,6 +209,28 @@ class Policy:
         tx.recipients.append((rcpt, decoded))
         return CONTINUE
 
+    def _login_name(self, auth_user: str) -> str:
+        """Cyrus reports "user@realm"; our users live in one realm, myhostname."""
+        user, at, realm = auth_user.rpartition("@")
+        if not at:
+            return auth_user
+        return user if realm.lower() == self.settings.myhostname else auth_user
+
+    def _submission_rcpt(self, tx: Transaction, rcpt: str) -> Verdict:
+        if tx.tenant is None:
+            return Verdict.reject("503", "5.5.1", "MAIL FROM first")
+        try:
+            address = plain_recipient(rcpt)
+        except AddressError as exc:
+            return Verdict.reject("550", "5.1.3", f"bad recipient address syntax: {exc.reason}")
+        domain = address.rpartition("@")[2]
+        if domain in self._relay_domains or domain.endswith(self._relay_suffixes):
+            # Encoded relay addresses belong to the signed ingress; here they could
+            # only be an attempt to reach another tenant's route.
+            return Verdict.reject("550", "5.7.1", "relay-domain recipients are not accepted on submission")
+        tx.recipients.append((rcpt, Decoded("", address)))
+        return CONTINUE
+
     # -- content --------------------------------------------------------------
 
     def on_eom(self, tx: Transaction, msg: Message) -> Disposition:
@@ -209,6 +254,8 @@ class Policy:
                 Verdict.reject("550", "5.6.0", "From header field must hold exactly one valid mailbox"), tenant
             )
         message_id = (msg.values("message-id") or [""])[0].strip()
+        if tx.auth_user is not None:
+            return self._submission_eom(tx, tenant, msg, author, message_id)
 
         result = verify_hop_signature(
             msg.raw(),
@@ -236,7 +283,7 @@ class Policy:
         return Disposition(
             Verdict(Action.ACCEPT),
             tenant,
-            header_edits=tuple(self._header_edits(tenant, msg, result)),
+            header_edits=tuple(self._header_edits(tenant, msg, self.authentication_results(result))),
             recipient_changes=tuple((raw, f"<{d.address}>") for raw, d in tx.recipients),
             new_sender=f"<{tenant.headers.envelope_sender}>" if tenant.headers.envelope_sender else None,
             dkim=result,
@@ -244,7 +291,28 @@ class Policy:
             message_id=message_id,
         )
 
-    def _header_edits(self, tenant: Tenant, msg: Message, result: DkimResult):
+    def _submission_eom(self, tx: Transaction, tenant: Tenant, msg: Message, author: str, message_id: str) -> Disposition:
+        if not tenant.sender_allowed(author):
+            return Disposition(
+                Verdict.reject("550", "5.7.1", f"From address {author} is not allowed for user {tx.auth_user}"),
+                tenant,
+                header_from=author,
+                message_id=message_id,
+            )
+        ar = authres.AuthenticationResultsHeader(
+            authserv_id=self.settings.authserv,
+            results=[authres.SMTPAUTHAuthenticationResult(result="pass", smtp_auth=tx.auth_user)],
+        ).header_value()
+        return Disposition(
+            Verdict(Action.ACCEPT),
+            tenant,
+            header_edits=tuple(self._header_edits(tenant, msg, ar)),
+            new_sender=f"<{tenant.headers.envelope_sender}>" if tenant.headers.envelope_sender else None,
+            header_from=author,
+            message_id=message_id,
+        )
+
+    def _header_edits(self, tenant: Tenant, msg: Message, auth_results: str):
         strip = {h.lower() for h in tenant.headers.strip} | {defaults.ROUTE_HEADER.lower()}
         occurrence: dict[str, int] = {}
         deletes: list[HeaderEdit] = []
@@ -272,7 +340,7 @@ class Policy:
         yield from changes
         if tenant.headers.reply_to and not have_reply_to:
             yield HeaderEdit("add", "Reply-To", f" {tenant.headers.reply_to}")
-        yield HeaderEdit("insert", "Authentication-Results", " " + self.authentication_results(result), index=0)
+        yield HeaderEdit("insert", "Authentication-Results", " " + auth_results, index=0)
         yield HeaderEdit("add", defaults.ROUTE_HEADER, f" {tenant.id}")
 
     def authentication_results(self, result: DkimResult) -> str:

@@ -6,6 +6,9 @@ Files rendered (relative to the Postfix config directory):
     relay/route.regexp            milter_header_checks: route marker -> FILTER
     relay/strip_route.regexp      smtp_header_checks on tenant transports
     relay/bounce_transport        transport_maps (texthash) for relay-generated mail
+    relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
+    relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
+    sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
 
 No table needs postmap (regexp and texthash are read as text), so a reload is
 all it takes to pick up a change.
@@ -24,7 +27,7 @@ from pathlib import Path
 import jinja2
 
 from . import defaults
-from .config import ConfigError, Settings, TenantSet
+from .config import ConfigError, Settings, TenantSet, load_secrets
 
 OUTPUTS = {
     "main.cf": "main.cf.j2",
@@ -32,7 +35,16 @@ OUTPUTS = {
     "relay/route.regexp": "route.regexp.j2",
     "relay/strip_route.regexp": "strip_route.regexp.j2",
     "relay/bounce_transport": "bounce_transport.j2",
+    "sasl/smtpd.conf": "cyrus_smtpd.conf.j2",
 }
+# Per-tenant tables live in these directories; files of removed tenants are deleted on install.
+PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
+SECRET_DIR = "relay/smtp_auth"
+
+
+def is_secret(name: str) -> bool:
+    """Rendered files holding credentials: written mode 0600, never printed."""
+    return name.startswith(SECRET_DIR + "/")
 
 
 def template_dir(explicit: Path | None = None) -> Path:
@@ -60,7 +72,14 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
         "route_header": defaults.ROUTE_HEADER,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
     }
-    return {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
+    files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
+    secrets = load_secrets(settings.secrets_file, tenants)
+    for t in context["tenants"]:
+        files[f"relay/tls/{t.id}.policy"] = env.get_template("tls_policy.j2").render(t=t)
+        if t.smarthost.auth:
+            password = secrets[t.id].smarthost_password
+            files[f"{SECRET_DIR}/{t.id}"] = env.get_template("sasl_passwd.j2").render(t=t, password=password)
+    return files
 
 
 def write_files(files: dict[str, str], out: Path) -> list[Path]:
@@ -69,8 +88,15 @@ def write_files(files: dict[str, str], out: Path) -> list[Path]:
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)
+        if is_secret(name):
+            os.chmod(path.parent, 0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an old tmp file may have had another mode
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            tmp.write_text(text, encoding="utf-8")
+            os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         written.append(path)
     return written
@@ -145,16 +171,26 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
     """
     live = settings.config_directory
     changed = [name for name, text in files.items() if _read(live / name) != text]
-    if not changed:
+    stale = [
+        str(p.relative_to(live))
+        for d in PER_TENANT_DIRS
+        if (live / d).is_dir()
+        for p in (live / d).iterdir()
+        if str(p.relative_to(live)) not in files
+    ]
+    if not changed and not stale:
         return []
     backup = live / "relay" / "previous"
     backup.mkdir(parents=True, exist_ok=True)
     for name in changed:
-        if (live / name).exists():
+        # Credentials are not kept around in backups.
+        if (live / name).exists() and not is_secret(name):
             dst = backup / name.replace("/", "_")
             shutil.copy2(live / name, dst)
     write_files({n: files[n] for n in changed}, live)
-    return changed
+    for name in stale:
+        (live / name).unlink()
+    return changed + [f"{name} (removed)" for name in stale]
 
 
 def _read(path: Path) -> str | None:
