@@ -57,6 +57,12 @@ def test_examples_shipped_with_the_repo_are_valid():
         ("public_key: '-----BEGIN PUBLIC KEY-----\\n!!!\\n-----END PUBLIC KEY-----'\n", "public_key", "not valid base64"),
         ("headers: {reply_to: 'not an address'}\n", "headers.reply_to", "not a plain mailbox"),
         ("headers: {strip: ['Bad Header']}\n", "headers.strip.0", "not a valid header field name"),
+        ("smarthost: {host: smtp.acme.example, tls: may, auth: {username: u}}\n", "smarthost", "auth needs tls: encrypt or verify"),
+        ("smarthost: {host: smtp.acme.example, tls: verify, auth: {username: 'a b'}}\n", "smarthost.auth.username", "printable ASCII"),
+        ("smarthost: {host: smtp.acme.example, tls: verify, auth: {username: u, password: p}}\n", "smarthost.auth.password", "unknown field"),
+        ("smarthost: {host: 127.0.0.1, tls: encrypt, tls_match: mx.acme.example}\n", "smarthost", "tls_match is only used with tls: verify"),
+        ("submission_users: [app1, app1]\n", "submission_users", "listed twice"),
+        ("submission_users: ['app1@acme.example']\n", "submission_users", "not a valid submission user name"),
     ],
 )
 def test_bad_values_name_file_tenant_and_field(tmp_path, patch, field, message):
@@ -80,10 +86,11 @@ def test_bad_id_is_reported(tmp_path):
         ({"relay_domain": "acme.relay.example.net"}, "relay_domain"),
         ({"signing_domain": "hop.acme.example"}, "signing_domain"),
         ({"allowed_sender_domains": "[acme.example]"}, "allowed_sender_domains"),
+        ({"submission_users": "[app1]"}, "submission_users"),
     ],
 )
 def test_tenants_cannot_share_identities(tmp_path, other, field):
-    write(tmp_path, "a.yaml", GOOD)
+    write(tmp_path, "a.yaml", GOOD + "submission_users: [app1]\n")
     second = {
         "id": "globex",
         "relay_domain": "globex.relay.example.net",
@@ -156,3 +163,49 @@ def test_settings_defaults_and_errors(tmp_path):
         load_settings(p)
     assert "field maximal_queue_lifetime: Value error, not a Postfix time value" in str(exc.value)
     assert "field milter_sockett: unknown field" in str(exc.value)
+
+
+def test_settings_tls_and_submission_go_together(tmp_path):
+    p = write(tmp_path, "relay.yaml", "submission_listen: ['587']\n")
+    with pytest.raises(ConfigError, match="submission_listen needs tls_cert_file"):
+        load_settings(p)
+    p = write(tmp_path, "relay.yaml", "tls_cert_file: /etc/ssl/relay.pem\n")
+    with pytest.raises(ConfigError, match="tls_cert_file and tls_key_file go together"):
+        load_settings(p)
+    p = write(tmp_path, "relay.yaml", "smtpd_listen: ['587']\nsubmission_listen: ['587']\ntls_cert_file: /c\ntls_key_file: /k\n")
+    with pytest.raises(ConfigError, match="587 in both smtpd_listen and submission_listen"):
+        load_settings(p)
+
+
+SMARTHOST_AUTH = "smarthost: {host: smtp.acme.example, port: 587, tls: verify, auth: {username: relay@acme.example}}\n"
+
+
+def test_secrets_file_errors_name_the_tenant_and_never_the_secret(tmp_path):
+    import os
+
+    from relay_milter.config import load_secrets
+
+    d = tmp_path / "tenants"
+    d.mkdir()
+    write(d, "acme.yaml", GOOD + SMARTHOST_AUTH)
+    ts = load_tenants(d)
+    secrets = tmp_path / "secrets.yaml"
+    with pytest.raises(ConfigError, match=r"secrets.yaml: missing; tenant acme: field smarthost.auth"):
+        load_secrets(secrets, ts)
+    secrets.write_text("acme: {smarthost_password: 'hunter2-hunter2'}\n")
+    os.chmod(secrets, 0o644)
+    with pytest.raises(ConfigError, match="mode 0644: secrets must not be readable by others"):
+        load_secrets(secrets, ts)
+    os.chmod(secrets, 0o600)
+    assert load_secrets(secrets, ts)["acme"].smarthost_password == "hunter2-hunter2"
+    secrets.write_text("acme: {smarthost_pasword: 'hunter2-hunter2'}\nglobex: {smarthost_password: x}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_secrets(secrets, ts)
+    text = str(exc.value)
+    assert "tenant acme: field smarthost_pasword: unknown field" in text
+    assert "tenant globex: no such tenant" in text
+    assert "hunter2" not in text
+    secrets.write_text("acme: {smarthost_password: \"two\\nlines\"}\n")
+    with pytest.raises(ConfigError, match="field smarthost_password: Value error, must be a non-empty single line") as exc:
+        load_secrets(secrets, ts)
+    assert "lines" not in str(exc.value)

@@ -42,6 +42,12 @@ def test_master_cf_has_one_transport_per_tenant_with_its_tls_policy(files):
     assert "relay_globex unix -       -       n       -       4       smtp\n" in master
     acme = master.split("relay_acme unix", 1)[1].split("# Tenant", 1)[0]
     assert "-o smtp_tls_security_level=verify" in acme
+    assert "-o smtp_tls_policy_maps=texthash:/etc/postfix/relay/tls/acme.policy" in acme
+    assert files["relay/tls/acme.policy"].endswith(
+        "[acme-example.mail.protection.outlook.com]:25\tverify match=acme-example.mail.protection.outlook.com\n"
+    )
+    assert files["relay/tls/globex.policy"].endswith("[smtp.globex.example]:587\tencrypt\n")
+    assert "smtp_sasl_auth_enable=yes" not in master  # no tenant logs in to its smarthost here
     globex = master.split("relay_globex unix", 1)[1]
     assert "-o smtp_tls_security_level=encrypt" in globex
     assert "unrouted  unix" in master
@@ -107,8 +113,51 @@ def test_apply_refuses_a_config_postfix_rejects_and_installs_nothing(tmp_path):
     assert r.returncode == 0 and "configuration unchanged" in r.stdout
 
 
+def test_submission_listener_requires_tls_and_auth(tmp_path):
+    settings = Settings(submission_listen=("587", "127.0.0.1:2525"), tls_cert_file="/etc/ssl/relay.pem", tls_key_file="/etc/ssl/relay.key")
+    files = render_files(load_tenants(EXAMPLES), settings)
+    master, main = files["master.cf"], files["main.cf"]
+    for listen in ("587", "127.0.0.1:2525"):
+        block = master.split(f"\n{listen}      inet", 1)[1].split("\n", 9)
+        opts = "\n".join(block[1:8])
+        assert "-o smtpd_tls_security_level=encrypt" in opts
+        assert "-o smtpd_sasl_auth_enable=yes" in opts and "-o smtpd_tls_auth_only=yes" in opts
+        assert "-o smtpd_relay_restrictions=permit_sasl_authenticated,reject" in opts
+    assert "smtpd_sasl_auth_enable = no\n" in main  # never on port 25
+    assert "smtpd_tls_cert_file = /etc/ssl/relay.pem\n" in main
+    assert "sasldb_path: /etc/tenant-relay/sasldb2\n" in files["sasl/smtpd.conf"]
+
+
+def test_smarthost_password_only_in_a_root_only_table(tmp_path):
+    tenants = tmp_path / "tenants"
+    shutil.copytree(EXAMPLES, tenants)
+    g = tenants / "globex.yaml"
+    g.write_text(g.read_text().replace("  tls: encrypt\n", "  tls: encrypt\n  auth: {username: relay@globex.example}\n"))
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text("globex: {smarthost_password: 'Pa55-word-for-globex'}\n")
+    secrets.chmod(0o600)
+    settings = tmp_path / "relay.yaml"
+    settings.write_text(f"secrets_file: {secrets}\n")
+    out = tmp_path / "out"
+    r = relayctl("--tenants", str(tenants), "--settings", str(settings), "render", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "Pa55" not in r.stdout + r.stderr
+    table = out / "relay" / "smtp_auth" / "globex"
+    assert table.read_text().endswith("[smtp.globex.example]:587\trelay@globex.example:Pa55-word-for-globex\n")
+    assert table.stat().st_mode & 0o777 == 0o600 and table.parent.stat().st_mode & 0o777 == 0o700
+    leaked = [p for p in out.rglob("*") if p.is_file() and p != table and "Pa55" in p.read_text()]
+    assert leaked == []
+    master = (out / "master.cf").read_text().split("relay_globex unix", 1)[1]
+    assert f"-o smtp_sasl_password_maps=texthash:/etc/postfix/relay/smtp_auth/globex" in master
+    # Without the secret the configuration is refused, naming the tenant and the field.
+    secrets.write_text("{}\n")
+    r = relayctl("--tenants", str(tenants), "--settings", str(settings), "render", "--out", str(out))
+    assert r.returncode == 3
+    assert "tenant globex: field smarthost_password: required by the tenant's smarthost.auth" in r.stderr
+
+
 def test_help_lists_the_commands_and_exit_codes():
     r = relayctl("--help")
     assert r.returncode == 0
-    for word in ("check", "apply", "render", "milter", "demo", "tenants", "Exit codes"):
+    for word in ("check", "apply", "render", "milter", "demo", "tenants", "user", "cert", "Exit codes"):
         assert word in r.stdout

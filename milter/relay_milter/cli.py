@@ -144,7 +144,11 @@ def apply(obj: Context, templates: Path | None, reload: bool) -> None:
     from .render import install, postfix_running, reload_postfix, render_and_check
 
     ts, settings = obj.load()
-    files, result = render_and_check(ts, settings, templates)
+    try:
+        files, result = render_and_check(ts, settings, templates)
+    except ConfigError as exc:
+        click.echo(f"relayctl: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     if not result.ok:
         for p in result.problems:
             click.echo(f"check failed: {p}", err=True)
