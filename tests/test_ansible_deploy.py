@@ -75,6 +75,7 @@ class Tenant:
             "public_key": self.key.txt,
             "allowed_sender_domains": [self.sender_domain],
             "smarthost": {"host": "127.0.0.1", "port": self.sink.port, "tls": "none"},
+            **({"submission_users": [f"{self.id}-app"]} if self.id == "acme" else {}),
             **extra,
         }
 
@@ -96,6 +97,7 @@ class Deployment:
         self.vault_password.write_text(os.urandom(16).hex() + "\n")
         os.chmod(self.vault_password, 0o600)
         self.secrets = {"acme": {"smarthost_password": os.urandom(8).hex()}}
+        self.users = {"acme-app": os.urandom(12).hex()}  # submission logins, from the vault
         self.sinks = {name: Sink(name).start() for name in ("acme", "globex", "initech")}
         self.tenants = {name: Tenant(name, sink) for name, sink in self.sinks.items()}
         self.active = ["acme", "globex"]
@@ -107,6 +109,7 @@ class Deployment:
             self.hosts[h] = {
                 "root": root,
                 "port": free_port(),
+                "submission_port": free_port(),
                 "config": root / "postfix",
                 "etc": root / "etc",
                 "run": root / "run",
@@ -136,6 +139,7 @@ class Deployment:
                 "queue_directory": str(root / "queue"),
                 "data_directory": str(root / "data"),
                 "smtpd_listen": [f"127.0.0.1:{d['port']}"],
+                "submission_listen": [f"127.0.0.1:{d['submission_port']}"],
                 "inet_interfaces": "127.0.0.1",
                 "inet_protocols": "ipv4",
                 "maillog_file": str(d["maillog"]),
@@ -155,6 +159,7 @@ class Deployment:
             "relay_firewall_enabled": False,
             "relay_build_dir": str(self.base / "build"),
             "relay_tenant_secrets": "{{ vault_relay_tenant_secrets }}",
+            "relay_submission_users": "{{ vault_relay_submission_users }}",
         }
         (self.group_vars / "main.yml").write_text(yaml.safe_dump(main, sort_keys=False))
 
@@ -167,7 +172,7 @@ class Deployment:
 
     def _write_vault(self) -> None:
         plain = self.base / "vault-plain.yml"
-        plain.write_text(yaml.safe_dump({"vault_relay_tenant_secrets": self.secrets}))
+        plain.write_text(yaml.safe_dump({"vault_relay_tenant_secrets": self.secrets, "vault_relay_submission_users": self.users}))
         r = subprocess.run(
             [_tool("ansible-vault"), "encrypt", "--vault-password-file", str(self.vault_password),
              "--output", str(self.group_vars / "vault.yml"), str(plain)],
@@ -212,6 +217,22 @@ class Deployment:
             except smtplib.SMTPRecipientsRefused as exc:
                 code, text = next(iter(exc.recipients.values()))
                 return code, text.decode(errors="replace")
+            except smtplib.SMTPResponseException as exc:
+                return exc.smtp_code, exc.smtp_error.decode(errors="replace")
+        return 250, "ok"
+
+    def submit(self, h: str, user: str, to: str, subject: str) -> tuple[int, str]:
+        """Authenticated submission (STARTTLS, AUTH) on the host's submission port."""
+        import ssl
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the role's self-signed certificate
+        msg = make_message(f"news@{self.tenants['acme'].sender_domain}", to, subject=subject)
+        with smtplib.SMTP("127.0.0.1", self.hosts[h]["submission_port"], local_hostname="app.ci.test", timeout=60) as smtp:
+            smtp.starttls(context=ctx)
+            try:
+                smtp.login(user, self.users[user])
+                smtp.sendmail(f"news@{self.tenants['acme'].sender_domain}", [to], msg)
             except smtplib.SMTPResponseException as exc:
                 return exc.smtp_code, exc.smtp_error.decode(errors="replace")
         return 250, "ok"
@@ -289,6 +310,11 @@ def test_first_run_provisions_both_nodes_and_mail_flows_through_each(deployment)
             [ar] = got.header("Authentication-Results")
             assert ar.startswith(f"{h}.relay.test;") and "dkim=pass" in ar
             assert got.header("DKIM-Signature") == [] and got.header("X-Relay-Route") == []
+        # Authenticated submission with the vaulted password, over the role's certificate.
+        subject = f"submitted via {h} {time.time_ns()}"
+        assert d.submit(h, "acme-app", "erin@example.org", subject) == (250, "ok")
+        got = wait_for(lambda s=subject: d.arrived("acme", s), 30, what=f"{subject!r} at sink acme")
+        assert got.header("Authentication-Results") == [f"{h}.relay.test; auth=pass smtp.auth=acme-app@{h}.relay.test"]
 
 
 def test_installed_files_have_the_right_owners_and_modes(deployment):
@@ -298,6 +324,11 @@ def test_installed_files_have_the_right_owners_and_modes(deployment):
     st = secrets.stat()
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0 and st.st_gid == 0
     assert yaml.safe_load(secrets.read_text()) == d.secrets  # carried through from the vault
+    key = h["etc"] / "tls" / "relay.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.stat().st_uid == 0
+    sasldb = h["etc"] / "sasldb2"
+    assert stat.S_IMODE(sasldb.stat().st_mode) == 0o640
+    assert all(d.users["acme-app"] not in p.read_text() for p in (h["state"] / "users").iterdir())
     tenant_file = h["etc"] / "tenants" / "acme.yaml"
     assert stat.S_IMODE(tenant_file.stat().st_mode) == 0o640
     assert yaml.safe_load(tenant_file.read_text())["relay_domain"] == "acme.relay.test"

@@ -32,6 +32,13 @@ class Context:
         self.tenants_dir = tenants_dir
         self.settings_file = settings_file
 
+    def load_settings(self) -> Settings:
+        try:
+            return load_settings(self.settings_file)
+        except ConfigError as exc:
+            click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+
     def load(self) -> tuple[TenantSet, Settings]:
         try:
             settings = load_settings(self.settings_file)
@@ -276,25 +283,28 @@ def cert() -> None:
 @cert.command("selfsigned")
 @click.option("--name", "names", multiple=True, help="DNS name or IP (repeatable; default: myhostname).")
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option("--cert", "cert_path", type=click.Path(path_type=Path, dir_okay=False), help="Default: settings tls_cert_file.")
+@click.option("--key", "key_path", type=click.Path(path_type=Path, dir_okay=False), help="Default: settings tls_key_file.")
 @click.option("--force", is_flag=True, help="Replace existing files.")
 @click.pass_obj
-def cert_selfsigned(obj: Context, names: tuple[str, ...], days: int, force: bool) -> None:
-    """Write a self-signed certificate to the settings' tls_cert_file/tls_key_file.
+def cert_selfsigned(obj: Context, names: tuple[str, ...], days: int, cert_path: Path | None, key_path: Path | None, force: bool) -> None:
+    """Write a self-signed certificate and key (key mode 0600) for the relay's STARTTLS.
 
     For a first start or a lab. Clients cannot verify it: replace it with one
-    from your CA and run `relayctl apply`.
+    from your CA and run `postfix reload`.
     """
     from .certs import make_cert
 
-    _, settings = obj.load()
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        click.echo("relayctl: set tls_cert_file and tls_key_file in the settings first", err=True)
+    settings = obj.load_settings()
+    cert_path, key_path = cert_path or settings.tls_cert_file, key_path or settings.tls_key_file
+    if cert_path is None or key_path is None:
+        click.echo("relayctl: give --cert and --key, or set tls_cert_file and tls_key_file in the settings", err=True)
         sys.exit(EXIT_CONFIG)
-    if not force and (settings.tls_cert_file.exists() or settings.tls_key_file.exists()):
-        click.echo(f"relayctl: {settings.tls_cert_file} exists (use --force to replace it)", err=True)
+    if not force and (cert_path.exists() or key_path.exists()):
+        click.echo(f"relayctl: {cert_path} or {key_path} exists (use --force to replace it)", err=True)
         sys.exit(1)
-    make_cert(list(names) or [settings.myhostname], days=days).write(settings.tls_cert_file, settings.tls_key_file)
-    click.echo(f"wrote {settings.tls_cert_file} and {settings.tls_key_file} (key mode 0600)")
+    make_cert(list(names) or [settings.myhostname], days=days).write(cert_path, key_path)
+    click.echo(f"wrote {cert_path} and {key_path} (key mode 0600)")
 
 
 @main.command()
