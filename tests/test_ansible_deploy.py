@@ -326,7 +326,7 @@ def test_installed_files_have_the_right_owners_and_modes(deployment):
     assert yaml.safe_load(secrets.read_text()) == d.secrets  # carried through from the vault
     key = h["etc"] / "tls" / "relay.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.stat().st_uid == 0
-    sasldb = h["etc"] / "sasldb2"
+    sasldb = h["config"] / "sasl" / "sasldb2"
     assert stat.S_IMODE(sasldb.stat().st_mode) == 0o640
     assert all(d.users["acme-app"] not in p.read_text() for p in (h["state"] / "users").iterdir())
     tenant_file = h["etc"] / "tenants" / "acme.yaml"

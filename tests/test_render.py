@@ -125,7 +125,7 @@ def test_submission_listener_requires_tls_and_auth(tmp_path):
         assert "-o smtpd_relay_restrictions=permit_sasl_authenticated,reject" in opts
     assert "smtpd_sasl_auth_enable = no\n" in main  # never on port 25
     assert "smtpd_tls_cert_file = /etc/ssl/relay.pem\n" in main
-    assert "sasldb_path: /etc/tenant-relay/sasldb2\n" in files["sasl/smtpd.conf"]
+    assert "sasldb_path: /etc/postfix/sasl/sasldb2\n" in files["sasl/smtpd.conf"]
 
 
 def test_smarthost_password_only_in_a_root_only_table(tmp_path):

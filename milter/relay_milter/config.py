@@ -343,7 +343,8 @@ class Settings(_Strict):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # Cyrus SASL database of submission users (relayctl user add|remove|list).
-    sasl_database: Path = Path(defaults.SASL_DATABASE)
+    # Default: <config_directory>/sasl/sasldb2, next to the smtpd.conf Debian's Postfix reads.
+    sasl_database: Path | None = None
     # Per-tenant secrets (YAML: tenant id -> {smarthost_password: ...}), root-only.
     secrets_file: Path = Path(defaults.SECRETS_FILE)
     # "" logs to syslog instead of a file.
@@ -393,6 +394,10 @@ class Settings(_Strict):
         if clash:
             raise ValueError(f"listener(s) {', '.join(sorted(clash))} in both smtpd_listen and submission_listen")
         return self
+
+    @property
+    def sasldb(self) -> Path:
+        return self.sasl_database or self.config_directory / "sasl" / "sasldb2"
 
     @property
     def authserv(self) -> str:

@@ -19,8 +19,7 @@ MILTER_CONNECT_TIMEOUT = "10s"
 MILTER_COMMAND_TIMEOUT = "30s"
 MILTER_CONTENT_TIMEOUT = "60s"
 
-# Submission users (Cyrus sasldb) and per-tenant secrets, both root-managed.
-SASL_DATABASE = "/etc/tenant-relay/sasldb2"
+# Per-tenant secrets (smarthost passwords), root-only.
 SECRETS_FILE = "/etc/tenant-relay/secrets.yaml"
 
 # Temporary failures are retried for 48 h, then the message bounces.

@@ -344,7 +344,7 @@ class Lab:
         self.milter_socket = self.base / "run" / "milter.sock"
         self.smtp_port = free_port()
         self.submission_port = free_port()
-        self.sasl_db = self.base / "sasldb2"
+        self.sasl_db = self.config_dir / "sasl" / "sasldb2"  # the default location
         self.secrets_file = self.base / "secrets.yaml"
         self.secrets: dict[str, dict] = {}
         # A throwaway CA for the customer smarthosts, and the relay's own self-signed certificate.
@@ -396,7 +396,6 @@ class Lab:
             "submission_listen": [f"127.0.0.1:{self.submission_port}"],
             "tls_cert_file": str(self.relay_cert),
             "tls_key_file": str(self.relay_key),
-            "sasl_database": str(self.sasl_db),
             "secrets_file": str(self.secrets_file),
             "inet_interfaces": "127.0.0.1",
             "inet_protocols": "ipv4",

@@ -56,7 +56,7 @@ def set_password(settings: Settings, tenants: TenantSet, user: str, password: st
         raise ConfigError(f"user {user} is in no tenant's submission_users: add it to a tenant file first")
     if len(password) < MIN_PASSWORD or any(c in password for c in "\r\n\0"):
         raise UserError(f"password must be a single line of at least {MIN_PASSWORD} characters")
-    db = settings.sasl_database
+    db = settings.sasldb
     db.parent.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(
         [_tool("saslpasswd2"), "-f", str(db), "-u", _realm(settings), "-p", "-c", user],
@@ -70,9 +70,9 @@ def set_password(settings: Settings, tenants: TenantSet, user: str, password: st
 
 def delete(settings: Settings, user: str) -> None:
     if user not in {u for u, _ in list_users(settings)}:
-        raise UserError(f"user {user} has no password in {settings.sasl_database}")
+        raise UserError(f"user {user} has no password in {settings.sasldb}")
     r = subprocess.run(
-        [_tool("saslpasswd2"), "-f", str(settings.sasl_database), "-u", _realm(settings), "-d", user],
+        [_tool("saslpasswd2"), "-f", str(settings.sasldb), "-u", _realm(settings), "-d", user],
         capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
     )
     if r.returncode != 0:
@@ -81,10 +81,10 @@ def delete(settings: Settings, user: str) -> None:
 
 def list_users(settings: Settings) -> list[tuple[str, str]]:
     """(user, realm) pairs with a password in the database."""
-    if not settings.sasl_database.exists():
+    if not settings.sasldb.exists():
         return []
     r = subprocess.run(
-        [_tool("sasldblistusers2"), "-f", str(settings.sasl_database)],
+        [_tool("sasldblistusers2"), "-f", str(settings.sasldb)],
         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )
     users = []
