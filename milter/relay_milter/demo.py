@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import signal
 import time
 
@@ -31,21 +32,30 @@ def run_demo(keep: bool = False) -> int:
         lab.add_tenant(
             TenantSpec(
                 "acme", "acme.relay.demo.test", "hop.acme.demo.test", "relay2026", acme_key, ["acme.example"],
-                extra={"headers": {"strip": ["X-Platform-Trace"], "reply_to": "replies@acme.example", "envelope_sender": "bounces@acme.example"}},
+                extra={
+                    "headers": {"strip": ["X-Platform-Trace"], "reply_to": "replies@acme.example", "envelope_sender": "bounces@acme.example"},
+                    "submission_users": ["crm-app"],
+                },
             ),
-            Sink("acme-smarthost"),
+            Sink("acme-smarthost", tls=lab.smarthost_cert("mx.acme.demo.test")),
+            tls="verify", ca_file=str(lab.ca_file), tls_match="mx.acme.demo.test",
         )
         lab.add_tenant(
             TenantSpec("globex", "globex.relay.demo.test", "hop.globex.demo.test", "s1", globex_key, ["globex.example"], pin_key=False),
             Sink("globex-smarthost"),
         )
-        click.echo("  acme:   RSA-2048 key pinned in the tenant file; smarthost " f"127.0.0.1:{lab.sinks['acme'].port}")
+        click.echo("  acme:   RSA-2048 key pinned in the tenant file; smarthost " f"127.0.0.1:{lab.sinks['acme'].port} (TLS, verified against a demo CA)")
+        click.echo("          submission user crm-app (SMTP AUTH after STARTTLS)")
         click.echo("  globex: ed25519 key published in DNS (dnsmasq on loopback); smarthost " f"127.0.0.1:{lab.sinks['globex'].port}")
 
         _step(2, total, "Starting DNS, rendering + checking + installing Postfix config, starting milter and Postfix")
         lab.start()
         click.echo(f"  private Postfix instance: postfix -c {lab.config_dir}  (smtpd on 127.0.0.1:{lab.smtp_port})")
+        click.echo(f"  submission (STARTTLS + AUTH): 127.0.0.1:{lab.submission_port}")
         click.echo(f"  milter: unix:{lab.milter_socket}")
+        password = secrets.token_urlsafe(18)
+        lab.add_user("crm-app", password)
+        click.echo("  relayctl user add crm-app --password-stdin   (password generated for this run)")
 
         _step(3, total, "Sending mail as the platform would")
         cases = []
@@ -69,20 +79,35 @@ def run_demo(keep: bool = False) -> int:
                 mid = re.search(rb"Message-ID: (<[^>]+>)", raw).group(1).decode()
                 sent.append((label, mid))
 
+        for label, user, pw, want in (
+            ("crm-app, SMTP AUTH on the submission port", "crm-app", password, 250),
+            ("crm-app, wrong password", "crm-app", "not-" + password, 535),
+        ):
+            m5 = make_message("billing@acme.example", "erin@example.org", subject="Receipt 2026-0042")
+            code, text, _ = lab.submit(m5, "billing@acme.example", ["erin@example.org"], user, pw)
+            good = code == want
+            ok &= good
+            click.echo(f"  {label:<40} AUTH {user}, RCPT TO:<erin@example.org>")
+            click.secho(f"      -> {code} {text}", fg="green" if good else "red")
+            if code == 250:
+                sent.append((label, re.search(rb"Message-ID: (<[^>]+>)", m5).group(1).decode()))
+
         _step(4, total, "Where the accepted mail landed")
-        for name in ("acme", "globex"):
+        for name, count in (("acme", 2), ("globex", 1)):
             try:
-                lab.sinks[name].wait(1, timeout=30)
+                lab.sinks[name].wait(count, timeout=30)
             except TimeoutError:
                 ok = False
         for name, sink in lab.sinks.items():
             for msg in sink.messages:
                 click.secho(f"  smarthost {sink.name} (127.0.0.1:{sink.port}) received:", fg="cyan")
                 click.echo(f"      MAIL FROM:<{msg.mail_from}>  RCPT TO:{', '.join('<' + r + '>' for r in msg.rcpt_tos)}")
+                if msg.tls:
+                    click.echo(f"      over {msg.tls[1]} with {msg.tls[0]}")
                 head = msg.content.split(b"\r\n\r\n", 1)[0].decode(errors="replace")
                 for line in head.splitlines():
                     click.echo(f"      | {line}")
-        ok &= len(lab.sinks["acme"].messages) == 1 and len(lab.sinks["globex"].messages) == 1
+        ok &= len(lab.sinks["acme"].messages) == 2 and len(lab.sinks["globex"].messages) == 1
 
         _step(5, total, "Log lines, by Postfix queue id (Postfix maillog and milter log)")
         time.sleep(0.5)
