@@ -44,7 +44,7 @@ def spec(tid: str, **extra) -> TenantSpec:
 @pytest.fixture(scope="module")
 def sec():
     lab = Lab()
-    lab.passwords = {u: secrets.token_urlsafe(18) for u in ("app1", "app2", "app3", "app4")}
+    lab.passwords = {u: secrets.token_urlsafe(18) for u in ("app1", "app2", "app3", "app4", "app5")}
     lab.smarthost_password = secrets.token_urlsafe(18)
     # acme: verified TLS against the lab CA, and a login at its smarthost.
     lab.add_tenant(
@@ -65,6 +65,14 @@ def sec():
         spec("umbrella", submission_users=["app4"], allowed_client_ips=["192.0.2.0/24", "2001:db8::/32"]),
         Sink("umbrella"), tls="none",
     )
+    # hooli: only ::1 may send, so the lab listens on IPv6 loopback too.
+    lab.add_tenant(spec("hooli", submission_users=["app5"], allowed_client_ips=["::1/128"]), Sink("hooli"), tls="none")
+    lab.overrides = {
+        "inet_protocols": "all",
+        "inet_interfaces": "127.0.0.1, [::1]",
+        "smtpd_listen": [f"127.0.0.1:{lab.smtp_port}", f"[::1]:{lab.smtp_port}"],
+        "submission_listen": [f"127.0.0.1:{lab.submission_port}", f"[::1]:{lab.submission_port}"],
+    }
     lab.secrets = {"acme": {"smarthost_password": lab.smarthost_password}}
     try:
         lab.start()
@@ -90,7 +98,7 @@ def submit(lab, user, sender=None, to="bob@example.org", rcpts=None, header_from
 
 
 def tenant_of(user: str) -> str:
-    return {"app1": "acme", "app2": "globex", "app3": "initech", "app4": "umbrella"}[user]
+    return {"app1": "acme", "app2": "globex", "app3": "initech", "app4": "umbrella", "app5": "hooli"}[user]
 
 
 def no_delivery(lab) -> bool:
@@ -223,6 +231,26 @@ def test_cross_tenant_and_allowlist_table(lab, name, send, code, dsn, pattern):
     milter_reject(lab, dsn, pattern)
     assert no_delivery(lab)
     assert lab.milter_proc.poll() is None
+
+
+def test_ipv6_allowlist_both_ways_in(lab):
+    """hooli allows only ::1: from [::1] both ingress modes relay, from 127.0.0.1 neither does."""
+    t = lab.tenants["hooli"]
+    m = Mailer(lab, {"relay_domain": t.relay_domain, "signing_domain": t.signing_domain, "selector": "s1", "sender_domains": t.sender_domains}, t.key)
+    with smtplib.SMTP("::1", lab.smtp_port, local_hostname="platform.lab.test", timeout=30) as s:
+        assert s.sendmail("news@hooli.example", [m.rcpt("v6@example.org")], m.signed("v6@example.org")) == {}
+    with smtplib.SMTP("::1", lab.submission_port, local_hostname="app.lab.test", timeout=30) as s:
+        s.starttls(context=client_tls())
+        s.login("app5", lab.passwords["app5"])
+        s.sendmail("news@hooli.example", ["v6-sub@example.org"], make_message("news@hooli.example", "v6-sub@example.org"))
+    got = sorted(r for msg in lab.sinks["hooli"].wait(2) for r in msg.rcpt_tos)
+    assert got == ["v6-sub@example.org", "v6@example.org"]
+    code, text, _ = m.send(m.signed("v4@example.org"), to="v4@example.org")
+    assert (code, text.split(" ", 1)[0]) == (550, "5.7.1")
+    milter_reject(lab, "5.7.1", r"client 127.0.0.1 is not allowed to relay.*rcpt=<v4=example.org@hooli.relay.test>")
+    code, text, _ = submit(lab, "app5")
+    assert (code, text.split(" ", 1)[0]) == (550, "5.7.1")
+    assert len(lab.sinks["hooli"].messages) == 2
 
 
 # -- inbound TLS --------------------------------------------------------------------

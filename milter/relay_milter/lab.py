@@ -347,6 +347,7 @@ class Lab:
         self.sasl_db = self.config_dir / "sasl" / "sasldb2"  # the default location
         self.secrets_file = self.base / "secrets.yaml"
         self.secrets: dict[str, dict] = {}
+        self.overrides: dict = {}  # settings that differ from the lab's defaults
         # A throwaway CA for the customer smarthosts, and the relay's own self-signed certificate.
         self.ca = make_ca("Relay Lab Smarthost CA")
         self.ca_file = self.base / "tls" / "smarthost-ca.pem"
@@ -407,7 +408,7 @@ class Lab:
         }
 
     def write_settings(self, **overrides) -> None:
-        self.settings_file.write_text(yaml.safe_dump(self.settings() | overrides, sort_keys=False))
+        self.settings_file.write_text(yaml.safe_dump(self.settings() | self.overrides | overrides, sort_keys=False))
         fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(self.secrets, f)
