@@ -34,6 +34,7 @@ def policy(tmp_path, key):
         "allowed_sender_domains": ["acme.example"],
         "smarthost": {"host": "127.0.0.1", "port": 2525},
         "headers": {"strip": ["X-Platform-Trace"], "envelope_sender": "bounces@acme.example", "reply_to": "replies@acme.example"},
+        "submission_users": ["app1"],
     }
     (tmp_path / "acme.yaml").write_text(yaml.safe_dump(doc))
     return Policy(load_tenants(tmp_path), Settings(myhostname="relay.test"))
@@ -105,3 +106,29 @@ def test_policy_crash_tempfails_never_accepts(ctx, key, policy, monkeypatch, cap
     assert ctx._reply[:2] == ("451", "4.3.0")
     assert ctx._addrcpt == []
     assert "event=error stage=eom" in caplog.text
+
+
+def test_authenticated_submission_takes_the_login_from_auth_authen(ctx, caplog):
+    caplog.set_level(logging.INFO, logger="relay.milter")
+    ctx._setsymval("{auth_authen}", "app1@relay.test")
+    raw = make_message("news@acme.example", "bob@example.org")  # no DKIM: the login vouches
+    rc = ctx._feedFile(io.BytesIO(raw), "news@acme.example", "bob@example.org")
+    assert rc == Milter.CONTINUE, ctx._reply
+    assert ctx._delrcpt == [] and ctx._addrcpt == []  # plain recipients are delivered as given
+    assert ctx._msg["X-Relay-Route"].strip() == "acme"
+    assert ctx._msg["Authentication-Results"].strip() == "relay.test; auth=pass smtp.auth=app1@relay.test"
+    assert "event=accepted tenant=acme" in caplog.text and "auth=app1@relay.test" in caplog.text
+    assert "rcpts=<bob@example.org>" in caplog.text
+
+
+def test_unsigned_mail_without_a_login_is_still_refused(ctx):
+    raw = make_message("news@acme.example", "alice@example.org")
+    assert ctx._feedFile(io.BytesIO(raw), "news@acme.example", RCPT) == Milter.REJECT
+    assert ctx._reply[:2] == ("550", "5.7.20")
+
+
+def test_a_login_of_no_tenant_is_refused_at_mail_from(ctx):
+    ctx._setsymval("{auth_authen}", "intruder@relay.test")
+    rc = ctx._feedFile(io.BytesIO(make_message("news@acme.example", "bob@example.org")), "news@acme.example", "bob@example.org")
+    assert rc == Milter.REJECT
+    assert ctx._reply[:2] == ("550", "5.7.1") and "not a submission user" in ctx._reply[2]

@@ -271,43 +271,36 @@ class Policy:
                 verdict = Verdict.reject("550", result.dsn, f"DKIM verification failed: {result.reason}")
             return Disposition(verdict, tenant, dkim=result, header_from=author, message_id=message_id)
 
-        if not tenant.sender_allowed(author):
-            return Disposition(
-                Verdict.reject("550", "5.7.1", f"From address {author} is not allowed for this tenant"),
-                tenant,
-                dkim=result,
-                header_from=author,
-                message_id=message_id,
-            )
-
-        return Disposition(
-            Verdict(Action.ACCEPT),
-            tenant,
-            header_edits=tuple(self._header_edits(tenant, msg, self.authentication_results(result))),
-            recipient_changes=tuple((raw, f"<{d.address}>") for raw, d in tx.recipients),
-            new_sender=f"<{tenant.headers.envelope_sender}>" if tenant.headers.envelope_sender else None,
-            dkim=result,
-            header_from=author,
-            message_id=message_id,
-        )
+        return self._accept(tx, tenant, msg, author, message_id, self.authentication_results(result), result)
 
     def _submission_eom(self, tx: Transaction, tenant: Tenant, msg: Message, author: str, message_id: str) -> Disposition:
-        if not tenant.sender_allowed(author):
-            return Disposition(
-                Verdict.reject("550", "5.7.1", f"From address {author} is not allowed for user {tx.auth_user}"),
-                tenant,
-                header_from=author,
-                message_id=message_id,
-            )
         ar = authres.AuthenticationResultsHeader(
             authserv_id=self.settings.authserv,
             results=[authres.SMTPAUTHAuthenticationResult(result="pass", smtp_auth=tx.auth_user)],
         ).header_value()
+        return self._accept(tx, tenant, msg, author, message_id, ar, None)
+
+    def _accept(
+        self, tx: Transaction, tenant: Tenant, msg: Message, author: str, message_id: str, auth_results: str, dkim: DkimResult | None
+    ) -> Disposition:
+        """The sender check both ways in share, then the transformation."""
+        if not tenant.sender_allowed(author):
+            who = f"user {tx.auth_user}" if tx.auth_user else "this tenant"
+            return Disposition(
+                Verdict.reject("550", "5.7.1", f"From address {author} is not allowed for {who}"),
+                tenant,
+                dkim=dkim,
+                header_from=author,
+                message_id=message_id,
+            )
         return Disposition(
             Verdict(Action.ACCEPT),
             tenant,
-            header_edits=tuple(self._header_edits(tenant, msg, ar)),
+            header_edits=tuple(self._header_edits(tenant, msg, auth_results)),
+            # Encoded recipients are replaced by the decoded ones; submission recipients stay.
+            recipient_changes=tuple((raw, f"<{d.address}>") for raw, d in tx.recipients if d.relay_domain),
             new_sender=f"<{tenant.headers.envelope_sender}>" if tenant.headers.envelope_sender else None,
+            dkim=dkim,
             header_from=author,
             message_id=message_id,
         )
