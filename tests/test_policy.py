@@ -109,6 +109,7 @@ EOM_CASES = [
     ("unsigned", lambda k: (make_message("news@acme.example", "a@b.example"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "no DKIM signature"),
     ("wrong selector", lambda k: (signed(k, selector="other"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "selector s=other"),
     ("other tenant's valid signature", lambda k: (signed(k, "globex", sender="news@acme.example"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "belongs to another tenant"),
+    ("ed25519 signature, RSA key (a= must match k=)", lambda k: (signed(k, key=k["globex"]), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "a=ed25519-sha256 does not match the key type k=rsa"),
     ("unrelated signer", lambda k: (signed(k, domain="evil.example"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "no signature by d=hop.acme.test"),
     ("wrong key", lambda k: (signed(k, key=k["other"]), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "did not verify"),
     ("body changed", lambda k: (signed(k).replace(b"Hello", b"Jello"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "body hash mismatch"),
