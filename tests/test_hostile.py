@@ -27,7 +27,7 @@ import pytest
 from conftest import ACME, Mailer
 from relay_milter.config import load_settings
 from relay_milter.lab import Lab, Sink, TenantSpec, ed25519_key, rsa_key, sign, wait_for
-from test_limits import nested
+from test_limits import nested, wide
 
 pytestmark = pytest.mark.e2e
 
@@ -118,7 +118,7 @@ def with_headers(m: Mailer, fields: list[tuple[str, str]]) -> bytes:
 
 
 def mime_bomb(m: Mailer, depth: int, kind: str) -> bytes:
-    content_type, body = nested(depth, kind)
+    content_type, body = wide(depth) if kind == "wide" else nested(depth, kind)
     head = m.message().split(b"\r\n\r\n", 1)[0].replace(b" text/plain; charset=utf-8", content_type.encode())
     return resign(m, head + b"\r\n\r\n" + body)
 
@@ -211,6 +211,7 @@ CASES = [
     Case("10000-headers", lambda k: submit(k.acme, with_headers(k.acme, [(f"X-H{i}", "v") for i in range(10_000)])), 552, "5.3.4", "milter eom", r"message has 100\d\d header fields, more than the 1000"),
     Case("mime-bomb-multipart-5000", lambda k: submit(k.acme, mime_bomb(k.acme, 5000, "multipart")), 550, "5.6.0", "milter eom", "MIME parts are nested more than 20 deep"),
     Case("mime-bomb-rfc822-200", lambda k: submit(k.acme, mime_bomb(k.acme, 200, "rfc822")), 550, "5.6.0", "milter eom", "MIME parts are nested more than 20 deep"),
+    Case("mime-bomb-5000-parts", lambda k: submit(k.acme, mime_bomb(k.acme, 5000, "wide")), 552, "5.3.4", "milter eom", "message has more than 1000 MIME parts"),
     # size and recipient count
     Case("size-declared-over-limit", lambda k: dialog(k.lab, b"MAIL FROM:<news@acme.example> SIZE=%d" % (size_limit(k) + 1))[0], 552, "5.3.4", "smtpd", "Message size exceeds fixed limit"),
     Case("size-actual-over-limit", oversize, 552, "5.3.4", "smtpd*", r"warning: \w+: queue file size limit exceeded"),

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay_milter.limits import DEFAULT, Limits, check_message, mime_depth
+from relay_milter.limits import DEFAULT, Limits, check_message, mime_scan
 
 OK_HEADERS = ((("From", " a@acme.example"), ("Subject", " =?utf-8?q?Caf=C3=A9?=")))
 
@@ -18,6 +18,11 @@ def nested(depth: int, kind: str = "multipart") -> tuple[str, bytes]:
     opens = b"".join(b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1) for i in range(depth - 1))
     closes = b"".join(b"--b%d--\r\n" % i for i in reversed(range(depth)))
     return ' multipart/mixed; boundary="b0"', opens + b"--b%d\r\nContent-Type: text/plain\r\n\r\nhi\r\n" % (depth - 1) + closes
+
+
+def wide(parts: int) -> tuple[str, bytes]:
+    """A multipart body with ``parts`` sibling parts."""
+    return ' multipart/mixed; boundary="w"', b"--w\r\nContent-Type: text/plain\r\n\r\nx\r\n" * parts + b"--w--\r\n"
 
 
 def hdrs(*extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
@@ -42,6 +47,9 @@ GOLDEN = [
     ("mime-20", hdrs(("Content-Type", nested(20)[0])), nested(20)[1], None),
     ("mime-21", hdrs(("Content-Type", nested(21)[0])), nested(21)[1], ("550", "5.6.0", "nested more than 20")),
     ("rfc822-21", hdrs(("Content-Type", nested(21, "rfc822")[0])), nested(21, "rfc822")[1], ("550", "5.6.0", "nested")),
+    ("1000-parts", hdrs(("Content-Type", wide(1000)[0])), wide(1000)[1], None),
+    ("1001-parts", hdrs(("Content-Type", wide(1001)[0])), wide(1001)[1], ("552", "5.3.4", "more than 1000 MIME parts")),
+    ("part-without-blank-line", hdrs(("Content-Type", wide(1)[0])), b"--w\r\n--w\r\n" * 5000, None),
     ("mime-5000", hdrs(("Content-Type", nested(5000)[0])), nested(5000)[1], ("550", "5.6.0", "nested")),
 ]
 
@@ -59,18 +67,18 @@ def test_golden(headers, body, expected):
 @pytest.mark.parametrize("depth", [0, 1, 2, 7, 20])
 def test_depth_is_counted_exactly(depth):
     if depth == 0:
-        assert mime_depth(" text/plain", b"--b0\r\n", 20) == 0
+        assert mime_scan(" text/plain", b"--b0\r\n", 20, 1000) == (0, 0)
         return
     ct, body = nested(depth)
-    assert mime_depth(ct, body, 100) == depth
+    assert mime_scan(ct, body, 100, 1000) == (depth, depth)
     ct, body = nested(depth, "rfc822")
-    assert mime_depth(ct, body, 100) == depth
+    assert mime_scan(ct, body, 100, 1000) == (depth, 0)
 
 
 def test_siblings_do_not_add_depth():
     ct = ' multipart/mixed; boundary="o"'
     part = b'--o\r\nContent-Type: multipart/alternative; boundary="i"\r\n\r\n--i\r\n\r\na\r\n--i--\r\n'
-    assert mime_depth(ct, part * 50 + b"--o--\r\n", 20) == 2
+    assert mime_scan(ct, part * 50 + b"--o--\r\n", 20, 1000) == (2, 100)
 
 
 def test_limits_are_below_postfix_truncation():
@@ -81,4 +89,4 @@ def test_limits_are_below_postfix_truncation():
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000), st.sampled_from([" text/plain", ' multipart/mixed; boundary="a"', " message/rfc822"]))
 def test_any_body_is_scanned_without_error(body, ct):
-    assert mime_depth(ct, body, DEFAULT.max_mime_depth) >= 0
+    assert mime_scan(ct, body, DEFAULT.max_mime_depth, DEFAULT.max_mime_parts) >= (0, 0)

@@ -1,8 +1,9 @@
 """Structural limits on a message, checked before anything parses it.
 
 Pure functions, no pymilter, no recursion: hostile input (huge or endless
-header blocks, raw 8-bit header bytes, MIME nested thousands deep) is measured
-with flat loops and refused with a precise reply.
+header blocks, raw 8-bit header bytes, MIME nested thousands deep or thousands
+wide) is measured with flat loops and C-level searches and refused with a
+precise reply.
 
 Why the milter must check what Postfix already limits: Postfix truncates a
 header field longer than ``header_size_limit`` (102400) and passes the rest on
@@ -33,6 +34,7 @@ class Limits:
     max_field_octets: int = 32 * 1024
     max_header_octets: int = 64 * 1024  # whole header block; Postfix's header_size_limit is 102400
     max_mime_depth: int = 20  # containers around the innermost part; the top level is 0
+    max_mime_parts: int = 1000
 
 
 DEFAULT = Limits()
@@ -87,19 +89,9 @@ def check_headers(headers: Iterable[tuple[str, str]], limits: Limits = DEFAULT) 
     return None
 
 
-def _content_type(header_lines: list[bytes]) -> tuple[bytes, bytes | None]:
-    """(media type, boundary) from one entity's raw header lines; unfolds, never recurses."""
-    value = b""
-    collecting = False
-    for line in header_lines:
-        if line[:1] in (b" ", b"\t"):
-            if collecting:
-                value += line
-            continue
-        collecting = line.lower().startswith(b"content-type:")
-        if collecting:
-            value = line[13:]
-    return _media(value)
+_CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_MESSAGE = (b"message/rfc822", b"message/global")
 
 
 def _media(value: bytes) -> tuple[bytes, bytes | None]:
@@ -109,53 +101,60 @@ def _media(value: bytes) -> tuple[bytes, bytes | None]:
     return media, (b.group(1) or b.group(2)) if b else None
 
 
-def mime_depth(content_type: str, body: bytes, limit: int) -> int:
-    """Nesting depth of the MIME tree (0 for a single-part message), counted
-    with one pass over the body lines and an explicit stack. Stops as soon as
-    the depth passes ``limit`` and returns that depth."""
-    open_parts: list[tuple[bytes, int]] = []  # (boundary, depth of the multipart entity)
+def _entity(body: bytes, start: int) -> tuple[bytes, bytes | None, int]:
+    """(media type, boundary, where the content starts) of the entity whose header starts at ``start``."""
+    if body.startswith(b"\n", start) or body.startswith(b"\r\n", start):
+        return b"text/plain", None, body.index(b"\n", start) + 1  # no header fields
+    blank = _BLANK_LINE.search(body, start)
+    end = blank.start() + 1 if blank else len(body)
+    field = _CONTENT_TYPE.search(body, start, end)
+    return (*_media(field.group(1) if field else b""), blank.end() if blank else len(body))
 
-    def enter(media: bytes, boundary: bytes | None, depth: int) -> int | None:
-        """Start an entity's content; returns the depth of a message/rfc822 header block that follows."""
+
+def _delimiters(open_parts: list[tuple[bytes, int]]) -> re.Pattern[bytes]:
+    names = b"|".join(re.escape(b) for b, _ in reversed(open_parts))
+    return re.compile(rb"^--(" + names + rb")(--)?[ \t]*\r?$", re.M)
+
+
+def mime_scan(content_type: str, body: bytes, max_depth: int, max_parts: int) -> tuple[int, int]:
+    """(deepest nesting, number of parts) of the MIME tree; 0 and 0 for a single part.
+
+    No recursion and no per-line Python loop: the body is searched (in C) for
+    the delimiter lines of the multiparts open at that point, kept on an
+    explicit stack. Stops as soon as either number passes its limit.
+    """
+    media, boundary = _media(_octets(content_type))
+    open_parts: list[tuple[bytes, int]] = []  # (boundary, depth of the multipart entity)
+    depth = deepest = parts = pos = 0
+    while True:
+        # The content of an entity at ``depth`` starts at ``pos``.
+        if media in _MESSAGE:  # its content is a message: a header block one level deeper
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                return deepest, parts
+            media, boundary, pos = _entity(body, pos)
+            continue
         if media.startswith(b"multipart/") and boundary:
             open_parts.append((boundary, depth))
-        elif media in (b"message/rfc822", b"message/global"):
-            return depth + 1
-        return None
-
-    header_depth = enter(*_media(_octets(content_type)), 0)
-    deepest = header_depth or 0
-    header_lines: list[bytes] = []
-    for line in body.split(b"\n"):
-        line = line.rstrip(b"\r")
-        if line.startswith(b"--") and open_parts:
-            hit = next((i for i in range(len(open_parts) - 1, -1, -1) if line.startswith(b"--" + open_parts[i][0])), None)
-            if hit is not None:
-                boundary, depth = open_parts[hit]
-                rest = line[2 + len(boundary):].rstrip(b" \t")
-                if rest == b"--":
-                    del open_parts[hit:]
-                    header_depth = None
-                    continue
-                if rest == b"":
-                    del open_parts[hit + 1:]
-                    header_depth, header_lines = depth + 1, []
-                    deepest = max(deepest, header_depth)
-                    if deepest > limit:
-                        return deepest
-                    continue
-        if header_depth is None:
-            continue
-        if line:
-            header_lines.append(line)
-            continue
-        depth = header_depth
-        header_depth, header_lines = enter(*_content_type(header_lines), depth), []
-        if header_depth is not None:
-            deepest = max(deepest, header_depth)
-            if deepest > limit:
-                return deepest
-    return deepest
+        while open_parts:
+            m = _delimiters(open_parts).search(body, pos)
+            if m is None:
+                return deepest, parts
+            pos = min(m.end() + 1, len(body))
+            level = max(i for i, (b, _) in enumerate(open_parts) if b == m.group(1))
+            if m.group(2):  # close delimiter
+                del open_parts[level:]
+                continue
+            del open_parts[level + 1 :]
+            depth, parts = open_parts[level][1] + 1, parts + 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth or parts > max_parts:
+                return deepest, parts
+            media, boundary, pos = _entity(body, pos)
+            break
+        else:
+            return deepest, parts
 
 
 def check_message(headers: tuple[tuple[str, str], ...], body: bytes, limits: Limits = DEFAULT) -> Refusal | None:
@@ -164,9 +163,9 @@ def check_message(headers: tuple[tuple[str, str], ...], body: bytes, limits: Lim
     if refusal:
         return refusal
     content_type = next((v for n, v in headers if n.lower() == "content-type"), "text/plain")
-    depth = mime_depth(content_type, body, limits.max_mime_depth)
+    depth, parts = mime_scan(content_type, body, limits.max_mime_depth, limits.max_mime_parts)
     if depth > limits.max_mime_depth:
-        return Refusal(
-            "550", "5.6.0", f"MIME parts are nested more than {limits.max_mime_depth} deep"
-        )
+        return Refusal("550", "5.6.0", f"MIME parts are nested more than {limits.max_mime_depth} deep")
+    if parts > limits.max_mime_parts:
+        return Refusal("552", "5.3.4", f"message has more than {limits.max_mime_parts} MIME parts")
     return None
