@@ -1,8 +1,11 @@
-"""End to end through a real Postfix with the real milter, real DKIM and loopback sinks."""
+"""End to end through a real Postfix with the real milter, real DKIM and loopback sinks.
+
+What must be refused (bad signatures, open-relay probes, malformed input) is one table
+in test_hostile.py; this module is about mail that must get through, and failures of
+the parts around it."""
 
 from __future__ import annotations
 
-import re
 import signal
 import time
 
@@ -61,76 +64,6 @@ def test_multiple_recipients_are_all_decoded(acme, lab):
     assert code == 250, text
     [got] = lab.sinks["acme"].wait(1)
     assert sorted(got.rcpt_tos) == ["a@example.org", "b.c+tag@sub.example.net", "x=y@example.com"]
-
-
-def _rejected(lab, code, expect_code, expect_dsn, text, log_pattern):
-    assert code == expect_code, text
-    if expect_dsn:
-        assert expect_dsn in text, text
-    assert nothing_delivered(lab)
-    wait_for(lambda: re.search(log_pattern, lab.milter_log_text() + lab.maillog_text()), 5, what=log_pattern)
-
-
-def test_unsigned_message_is_rejected(acme, lab):
-    code, text, _ = acme.send(acme.message())
-    _rejected(lab, code, 550, "5.7.2", text, r"event=reject stage=eom .*no DKIM signature|no signature by d=hop.acme.test")
-
-
-def test_bad_signature_is_rejected(acme, lab, globex_key):
-    # Right d= and s=, wrong private key.
-    code, text, _ = acme.send(acme.signed(key=globex_key))
-    _rejected(lab, code, 550, "5.7.20", text, r"event=reject stage=eom .*did not verify")
-
-
-def test_body_altered_after_signing_is_rejected(acme, lab):
-    raw = acme.signed().replace(b"Hello from the platform.", b"Hello from a forger!!!!")
-    code, text, _ = acme.send(raw)
-    _rejected(lab, code, 550, "5.7.20", text, r"body hash mismatch")
-
-
-def test_other_tenants_signature_for_this_relay_domain_is_rejected(acme, globex, lab):
-    # A valid globex signature, addressed to acme's relay domain.
-    raw = globex.signed(sender="news@acme.example")
-    code, text, _ = acme.send(raw)
-    _rejected(lab, code, 550, "5.7.21", text, r"belongs to another tenant")
-
-
-def test_unknown_relay_domain_is_refused_by_postfix(acme, lab):
-    code, text, _ = acme.send(acme.signed(), rcpts=["alice=example.org@unknown.relay.test"])
-    assert code == 554 and "Relay access denied" in text, text
-    assert nothing_delivered(lab)
-
-
-def test_disallowed_header_sender_is_rejected(acme, lab):
-    code, text, _ = acme.send(acme.signed(sender="ceo@evil.example"))
-    _rejected(lab, code, 550, "5.7.1", text, r"From address ceo@evil.example is not allowed")
-
-
-def test_disallowed_envelope_sender_is_rejected_at_rcpt(acme, lab):
-    code, text, _ = acme.send(acme.signed(), mail_from="someone@evil.example")
-    _rejected(lab, code, 550, "5.7.1", text, r"stage=rcpt .*envelope sender someone@evil.example")
-
-
-@pytest.mark.parametrize(
-    "rcpt",
-    ["alice@acme.relay.test", "alice=@acme.relay.test", "=example.org@acme.relay.test", "alice=exa_mple.org@acme.relay.test", "alice=example.org=@acme.relay.test", "a..b=example.org@acme.relay.test"],
-)
-def test_malformed_encoded_recipient_is_rejected(acme, lab, rcpt):
-    code, text, _ = acme.send(acme.signed(), rcpts=[rcpt])
-    _rejected(lab, code, 550, "5.1.3", text, r"stage=rcpt .*5\.1\.3")
-
-
-def test_replayed_signature_with_altered_to_or_subject_is_rejected(acme, lab):
-    original = acme.signed(to="alice@example.org", subject="Your invoice")
-    code, _, _ = acme.send(original)
-    assert code == 250
-    lab.sinks["acme"].wait(1)
-    lab.sinks["acme"].messages.clear()
-    for old, new in ((b"To: alice@example.org", b"To: mallory@example.org"), (b"Subject: Your invoice", b"Subject: Urgent: wire money")):
-        replayed = original.replace(old, new)
-        assert replayed != original
-        code, text, _ = acme.send(replayed, to="mallory@example.org")
-        _rejected(lab, code, 550, "5.7.20", text, r"signed headers changed")
 
 
 def test_recipients_of_two_tenants_in_one_transaction_are_split(acme, globex, lab):

@@ -109,6 +109,7 @@ EOM_CASES = [
     ("unsigned", lambda k: (make_message("news@acme.example", "a@b.example"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "no DKIM signature"),
     ("wrong selector", lambda k: (signed(k, selector="other"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "selector s=other"),
     ("other tenant's valid signature", lambda k: (signed(k, "globex", sender="news@acme.example"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "belongs to another tenant"),
+    ("ed25519 signature, RSA key (a= must match k=)", lambda k: (signed(k, key=k["globex"]), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "a=ed25519-sha256 does not match the key type k=rsa"),
     ("unrelated signer", lambda k: (signed(k, domain="evil.example"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "no signature by d=hop.acme.test"),
     ("wrong key", lambda k: (signed(k, key=k["other"]), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "did not verify"),
     ("body changed", lambda k: (signed(k).replace(b"Hello", b"Jello"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "body hash mismatch"),
@@ -122,7 +123,7 @@ EOM_CASES = [
     ("two From mailboxes", lambda k: (signed(k, mutate=lambda m: m.replace(b"From: Platform Sender <news@acme.example>", b"From: news@acme.example, ceo@acme.example")), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "exactly one valid mailbox"),
     ("weak 512-bit key", lambda k: (signed(k, "weak"), ["<c=example.org@weak.relay.test>"], "news@weak.example"), Action.REJECT, "5.7.21", "key not acceptable.*too small"),
     ("signature age limit, fresh", lambda k: (signed(k, "aged", key=k["other"]), ["<c=example.org@aged.relay.test>"], "news@aged.example"), Action.ACCEPT, "", ""),
-    ("8-bit garbage in an unsigned header", lambda k: (signed(k, mutate=lambda m: m.replace(b"MIME-Version", b"X-Junk: \xff\xfe\x80\r\nMIME-Version")), [ACME_RCPT], "news@acme.example"), Action.ACCEPT, "", ""),
+    ("8-bit garbage in an unsigned header (limits.py)", lambda k: (signed(k, mutate=lambda m: m.replace(b"MIME-Version", b"X-Junk: \xff\xfe\x80\r\nMIME-Version")), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "X-Junk contains bytes that are not valid UTF-8"),
 ]
 
 

@@ -31,6 +31,7 @@ class AddressError(ValueError):
 
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 _FORBIDDEN = set('"\\()<>[],;:%!')
+_UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
 def strip_brackets(raw: str) -> str:
@@ -107,8 +108,8 @@ def rewrite_address_header(value: str, relay_domain: str) -> str | None:
     """
     flat = re.sub(r"\r?\n[ \t]*", " ", value).strip()
     suffix = "@" + relay_domain
-    if suffix not in flat.lower():
-        return None
+    if suffix not in flat.lower() or _UNSAFE_IN_HEADER.search(flat):
+        return None  # control characters or undecodable bytes: never re-serialised
     pairs = email.utils.getaddresses([flat])
     changed = False
     out = []

@@ -130,6 +130,16 @@ def check_tags(sig: dict[bytes, bytes], tenant: Tenant, now: float) -> str | Non
     return None
 
 
+def _key_mismatch(sig: dict[bytes, bytes], record: bytes) -> str | None:
+    """RFC 6376 3.5: a= must name the key's type (dkimpy checks the hash only)."""
+    try:
+        k = dkim.util.parse_tag_value(record).get(b"k", b"rsa").decode("ascii", "replace")
+    except dkim.util.InvalidTagValueList:
+        return None  # dkimpy reports the unusable key
+    alg = _tag(sig, b"a")
+    return None if alg.startswith(k + "-") else f"signature algorithm a={alg} does not match the key type k={k}"
+
+
 def verify_hop_signature(
     message: bytes,
     signatures: list[str],
@@ -179,7 +189,7 @@ def verify_hop_signature(
     verifier = dkim.DKIM(message, minkey=MIN_RSA_BITS, logger=_quiet)
     broken = False  # a candidate was acceptable but its cryptography failed
     for idx, sig in candidates:
-        problem = check_tags(sig, tenant, now)
+        problem = check_tags(sig, tenant, now) or _key_mismatch(sig, record)
         if problem:
             reasons.append(problem)
             continue

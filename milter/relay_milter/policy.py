@@ -14,7 +14,7 @@ from enum import Enum
 
 import authres
 
-from . import defaults
+from . import defaults, limits
 from .addresses import (
     AddressError,
     Decoded,
@@ -237,6 +237,8 @@ class Policy:
         tenant = tx.tenant
         if tenant is None or not tx.recipients:
             return Disposition(Verdict.tempfail("451", "4.3.0", "no accepted recipients in this transaction"))
+        if refusal := limits.check_message(msg.headers, msg.body):
+            return Disposition(Verdict.reject(*refusal), tenant)
 
         for name in defaults.SINGLETON_HEADERS:
             count = len(msg.values(name))
