@@ -253,6 +253,21 @@ def test_ipv6_allowlist_both_ways_in(lab):
     assert len(lab.sinks["hooli"].messages) == 2
 
 
+@pytest.mark.parametrize(
+    "extra, code, dsn",
+    [
+        (tuple(("X-Flood", str(i)) for i in range(1500)), 552, "5.3.4"),
+        ((("X-Note", "caf\u00e9"),), 550, "5.6.0"),
+    ],
+    ids=["1500 header fields", "raw 8-bit header"],
+)
+def test_submission_gets_the_same_structural_limits(lab, extra, code, dsn):
+    got, text, _ = submit(lab, "app1", extra_headers=extra)
+    assert (got, text.split(" ", 1)[0]) == (code, dsn), text
+    milter_reject(lab, dsn, r"stage=eom .*tenant=acme")
+    assert no_delivery(lab)
+
+
 # -- inbound TLS --------------------------------------------------------------------
 
 
