@@ -14,6 +14,7 @@ import re
 import secrets
 import smtplib
 import ssl
+import subprocess
 import time
 
 import pytest
@@ -325,6 +326,26 @@ def test_verify_with_the_wrong_certificate_defers_and_never_sends_in_clear(lab):
     assert deferred() is not None
     assert lab.sinks["initech"].messages == []
     assert "Server certificate not verified" in lab.maillog_text() or "certificate verification failed" in lab.maillog_text()
+
+
+def test_local_users_cannot_inject_mail_with_sendmail(lab, tmp_path):
+    """sendmail(1) mail skips smtpd and so the milter: only root may submit it
+    (authorized_submit_users). Postfix lets a non-root user name a private config directory
+    only if the default main.cf lists it, so a private mount namespace supplies that
+    main.cf; the system's /etc/postfix is not touched."""
+    etc = tmp_path / "etc-postfix"
+    etc.mkdir()
+    (etc / "main.cf").write_text(f"alternate_config_directories = {lab.config_dir}\ncompatibility_level = 3.6\n")
+    os.chmod(tmp_path, 0o755)
+    script = (
+        f"mount --bind {etc} /etc/postfix && "
+        f"exec runuser -u nobody -- /usr/sbin/sendmail -C {lab.config_dir} -f news@acme.example bob@example.org"
+    )
+    msg = make_message("news@acme.example", "bob@example.org", extra_headers=(("X-Relay-Route", "acme"),))
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], input=msg, capture_output=True, timeout=30)
+    assert r.returncode != 0
+    assert b"is not allowed to submit mail" in r.stderr or b"not authorized" in r.stderr, r.stderr
+    assert lab.queue() == [] and no_delivery(lab)
 
 
 # -- secrets on disk ---------------------------------------------------------------

@@ -541,9 +541,8 @@ class TenantSecrets(_Strict):
     """One tenant's entry in the secrets file."""
 
     smarthost_password: str | None = None
-    webhook_secret: str | None = None
 
-    @field_validator("smarthost_password", "webhook_secret")
+    @field_validator("smarthost_password")
     @classmethod
     def _one_line(cls, v: str | None) -> str | None:
         if v is not None and (not v or any(c in v for c in "\r\n\0")):
