@@ -17,6 +17,8 @@ import Milter
 import milter as _milter
 
 from . import logs
+from .addresses import strip_brackets
+from .defaults import UPSTREAM_ID_HEADER
 from .policy import Action, Disposition, Message, Policy, Transaction, Verdict
 
 log = logging.getLogger("relay.milter")
@@ -156,10 +158,21 @@ class RelayMilter(Milter.Base):
             new_sender=d.new_sender,
             header_from=d.header_from,
             message_id=d.message_id,
+            upstream_id=self._upstream_id(),
             rcpts=",".join(f"<{dec.address}>" for _, dec in self.tx.recipients),
+            # The address each recipient arrived as (encoded under the relay domain), same order.
+            orig_rcpts=",".join(f"<{strip_brackets(orig)}>" for orig, _ in self.tx.recipients),
             dkim=f"pass d={d.dkim.domain} s={d.dkim.selector} a={d.dkim.algorithm} key={d.dkim.key_source}" if d.dkim else None,
             auth=self.tx.auth_user,
         )
+
+    def _upstream_id(self) -> str | None:
+        """The platform's own reference for the message (header X-Upstream-ID), for tracking."""
+        wanted = UPSTREAM_ID_HEADER.lower()
+        for name, value in self._headers:
+            if name.lower() == wanted:
+                return value.strip()[:200] or None
+        return None
 
     def abort(self):
         self._headers = []

@@ -170,6 +170,24 @@ class HeaderRules(_Strict):
     envelope_sender: Address | None = None
 
 
+class Webhook(_Strict):
+    """Where the tracker POSTs this tenant's delivery events (docs/tracking.md). The HMAC
+    secret is not here: it is the tenant's ``webhook_secret`` in the secrets file."""
+
+    url: str
+    timeout: float = Field(defaults.WEBHOOK_TIMEOUT, gt=0, le=120)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c in v for c in " \r\n\t"):
+            raise ValueError(f"not an http(s) URL: {v!r}")
+        return v
+
+
 class Tenant(_Strict):
     id: str
     description: str = ""
@@ -193,6 +211,8 @@ class Tenant(_Strict):
     submission_users: tuple[str, ...] = ()
     smarthost: Smarthost
     headers: HeaderRules = HeaderRules()
+    # Push delivery events to this tenant (relayctl track): RECEIVED, RELAYED, DEFERRED, ...
+    webhook: Webhook | None = None
 
     @field_validator("id")
     @classmethod
@@ -322,6 +342,32 @@ class DnsSettings(_Strict):
     timeout: float = Field(defaults.DNS_TIMEOUT, gt=0, le=60)
 
 
+class TrackingSettings(_Strict):
+    """Delivery tracking (relayctl track): where events go and how webhooks are retried."""
+
+    # sqlite:////absolute/path.db (default, embedded) or postgresql://user@host/db (shared by nodes).
+    events_dsn: str = defaults.EVENTS_DSN
+    # This relay's name in a shared store (default: myhostname).
+    node: str | None = None
+    # The milter's own log (relayctl milter --log-file): tenant, Message-ID, upstream id, recipients.
+    milter_log_file: Path = Path(defaults.MILTER_LOG_FILE)
+    # Prometheus node-exporter textfile, rewritten every metrics_interval seconds (None: off).
+    metrics_file: Path | None = None
+    metrics_interval: float = Field(15, gt=0, le=3600)
+    poll_interval: float = Field(defaults.TRACK_POLL_INTERVAL, gt=0, le=60)
+    # How long a queued message waits for the milter's record before it is recorded without it.
+    record_wait: float = Field(defaults.TRACK_RECORD_WAIT, ge=0, le=600)
+    webhook_backoff_base: float = Field(defaults.WEBHOOK_BACKOFF_BASE, gt=0, le=3600)
+    webhook_backoff_max: float = Field(defaults.WEBHOOK_BACKOFF_MAX, gt=0, le=86400)
+
+    @field_validator("events_dsn")
+    @classmethod
+    def _dsn(cls, v: str) -> str:
+        if v.startswith("sqlite:///") or v.startswith(("postgresql://", "postgres://")):
+            return v
+        raise ValueError("use sqlite:////absolute/path.db or postgresql://user@host/database")
+
+
 class Settings(_Strict):
     """Relay-wide settings (relay.yaml). Every field has a production default."""
 
@@ -358,6 +404,7 @@ class Settings(_Strict):
     maximal_queue_lifetime: str = defaults.MAXIMAL_QUEUE_LIFETIME
     message_size_limit: int = Field(defaults.MESSAGE_SIZE_LIMIT, ge=1024)
     dns: DnsSettings = DnsSettings()
+    tracking: TrackingSettings = TrackingSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("milter_socket")
@@ -394,6 +441,10 @@ class Settings(_Strict):
         if clash:
             raise ValueError(f"listener(s) {', '.join(sorted(clash))} in both smtpd_listen and submission_listen")
         return self
+
+    @property
+    def node(self) -> str:
+        return self.tracking.node or self.myhostname
 
     @property
     def sasldb(self) -> Path:
@@ -541,8 +592,10 @@ class TenantSecrets(_Strict):
     """One tenant's entry in the secrets file."""
 
     smarthost_password: str | None = None
+    # HMAC-SHA256 key for the tenant's webhook signatures (X-Relay-Signature).
+    webhook_secret: str | None = Field(None, min_length=16)
 
-    @field_validator("smarthost_password")
+    @field_validator("smarthost_password", "webhook_secret")
     @classmethod
     def _one_line(cls, v: str | None) -> str | None:
         if v is not None and (not v or any(c in v for c in "\r\n\0")):
@@ -553,11 +606,12 @@ class TenantSecrets(_Strict):
 def load_secrets(path: Path, tenants: TenantSet) -> dict[str, TenantSecrets]:
     """Read the root-only secrets file. Only needed when a tenant uses one, so a
     missing file is an error only then."""
-    needs = [t for t in tenants if t.smarthost.auth]
+    needs = [t for t in tenants if t.smarthost.auth or t.webhook]
     if not path.exists():
         if needs:
             raise ConfigError(
-                f"{path}: missing; tenant {needs[0].id}: field smarthost.auth needs its smarthost_password there"
+                f"{path}: missing; tenant {needs[0].id}: field "
+                + ("smarthost.auth needs its smarthost_password there" if needs[0].smarthost.auth else "webhook needs its webhook_secret there")
             )
         return {}
     st = path.stat()
@@ -587,8 +641,12 @@ def load_secrets(path: Path, tenants: TenantSet) -> dict[str, TenantSecrets]:
                 for e in exc.errors(include_input=False)
             ]
     for t in needs:
-        if t.id not in invalid and not (t.id in out and out[t.id].smarthost_password):
+        if t.id in invalid:
+            continue
+        if t.smarthost.auth and not (t.id in out and out[t.id].smarthost_password):
             errors.append(f"{path}: tenant {t.id}: field smarthost_password: required by the tenant's smarthost.auth")
+        if t.webhook and not (t.id in out and out[t.id].webhook_secret):
+            errors.append(f"{path}: tenant {t.id}: field webhook_secret: required by the tenant's webhook")
     if errors:
         raise ConfigError("\n".join(errors))
     return out

@@ -43,3 +43,21 @@ TEMPLATE_DIRS = (
     Path(__file__).resolve().parents[2] / "postfix-templates",
     Path("/usr/share/tenant-relay/postfix-templates"),
 )
+
+# Delivery tracking (relayctl track).
+EVENTS_DSN = "sqlite:////var/lib/tenant-relay/events.db"
+MILTER_LOG_FILE = "/var/log/relay-milter.log"
+TRACK_POLL_INTERVAL = 0.5
+# A queued message waits this long for the milter's record before it is recorded without it.
+TRACK_RECORD_WAIT = 10.0
+# Postfix's minimal_backoff_time: the next-retry estimate when the queue file says nothing.
+MINIMAL_BACKOFF = 300
+# The platform's own message reference, recorded when the message carries it.
+UPSTREAM_ID_HEADER = "X-Upstream-ID"
+
+# Webhooks: retried with exponential backoff (base * 2**(attempts-1), capped), never dropped.
+WEBHOOK_TIMEOUT = 10.0
+WEBHOOK_BACKOFF_BASE = 30.0
+WEBHOOK_BACKOFF_MAX = 3600.0
+WEBHOOK_SIGNATURE_HEADER = "X-Relay-Signature"
+WEBHOOK_SIGNATURE_TOLERANCE = 300
