@@ -147,6 +147,7 @@ class Deployment:
                 "milter_command_timeout": "10s",
                 "milter_content_timeout": "15s",
             },
+            "relay_logrotate_file": str(root / "logrotate.conf"),
         }
 
     def _write_inventory(self) -> None:

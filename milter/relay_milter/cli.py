@@ -5,14 +5,18 @@ Exit codes (stable, for scripts):
   1  unexpected error
   2  usage error
   3  invalid configuration (tenant or settings file)
-  4  rendered Postfix configuration failed its checks (nothing was installed)
+  4  rendered Postfix configuration failed its checks (nothing was installed);
+     for the tracking commands: the event store or Postfix is unavailable
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -22,6 +26,7 @@ from .config import ConfigError, Settings, TenantSet, load_settings, load_tenant
 
 EXIT_CONFIG = 3
 EXIT_CHECK = 4
+EXIT_UNAVAILABLE = 4  # the event store or Postfix could not be reached (tracking commands)
 
 DEFAULT_TENANTS = "/etc/tenant-relay/tenants"
 DEFAULT_SETTINGS = "/etc/tenant-relay/relay.yaml"
@@ -38,6 +43,21 @@ class Context:
         except ConfigError as exc:
             click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
             sys.exit(EXIT_CONFIG)
+
+    def events_dsn(self, settings: Settings) -> str:
+        """The event store: RELAY_EVENTS_DSN (keeps a database password out of relay.yaml)
+        wins over settings tracking.events_dsn."""
+        return os.environ.get("RELAY_EVENTS_DSN") or settings.tracking.events_dsn
+
+    def open_store(self, settings: Settings):
+        from .eventstore import StoreError, open_store
+
+        dsn = self.events_dsn(settings)
+        try:
+            return open_store(dsn)
+        except StoreError as exc:
+            click.echo(f"relayctl: event store unavailable: {exc}", err=True)
+            sys.exit(EXIT_UNAVAILABLE)
 
     def load(self) -> tuple[TenantSet, Settings]:
         try:
@@ -193,6 +213,116 @@ def run_milter(obj: Context, log_file: Path | None) -> None:
     source = ReloadingPolicy(obj.tenants_dir, settings)
     source.watch()
     serve(source, settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
+
+
+@main.command("track")
+@click.option("--once", is_flag=True, help="Process what the logs hold now, then exit (cron, tests).")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Log here instead of stderr.")
+@click.option("--no-webhooks", is_flag=True, help="Record events but do not send webhooks from this process.")
+@click.pass_obj
+def run_tracker(obj: Context, once: bool, log_file: Path | None, no_webhooks: bool) -> None:
+    """Follow the Postfix and milter logs and record delivery events (foreground).
+
+    Reads settings maillog_file and tracking.milter_log_file, resumes from the checkpoint
+    in the event store (tracking.events_dsn, or RELAY_EVENTS_DSN), writes RECEIVED,
+    RELAYED, DEFERRED, BOUNCED and REJECTED events, and pushes them to the tenants'
+    webhooks through the store's outbox. SIGTERM finishes the current batch and exits 0.
+    Tenant changes need a restart (the Ansible role does it).
+    """
+    from . import logs
+    from .config import load_secrets
+
+    tenants, settings = obj.load()
+    try:
+        secrets = load_secrets(settings.secrets_file, tenants)
+    except ConfigError as exc:
+        click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    logs.setup(settings.log_level, str(log_file) if log_file else None)
+    log = logging.getLogger("relay.tracker")
+    from .tracker import Tracker
+
+    store = obj.open_store(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    tracker = Tracker(settings, tenants, store)
+    if once:
+        count = tracker.run_once()
+        _send_webhooks_once(obj, settings, tenants, secrets, no_webhooks)
+        _write_metrics(obj, settings, tenants, store)
+        logs.event(log, logging.INFO, None, "track_once", events=count)
+        store.close()
+        return
+    workers = []
+    if not no_webhooks and any(t.webhook for t in tenants):
+        workers.append(threading.Thread(target=_webhook_loop, args=(obj, settings, tenants, secrets, stop), name="webhooks", daemon=True))
+    if settings.tracking.metrics_file:
+        workers.append(threading.Thread(target=_metrics_loop, args=(obj, settings, tenants, stop), name="metrics", daemon=True))
+    for w in workers:
+        w.start()
+    logs.event(log, logging.INFO, None, "track_start", node=settings.node, maillog=settings.maillog_file,
+               milter_log=settings.tracking.milter_log_file, store=_redact(obj.events_dsn(settings)))
+    try:
+        tracker.run(stop)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
+        store.close()
+        logs.event(log, logging.INFO, None, "track_stop")
+
+
+def _redact(dsn: str) -> str:
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", dsn)
+
+
+def _webhook_loop(obj: Context, settings: Settings, tenants: TenantSet, secrets, stop: threading.Event) -> None:
+    """Webhooks go out from their own thread with their own store connection, so a slow
+    endpoint never holds up event recording."""
+    from .webhooks import WebhookSender
+
+    store = obj.open_store(settings)
+    try:
+        WebhookSender(store, tenants, secrets, settings.tracking).run(stop)
+    finally:
+        store.close()
+
+
+def _send_webhooks_once(obj: Context, settings: Settings, tenants: TenantSet, secrets, disabled: bool) -> None:
+    if disabled or not any(t.webhook for t in tenants):
+        return
+    from .webhooks import WebhookSender
+
+    store = obj.open_store(settings)
+    try:
+        WebhookSender(store, tenants, secrets, settings.tracking).run_once()
+    finally:
+        store.close()
+
+
+def _metrics_loop(obj: Context, settings: Settings, tenants: TenantSet, stop: threading.Event) -> None:
+    store = obj.open_store(settings)
+    try:
+        while True:
+            _write_metrics(obj, settings, tenants, store)
+            if stop.wait(settings.tracking.metrics_interval):
+                break
+    finally:
+        store.close()
+
+
+def _write_metrics(obj: Context, settings: Settings, tenants: TenantSet, store) -> None:
+    if not settings.tracking.metrics_file:
+        return
+    from .metrics import write_metrics
+
+    try:
+        write_metrics(settings.tracking.metrics_file, settings, tenants, store)
+    except Exception:  # metrics must never stop tracking
+        logging.getLogger("relay.tracker").exception("NOQUEUE: event=metrics_failed")
 
 
 @main.group()

@@ -46,7 +46,8 @@ TEMPLATE_DIRS = (
 
 # Delivery tracking (relayctl track).
 EVENTS_DSN = "sqlite:////var/lib/tenant-relay/events.db"
-MILTER_LOG_FILE = "/var/log/relay-milter.log"
+# The milter's own log: the tracker reads its record of each accepted message here.
+MILTER_LOG_FILE = "/var/log/tenant-relay/milter.log"
 TRACK_POLL_INTERVAL = 0.5
 # A queued message waits this long for the milter's record before it is recorded without it.
 TRACK_RECORD_WAIT = 10.0

@@ -357,6 +357,9 @@ class Lab:
         self.tenants: dict[str, TenantSpec] = {}
         self.dns: DnsServer | None = None
         self.milter_proc: subprocess.Popen | None = None
+        self.tracker_proc: subprocess.Popen | None = None
+        self.tracker_log = self.base / "tracker.log"
+        self.events_dsn = f"sqlite:///{self.base / 'events.db'}"
         self.postfix_started = False
         for d in (self.config_dir, self.queue_dir, self.tenants_dir, self.milter_socket.parent):
             d.mkdir(parents=True, exist_ok=True)
@@ -405,6 +408,14 @@ class Lab:
             "milter_command_timeout": "10s",
             "milter_content_timeout": "15s",
             "dns": {"nameservers": ["127.0.0.1"], "port": self.dns.port if self.dns else 53, "timeout": 3},
+            "tracking": {
+                "events_dsn": self.events_dsn,
+                "milter_log_file": str(self.milter_log),
+                "poll_interval": 0.2,
+                "record_wait": 5,
+                "webhook_backoff_base": 1,
+                "webhook_backoff_max": 4,
+            },
         }
 
     def write_settings(self, **overrides) -> None:
@@ -449,6 +460,28 @@ class Lab:
         stop_process(self.milter_proc, sig)
         self.milter_proc = None
 
+    def start_tracker(self, *args: str) -> None:
+        """``relayctl track`` as a separate process, like the systemd unit runs it."""
+        cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file), "track", "--log-file", str(self.tracker_log), *args]
+        self.tracker_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.base / "tracker.stderr", "ab"))
+        wait_for(self._tracker_up, 20, what="tracker start")
+
+    def _tracker_up(self) -> bool:
+        if self.tracker_proc and self.tracker_proc.poll() is not None:
+            raise RuntimeError(f"tracker exited {self.tracker_proc.returncode}: {(self.base / 'tracker.stderr').read_text()[-2000:]}")
+        return "event=track_start" in self.tracker_log_text()
+
+    def stop_tracker(self, sig: int = signal.SIGTERM) -> int | None:
+        proc, self.tracker_proc = self.tracker_proc, None
+        stop_process(proc, sig)
+        return proc.returncode if proc else None
+
+    def tracker_log_text(self) -> str:
+        try:
+            return self.tracker_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def start_postfix(self) -> None:
         r = _run(["postfix", "-c", str(self.config_dir), "start"])
         if r.returncode != 0:
@@ -477,6 +510,7 @@ class Lab:
         return self
 
     def stop(self) -> None:
+        self.stop_tracker()
         self.stop_postfix()
         self.stop_milter()
         for sink in self.sinks.values():
