@@ -10,7 +10,7 @@ import time
 import click
 
 from .addresses import encode_recipient
-from .lab import Lab, Sink, TenantSpec, ed25519_key, make_message, rsa_key, sign
+from .lab import Lab, Sink, TenantSpec, ed25519_key, make_message, rsa_key, sign, wait_for
 
 
 def _step(n: int, total: int, text: str) -> None:
@@ -22,8 +22,21 @@ def _queue_id(lab: Lab, message_id: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _show_trace(lab: Lab, label: str, mid: str, final: str) -> bool:
+    """Wait for the tracker to record the message's final event, then show `relayctl trace`."""
+    try:
+        wait_for(lambda: final in lab.relayctl("trace", mid, check=False).stdout, 30, interval=0.5, what=f"{final} for {mid}")
+    except TimeoutError:
+        click.secho(f"  {label}: no {final} event recorded", fg="red")
+        return False
+    click.secho(f"  {label}:  relayctl trace '{mid}'", fg="cyan")
+    for line in lab.relayctl("trace", mid).stdout.rstrip().splitlines():
+        click.echo(f"      {line}")
+    return True
+
+
 def run_demo(keep: bool = False) -> int:
-    total = 6
+    total = 7
     lab = Lab()
     ok = True
     try:
@@ -53,6 +66,8 @@ def run_demo(keep: bool = False) -> int:
         click.echo(f"  private Postfix instance: postfix -c {lab.config_dir}  (smtpd on 127.0.0.1:{lab.smtp_port})")
         click.echo(f"  submission (STARTTLS + AUTH): 127.0.0.1:{lab.submission_port}")
         click.echo(f"  milter: unix:{lab.milter_socket}")
+        lab.start_tracker()
+        click.echo(f"  tracker: relayctl track -> event store {lab.events_dsn}")
         password = secrets.token_urlsafe(18)
         lab.add_user("crm-app", password)
         click.echo("  relayctl user add crm-app --password-stdin   (password generated for this run)")
@@ -122,7 +137,14 @@ def run_demo(keep: bool = False) -> int:
             if "event=reject" in line:
                 click.echo(f"      {line}")
 
-        _step(6, total, "Queue (postqueue -p): nothing stuck")
+        _step(6, total, "Delivery history from the event store (relayctl trace)")
+        for label, mid in sent:
+            ok &= _show_trace(lab, label, mid, "RELAYED")
+        for label, raw, *_rest, want in cases:
+            if want != 250:
+                ok &= _show_trace(lab, label, re.search(rb"Message-ID: (<[^>]+>)", raw).group(1).decode(), "REJECTED")
+
+        _step(7, total, "Queue (postqueue -p): nothing stuck")
         out = __import__("subprocess").run(["postqueue", "-c", str(lab.config_dir), "-p"], capture_output=True, text=True).stdout
         click.echo("      " + (out.strip() or "(empty)").replace("\n", "\n      "))
 
