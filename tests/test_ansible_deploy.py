@@ -4,7 +4,7 @@ Each "host" of the generated inventory is a private relay on this machine
 (``ansible_connection=local``, its own Postfix config/queue/data directories
 under /var/tmp, smtpd on a free loopback port, its own venv and milter), so the
 play never touches the system's /etc/postfix. ``relay_service_manager=direct``
-because PID 1 is not systemd here; the tracker is disabled (CI inventory).
+because PID 1 is not systemd here; the tracker runs too (each node with its own SQLite store).
 
 One converged deployment is shared by the tests below, in file order:
 mail flows through both nodes -> a second run is changed=0 -> --check --diff
@@ -31,6 +31,8 @@ import pytest
 import yaml
 
 from relay_milter.addresses import encode_recipient
+from relay_milter.events import Kind
+from relay_milter.eventstore import open_store
 from relay_milter.lab import Sink, free_port, make_message, rsa_key, sign, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -146,6 +148,7 @@ class Deployment:
                 "milter_socket": f"unix:{root}/milter/milter.sock",
                 "milter_command_timeout": "10s",
                 "milter_content_timeout": "15s",
+                "tracking": {"events_dsn": f"sqlite:///{d['state']}/events.db", "poll_interval": 0.2},
             },
             "relay_logrotate_file": str(root / "logrotate.conf"),
         }
@@ -156,7 +159,7 @@ class Deployment:
         self.write_tenants()
         main = {
             "relay_service_manager": "direct",
-            "relay_tracker_enabled": False,
+            "relay_tracker_enabled": True,
             "relay_firewall_enabled": False,
             "relay_build_dir": str(self.base / "build"),
             "relay_tenant_secrets": "{{ vault_relay_tenant_secrets }}",
@@ -256,12 +259,13 @@ class Deployment:
     def teardown(self) -> None:
         for h, d in self.hosts.items():
             subprocess.run(["postfix", "-c", str(d["config"]), "stop"], capture_output=True, timeout=60)
-            pid = d["run"] / "relay-milter.pid"
-            if pid.exists():
-                subprocess.run(
-                    ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--retry", "TERM/10/KILL/5", "--pidfile", str(pid)],
-                    capture_output=True, timeout=60,
-                )
+            for service in ("relay-milter", "relay-tracker"):
+                pid = d["run"] / f"{service}.pid"
+                if pid.exists():
+                    subprocess.run(
+                        ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--retry", "TERM/10/KILL/5", "--pidfile", str(pid)],
+                        capture_output=True, timeout=60,
+                    )
         for s in self.sinks.values():
             s.stop()
         if os.environ.get("RELAY_KEEP_LAB"):
@@ -316,6 +320,19 @@ def test_first_run_provisions_both_nodes_and_mail_flows_through_each(deployment)
         assert d.submit(h, "acme-app", "erin@example.org", subject) == (250, "ok")
         got = wait_for(lambda s=subject: d.arrived("acme", s), 30, what=f"{subject!r} at sink acme")
         assert got.header("Authentication-Results") == [f"{h}.relay.test; auth=pass smtp.auth=acme-app@{h}.relay.test"]
+        # The tracker the role started recorded every delivery in this node's event store.
+        store = open_store(f"sqlite:///{d.hosts[h]['state']}/events.db")
+        try:
+            relayed = wait_for(
+                lambda: (lambda evs: evs if {e.tenant for e in evs} >= set(d.active) and len(evs) >= 3 else None)(
+                    store.events(kinds=[Kind.RELAYED])
+                ),
+                30, what=f"RELAYED events on {h}",
+            )
+        finally:
+            store.close()
+        assert {e.node for e in relayed} == {f"{h}.relay.test"}
+        assert {e.recipient for e in relayed} == {"alice@example.org", "erin@example.org"}
 
 
 def test_installed_files_have_the_right_owners_and_modes(deployment):
