@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -203,10 +203,22 @@ _INSERT_EVENT = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES ({_place
 _OUTBOX_COLUMNS = "o.id, o.tenant, o.event_id, o.payload, o.attempts, o.next_attempt, o.created"
 # The oldest undelivered row of each tenant, if it is due. A later row of the same tenant
 # is never returned while an earlier one is pending: per-tenant order is the contract.
+# The recursive CTE is a "loose index scan" over the partial index (tenant, id): each
+# step jumps to the first pending row of the next tenant, which is that tenant's head.
+# A tenant with a million rows backlogged then costs one index probe per round, not a
+# scan of its backlog. (A plain MIN(id) per tenant lets PostgreSQL walk the primary key
+# through the whole backlog.) Same SQL on SQLite and PostgreSQL.
+_NEXT_HEAD = (
+    "FROM outbox i WHERE i.delivered_at IS NULL AND i.tenant > heads.tenant ORDER BY i.tenant, i.id LIMIT 1"
+)
 _OUTBOX_HEADS = (
-    f"SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE o.delivered_at IS NULL"
-    " AND o.id = (SELECT MIN(i.id) FROM outbox i WHERE i.tenant = o.tenant AND i.delivered_at IS NULL)"
-    " AND o.next_attempt <= ?"
+    "WITH RECURSIVE heads(tenant, id) AS ("
+    " SELECT CAST('' AS TEXT), CAST(NULL AS BIGINT)"  # tenant ids are never empty
+    " UNION ALL"
+    f" SELECT (SELECT i.tenant {_NEXT_HEAD}), (SELECT i.id {_NEXT_HEAD})"
+    " FROM heads WHERE heads.tenant IS NOT NULL)"
+    f" SELECT {_OUTBOX_COLUMNS} FROM heads JOIN outbox o ON o.id = heads.id"
+    " WHERE o.next_attempt <= ?"
 )
 
 
@@ -256,7 +268,7 @@ class Tx:
                 raise ValueError(f"event {ev.id}: a webhook needs a tenant")
             from .webhooks import payload  # webhooks imports this module for types only
 
-            body = json.dumps(payload(ev), separators=(",", ":"), ensure_ascii=False, sort_keys=False)
+            body = json.dumps(payload(ev), separators=(",", ":"), ensure_ascii=False)
             self._c.execute(
                 "INSERT INTO outbox (tenant, event_id, payload, attempts, next_attempt, created)"
                 " VALUES (?, ?, ?, 0, ?, ?)",
@@ -331,17 +343,21 @@ class Tx:
 
 class Store(ABC):
     """Read side and transactions. Thread-safe: the tracker, the webhook sender and the
-    metrics writer share one Store."""
+    metrics writer share one Store.
+
+    The read methods run outside any transaction and see committed data only (also when
+    called inside a ``transaction()`` block: use the Tx for reads that must see its writes).
+    """
 
     dsn: str
 
     @abstractmethod
-    def transaction(self) -> Any:  # ContextManager[Tx]
+    def transaction(self) -> AbstractContextManager[Tx]:
         """Commit on success, roll back on an exception (which propagates)."""
 
     @abstractmethod
-    def _read(self) -> Any:  # ContextManager[_Conn] outside any transaction
-        ...
+    def _read(self) -> AbstractContextManager[_Conn]:
+        """A connection for reads outside any transaction."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -574,7 +590,17 @@ class _SqliteConn(_Conn):
         if not self.writing:
             return
         try:
-            self.store._writer.execute("COMMIT" if commit else "ROLLBACK")
+            if commit:
+                try:
+                    self.store._writer.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT (disk full, I/O error) leaves the transaction
+                    # open: end it, or the next writer would inherit it.
+                    if self.store._writer.in_transaction:
+                        self.store._writer.execute("ROLLBACK")
+                    raise
+            else:
+                self.store._writer.execute("ROLLBACK")
         finally:
             self.writing = False
             self.store._write_lock.release()
@@ -753,6 +779,8 @@ def open_store(dsn: str, migrate: bool = True) -> Store:
         match = re.match(r"^sqlite:///(.+)$", dsn)
         if not match:
             raise ConfigError(f"events_dsn {dsn}: use sqlite:////absolute/path.db")
+        if ":memory:" in match.group(1) or match.group(1).startswith("file:"):
+            raise ConfigError(f"events_dsn {dsn}: use a file path (the store needs two connections to one database)")
         store = _SqliteStore(dsn, match.group(1))
     elif "://" in dsn:
         raise ConfigError(f"events_dsn {redact_dsn(dsn)}: unsupported; use sqlite:////absolute/path.db or postgresql://user@host/database")
