@@ -340,6 +340,7 @@ def test_open_errors_name_the_dsn_without_password(tmp_path):
     with pytest.raises(ConfigError, match="unsupported"):
         open_store("mysql://u:pw@h/db")
     assert redact_dsn("postgresql://u:pw@[::1]:5432/db?sslmode=require") == "postgresql://u:***@[::1]:5432/db?sslmode=require"
+    assert redact_dsn("postgresql://u@db1/ev?sslmode=require&password=pw") == "postgresql://u@db1/ev?sslmode=require&password=***"
 
 
 def test_unreadable_sqlite_file_is_a_config_error(tmp_path):

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import ConfigError
@@ -136,9 +136,10 @@ def schema_sql(dialect: str) -> list[str]:
     return out
 
 
-# Version -> statements that bring the previous version up to it. Version 1 is the
-# whole schema; later versions append ALTERs here (never edit a released entry).
-MIGRATIONS: dict[int, Any] = {1: schema_sql}
+# Version -> statements (per dialect) that bring the previous version up to it. Version 1
+# renders the current description; the first change to TABLES/INDEXES must pin version 1
+# to its literal statements and add version 2 with the ALTERs (never edit a released one).
+MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql}
 
 
 def _check_event_columns() -> None:
@@ -170,18 +171,20 @@ class OutboxRow:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN for messages and logs: never the password."""
+    """The DSN for messages and logs: never the password (user info or ?password=)."""
     try:
         parts = urlsplit(dsn)
+        port = parts.port
     except ValueError:
         return "<unparsable DSN>"
-    if parts.password is None:
-        return dsn
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def normalize_message_id(value: str) -> tuple[str, str]:
@@ -192,10 +195,6 @@ def normalize_message_id(value: str) -> tuple[str, str]:
 
 def _placeholders(n: int) -> str:
     return ", ".join("?" * n)
-
-
-def _event_from(row: dict[str, Any]) -> Event:
-    return Event.from_row(row)
 
 
 _EVENT_SELECT = f"SELECT id, {', '.join(EVENT_FIELDS)} FROM events"
@@ -328,7 +327,7 @@ class Tx:
 
     def outbox_done(self, row_id: int, now: float) -> None:
         self._c.execute(
-            "UPDATE outbox SET delivered_at = ?, last_attempt = ?, attempts = attempts + 1 WHERE id = ?",
+            "UPDATE outbox SET delivered_at = ?, last_attempt = ?, attempts = attempts + 1 WHERE id = ? AND delivered_at IS NULL",
             [now, now, row_id],
         )
 
@@ -448,7 +447,7 @@ class Store(ABC):
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
-        return [_event_from(r) for r in self._query(sql, params)]
+        return [Event.from_row(r) for r in self._query(sql, params)]
 
     def trace(self, key: str) -> list[Event]:
         """Every event of every message ``key`` identifies, ordered by ts, id.
@@ -475,14 +474,14 @@ class Store(ABC):
         for chunk in _chunks(pairs, 200):
             cond = " OR ".join("(node = ? AND queue_id = ?)" for _ in chunk)
             for r in self._query(f"{_EVENT_SELECT} WHERE {cond}", [v for pair in chunk for v in pair]):
-                found[r["id"]] = _event_from(r)
+                found[r["id"]] = Event.from_row(r)
         for chunk in _chunks(msgids, 500):
             for r in self._query(f"{_EVENT_SELECT} WHERE message_id IN ({_placeholders(len(chunk))})", chunk):
-                found[r["id"]] = _event_from(r)
+                found[r["id"]] = Event.from_row(r)
         missing = sorted(ids - set(found))  # e.g. a NOQUEUE reject without a Message-ID
         for chunk in _chunks(missing, 500):
             for r in self._query(f"{_EVENT_SELECT} WHERE id IN ({_placeholders(len(chunk))})", chunk):
-                found[r["id"]] = _event_from(r)
+                found[r["id"]] = Event.from_row(r)
         return sorted(found.values(), key=lambda e: (e.ts, e.id or 0))
 
     def stats(self, since: float, until: float, tenant: str | None = None) -> dict[str, dict[str, int]]:
