@@ -130,6 +130,8 @@ def pg_dsn():
     import glob
 
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server not installed: scripts/bootstrap.sh installs deps/apt/tracking.txt")
         pytest.skip("PostgreSQL server not installed (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
     from pgcluster import PgCluster
 

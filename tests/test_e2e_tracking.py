@@ -32,21 +32,23 @@ TENANTS = ("acme", "globex")
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def tlab(request):
-    receiver = WebhookReceiver().start()
+    receiver = WebhookReceiver().up()
     lab = Lab()
     if request.param == "postgresql":
-        lab.events_dsn = request.getfixturevalue("pg_database")()
+        from pgcluster import create_database
+
+        lab.events_dsn = create_database(request.getfixturevalue("pg_dsn"), f"tracking_{lab.base.name.replace('-', '_')}")
     lab.webhook_secrets = {t: secrets.token_urlsafe(24) for t in TENANTS}
     lab.receiver = receiver
     lab.add_tenant(
         TenantSpec("acme", "acme.relay.test", "hop.acme.test", "s1", rsa_key(2048), ["acme.example"],
-                   extra={"webhook": {"url": f"{receiver.url}/hooks/acme", "timeout": 5}}),
+                   extra={"webhook": {"url": f"http://127.0.0.1:{receiver.port}/hooks/acme", "timeout": 5}}),
         Sink("acme", tls=lab.smarthost_cert("mx.acme.test")),
         tls="verify", ca_file=str(lab.ca_file), tls_match="mx.acme.test",
     )
     lab.add_tenant(
         TenantSpec("globex", "globex.relay.test", "hop.globex.test", "s1", rsa_key(2048), ["globex.example"],
-                   extra={"webhook": {"url": f"{receiver.url}/hooks/globex", "timeout": 5}}),
+                   extra={"webhook": {"url": f"http://127.0.0.1:{receiver.port}/hooks/globex", "timeout": 5}}),
         Sink("globex"), tls="none",
     )
     lab.secrets = {t: {"webhook_secret": s} for t, s in lab.webhook_secrets.items()}
@@ -60,7 +62,7 @@ def tlab(request):
         yield lab
     finally:
         lab.destroy()
-        receiver.stop()
+        receiver.down()
 
 
 def send(lab: Lab, tenant: str, rcpts: list[str], subject: str, forge: bool = False) -> str:
@@ -257,12 +259,12 @@ def test_trace_shows_the_whole_history(tlab):
 
 def test_webhook_outage_loses_nothing_and_keeps_order(tlab):
     """The receiver is down while mail flows; once it is back, every event arrives once, in order."""
-    tlab.receiver.stop()
+    tlab.receiver.down()
     mids = [send(tlab, "globex", [f"outage{i}@example.org"], f"outage {i}") for i in range(3)]
     for mid in mids:
         wait_events(tlab, mid, [Kind.RECEIVED, Kind.RELAYED])
     time.sleep(2)  # the tracker has tried and failed by now
-    tlab.receiver.start()
+    tlab.receiver.up()
     for mid in mids:
         hooks_of(tlab, mid, 2, timeout=60)
     globex = [r for r in tlab.receiver.requests if r.path == "/hooks/globex"]

@@ -50,12 +50,12 @@ class Context:
         return os.environ.get("RELAY_EVENTS_DSN") or settings.tracking.events_dsn
 
     def open_store(self, settings: Settings):
-        from .eventstore import StoreError, open_store
+        from .eventstore import open_store
 
         dsn = self.events_dsn(settings)
         try:
             return open_store(dsn)
-        except StoreError as exc:
+        except ConfigError as exc:
             click.echo(f"relayctl: event store unavailable: {exc}", err=True)
             sys.exit(EXIT_UNAVAILABLE)
 
@@ -262,7 +262,7 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, no_webhooks: bo
     for w in workers:
         w.start()
     logs.event(log, logging.INFO, None, "track_start", node=settings.node, maillog=settings.maillog_file,
-               milter_log=settings.tracking.milter_log_file, store=_redact(obj.events_dsn(settings)))
+               milter_log=settings.tracking.milter_log_file, store=store.safe_dsn)
     try:
         tracker.run(stop)
     finally:
@@ -271,12 +271,6 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, no_webhooks: bo
             w.join(30)
         store.close()
         logs.event(log, logging.INFO, None, "track_stop")
-
-
-def _redact(dsn: str) -> str:
-    import re
-
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", dsn)
 
 
 def _webhook_loop(obj: Context, settings: Settings, tenants: TenantSet, secrets, stop: threading.Event) -> None:
