@@ -151,7 +151,7 @@ def test_good_delivery_over_tls_is_received_then_relayed(tlab):
     smtp = note["content"]["smtp"]
     assert (smtp["responseCode"], smtp["dsn"], smtp["relay"]) == ("250", "2.0.0", relayed.relay)
     assert smtp["transportEncryption"] == {
-        "requested": True, "established": True, "properties": {"protocol": protocol, "cipherSuite": cipher},
+        "requested": True, "established": True, "properties": {"protocol": protocol, "cipherSuite": cipher, "level": "Verified"},
     }
     assert hooks[1].headers["X-Relay-Event-Id"] == str(relayed.id)
 
