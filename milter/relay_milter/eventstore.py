@@ -679,8 +679,9 @@ class _PgConn(_Conn):
 
 
 class _PgStore(Store):
-    """One connection per thread (the tracker, the sender and readers run concurrently and
-    a transaction may stay open while a webhook is sent)."""
+    """Two connections per thread: one for transactions, one (autocommit) for the read
+    side, so reads see committed data only, as with SQLite. The tracker, the sender and
+    readers run concurrently, and the sender keeps a transaction open over its POSTs."""
 
     dialect = "postgresql"
     CONNECT_TIMEOUT = 10
@@ -690,10 +691,10 @@ class _PgStore(Store):
         self._local = threading.local()
         self._all: list[Any] = []
         self._lock = threading.Lock()
-        self._conn()  # fail now, with a readable message, not in the first query
+        self._conn("tx")  # fail now, with a readable message, not in the first query
 
-    def _conn(self) -> Any:
-        conn = getattr(self._local, "conn", None)
+    def _conn(self, role: str) -> Any:
+        conn = getattr(self._local, role, None)
         if conn is not None and not conn.closed:
             return conn
         import psycopg
@@ -706,14 +707,14 @@ class _PgStore(Store):
             if password:
                 text = text.replace(password, "***")
             raise ConfigError(f"events_dsn {self.safe_dsn}: cannot connect to PostgreSQL: {text}") from None
-        self._local.conn = conn
+        setattr(self._local, role, conn)
         with self._lock:
             self._all.append(conn)
         return conn
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        conn = self._conn()
+        conn = self._conn("tx")
         from psycopg.pq import TransactionStatus
 
         if conn.info.transaction_status != TransactionStatus.IDLE:
@@ -723,7 +724,7 @@ class _PgStore(Store):
 
     @contextmanager
     def _read(self) -> Iterator[_Conn]:
-        yield _PgConn(self._conn())
+        yield _PgConn(self._conn("read"))
 
     def _migration_lock(self, conn: _Conn) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(?, 0)", [_LOCK_NAMESPACE])
