@@ -478,7 +478,9 @@ class Tracker:
         self._stats["maillog_lines"] += consumed
         self._stats["milter_lines"] += len(milter_lines)
         self._stats["events"] += len(events)
-        more = not milter_eof or (consumed == len(lines) == self.batch_lines)
+        # Go on while lines flow and nothing waits: a drained file may be followed by its
+        # successor (rotation), which the next read switches to.
+        more = not milter_eof or (consumed == len(lines) > 0)
         return len(events), more
 
     def _commit(self, events: list[Event]) -> None:
@@ -868,8 +870,8 @@ def main_loop(
     """Run the tracker until SIGTERM/SIGINT (or ``stop``); return the exit status (0).
 
     The signal only sets ``stop``: the batch in progress is finished and committed, so a
-    restart continues exactly there. ``webhook_sender`` (anything with ``run_once()``, e.g.
-    webhooks.WebhookSender) is driven on its own thread at the poll interval.
+    restart continues exactly there. ``webhook_sender`` (webhooks.WebhookSender: ``run(stop)``
+    and ``run_once()``) delivers the outbox on its own thread and stops with the tracker.
     ``once`` processes what is in the files now and returns.
     """
     tracker = Tracker(settings, tenants, store, from_start=from_start)
@@ -885,7 +887,7 @@ def main_loop(
     previous = _install_signals(stop)
     sender_thread = None
     if webhook_sender is not None:
-        sender_thread = threading.Thread(target=_drive, args=(webhook_sender, stop, settings.tracking.poll_interval), name="webhook-sender", daemon=True)
+        sender_thread = threading.Thread(target=webhook_sender.run, args=(stop,), name="webhook-sender", daemon=True)
         sender_thread.start()
     try:
         tracker.run(stop)
@@ -895,15 +897,6 @@ def main_loop(
             sender_thread.join(timeout=30)
         _restore_signals(previous)
     return 0
-
-
-def _drive(sender: Any, stop: threading.Event, interval: float) -> None:
-    while not stop.is_set():
-        try:
-            sender.run_once()
-        except Exception as exc:
-            logs.event(log, logging.ERROR, None, "webhook_sender_error", error=f"{exc.__class__.__name__}: {exc}")
-        stop.wait(interval)
 
 
 def _install_signals(stop: threading.Event) -> dict[int, Any]:
