@@ -213,7 +213,7 @@ def test_forged_signature_is_rejected_with_the_reason(tlab):
     assert ev.tenant == "acme"
     assert (ev.response_code, ev.dsn) == ("550", "5.7.20")
     assert "DKIM" in ev.reason
-    assert ev.recipient == "dave=example.org@acme.relay.test"
+    assert (ev.recipient, ev.original_recipient) == ("dave@example.org", "dave=example.org@acme.relay.test")
     [hook] = hooks_of(tlab, mid, 1)
     assert hook.json["notifications"][0]["meta"]["event"]["type"] == "REJECTED"
     check_signed(tlab, "acme", hook)

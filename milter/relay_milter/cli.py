@@ -218,9 +218,10 @@ def run_milter(obj: Context, log_file: Path | None) -> None:
 @main.command("track")
 @click.option("--once", is_flag=True, help="Process what the logs hold now, then exit (cron, tests).")
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Log here instead of stderr.")
+@click.option("--from-start", is_flag=True, help="Without a checkpoint, read the logs from their start (default: from their end).")
 @click.option("--no-webhooks", is_flag=True, help="Record events but do not send webhooks from this process.")
 @click.pass_obj
-def run_tracker(obj: Context, once: bool, log_file: Path | None, no_webhooks: bool) -> None:
+def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: bool, no_webhooks: bool) -> None:
     """Follow the Postfix and milter logs and record delivery events (foreground).
 
     Reads settings maillog_file and tracking.milter_log_file, resumes from the checkpoint
@@ -246,9 +247,16 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, no_webhooks: bo
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    tracker = Tracker(settings, tenants, store)
-    if once:
+    try:
+        tracker = Tracker(settings, tenants, store, from_start=from_start)
+        # The first pass positions and commits both checkpoints before the start is announced:
+        # from here on a kill at any moment resumes without losing a line.
         count = tracker.run_once()
+    except ConfigError as exc:
+        click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if once:
+        tracker.close()
         _send_webhooks_once(obj, settings, tenants, secrets, no_webhooks)
         _write_metrics(obj, settings, tenants, store)
         logs.event(log, logging.INFO, None, "track_once", events=count)

@@ -15,15 +15,22 @@ from typing import Any
 _BARE = re.compile(r"^[A-Za-z0-9_.,:@/<>+=\-\[\]]+$")
 
 
-def logfmt_value(value: Any) -> str:
+# Recipient lists are the tracker's record of a message: never cut short (the relay takes
+# at most 1,000 recipients, so a line stays well under Postfix-sized limits).
+UNCUT_FIELDS = frozenset({"rcpts", "orig_rcpts"})
+MAX_VALUE = 512
+MAX_UNCUT_VALUE = 512 * 1024
+
+
+def logfmt_value(value: Any, limit: int = MAX_VALUE) -> str:
     if value is None:
         return '""'
     text = str(value)
     # Never let client-controlled text forge extra log lines or fields.
     text = text.encode("ascii", "backslashreplace").decode("ascii")
     text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\x00", "\\0")
-    if len(text) > 512:
-        text = text[:509] + "..."
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
     if text and _BARE.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -33,7 +40,11 @@ def event(logger: logging.Logger, level: int, qid: str | None, name: str, **fiel
     if not logger.isEnabledFor(level):
         return
     parts = [f"event={name}"]
-    parts += [f"{k}={logfmt_value(v)}" for k, v in fields.items() if v is not None and v != ""]
+    parts += [
+        f"{k}={logfmt_value(v, MAX_UNCUT_VALUE if k in UNCUT_FIELDS else MAX_VALUE)}"
+        for k, v in fields.items()
+        if v is not None and v != ""
+    ]
     logger.log(level, "%s: %s", qid or "NOQUEUE", " ".join(parts))
 
 

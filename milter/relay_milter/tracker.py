@@ -736,6 +736,9 @@ class Tracker:
         milter_reject = st.get("reject") or {}
         code = rec.response_code or milter_reject.get("code") or _code_for(rec.dsn)
         tenant = self._reject_tenant(rec, st)
+        # A refused encoded address is shown decoded (trace finds it by the real recipient),
+        # with the address as given kept as the original; an undecodable one stays as given.
+        decoded = _decode(rec.recipient) if tenant and rec.recipient and self.tenants.by_relay_domain(rec.recipient.rpartition("@")[2]) else None
         if qid and rec.stage in ("DATA", "END-OF-MESSAGE", "BDAT"):
             self._drop(qid)  # the whole transaction was refused: no queue file remains
         return [
@@ -748,7 +751,8 @@ class Tracker:
                 message_id=st.get("message_id") or milter_reject.get("message_id"),
                 upstream_id=st.get("upstream_id"),
                 sender=rec.sender,
-                recipient=rec.recipient,
+                recipient=decoded or rec.recipient,
+                original_recipient=rec.recipient if decoded else None,
                 response_code=code,
                 dsn=rec.dsn,
                 reason=rec.text,
