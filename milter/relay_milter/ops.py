@@ -6,8 +6,9 @@ Postfix knows nothing about tenants. A queued message is attributed to one:
    the milter routed the message to (the most reliable answer);
 2. otherwise by the envelope sender's domain: the tenant whose ``allowed_sender_domains``,
    bounce domains or hop signing domain contain it, if exactly one does. Bounces the relay
-   generates itself have the null sender; they go to the original sender, so for them the
-   recipients' domains are used the same way (all must name the same tenant);
+   generates itself have the null sender (``MAILER-DAEMON`` in postqueue -j); they go to
+   the original sender, so for them the recipients' domains are used the same way (all
+   must name the same tenant);
 3. otherwise ``-`` (unattributed). ``postqueue -j`` does not show the transport, so there
    is no better guess.
 
@@ -59,7 +60,7 @@ class QueuedMessage:
     queue: str  # active | deferred | hold | incoming | maildrop
     arrival: float  # epoch seconds
     size: int
-    sender: str  # "" for the null sender (bounces)
+    sender: str  # postqueue -j shows the null sender (bounces) as MAILER-DAEMON
     recipients: list[dict[str, Any]]  # postqueue -j: address, orig_address?, delay_reason?
     forced_expire: bool = False
     tenant: str = UNATTRIBUTED
@@ -152,8 +153,12 @@ def _domain(address: str) -> str:
 
 
 def guess_tenant(msg: QueuedMessage, by_domain: dict[str, str]) -> str:
-    """The fallback attribution when the tracker's state does not know the queue id."""
-    if msg.sender:
+    """The fallback attribution when the tracker's state does not know the queue id.
+
+    postqueue -j shows the null sender as ``MAILER-DAEMON`` (no domain): such a message
+    is a bounce or delay notice, owned by the tenant its recipients' domain belongs to.
+    """
+    if "@" in msg.sender:
         return by_domain.get(_domain(msg.sender), UNATTRIBUTED)
     found = {by_domain.get(_domain(r.get("address", "")), UNATTRIBUTED) for r in msg.recipients}
     return found.pop() if len(found) == 1 else UNATTRIBUTED
