@@ -118,3 +118,23 @@ def acme(clean_sinks, acme_key):
 @pytest.fixture
 def globex(clean_sinks, globex_key):
     return Mailer(clean_sinks, GLOBEX, globex_key)
+
+
+# -- event store: a private PostgreSQL cluster (tests/pgcluster.py) --------------------
+
+
+@pytest.fixture(scope="session")
+def pg_dsn():
+    """DSN of a fresh database in a private PostgreSQL cluster for this test session.
+    Skips only when no PostgreSQL server is installed (CI installs it: deps/apt/tracking.txt)."""
+    import glob
+
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        pytest.skip("PostgreSQL server not installed (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
+    from pgcluster import PgCluster
+
+    cluster = PgCluster().start()
+    try:
+        yield cluster.create_database("relay_events")
+    finally:
+        cluster.destroy()
