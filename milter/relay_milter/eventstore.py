@@ -28,10 +28,10 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import ConfigError
@@ -136,9 +136,10 @@ def schema_sql(dialect: str) -> list[str]:
     return out
 
 
-# Version -> statements that bring the previous version up to it. Version 1 is the
-# whole schema; later versions append ALTERs here (never edit a released entry).
-MIGRATIONS: dict[int, Any] = {1: schema_sql}
+# Version -> statements (per dialect) that bring the previous version up to it. Version 1
+# renders the current description; the first change to TABLES/INDEXES must pin version 1
+# to its literal statements and add version 2 with the ALTERs (never edit a released one).
+MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql}
 
 
 def _check_event_columns() -> None:
@@ -170,18 +171,20 @@ class OutboxRow:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN for messages and logs: never the password."""
+    """The DSN for messages and logs: never the password (user info or ?password=)."""
     try:
         parts = urlsplit(dsn)
+        port = parts.port
     except ValueError:
         return "<unparsable DSN>"
-    if parts.password is None:
-        return dsn
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def normalize_message_id(value: str) -> tuple[str, str]:
@@ -194,19 +197,27 @@ def _placeholders(n: int) -> str:
     return ", ".join("?" * n)
 
 
-def _event_from(row: dict[str, Any]) -> Event:
-    return Event.from_row(row)
-
-
 _EVENT_SELECT = f"SELECT id, {', '.join(EVENT_FIELDS)} FROM events"
 _INSERT_EVENT = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES ({_placeholders(len(EVENT_FIELDS))}) RETURNING id"
 _OUTBOX_COLUMNS = "o.id, o.tenant, o.event_id, o.payload, o.attempts, o.next_attempt, o.created"
 # The oldest undelivered row of each tenant, if it is due. A later row of the same tenant
 # is never returned while an earlier one is pending: per-tenant order is the contract.
+# The recursive CTE is a "loose index scan" over the partial index (tenant, id): each
+# step jumps to the first pending row of the next tenant, which is that tenant's head.
+# A tenant with a million rows backlogged then costs one index probe per round, not a
+# scan of its backlog. (A plain MIN(id) per tenant lets PostgreSQL walk the primary key
+# through the whole backlog.) Same SQL on SQLite and PostgreSQL.
+_NEXT_HEAD = (
+    "FROM outbox i WHERE i.delivered_at IS NULL AND i.tenant > heads.tenant ORDER BY i.tenant, i.id LIMIT 1"
+)
 _OUTBOX_HEADS = (
-    f"SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE o.delivered_at IS NULL"
-    " AND o.id = (SELECT MIN(i.id) FROM outbox i WHERE i.tenant = o.tenant AND i.delivered_at IS NULL)"
-    " AND o.next_attempt <= ?"
+    "WITH RECURSIVE heads(tenant, id) AS ("
+    " SELECT CAST('' AS TEXT), CAST(NULL AS BIGINT)"  # tenant ids are never empty
+    " UNION ALL"
+    f" SELECT (SELECT i.tenant {_NEXT_HEAD}), (SELECT i.id {_NEXT_HEAD})"
+    " FROM heads WHERE heads.tenant IS NOT NULL)"
+    f" SELECT {_OUTBOX_COLUMNS} FROM heads JOIN outbox o ON o.id = heads.id"
+    " WHERE o.next_attempt <= ?"
 )
 
 
@@ -256,7 +267,7 @@ class Tx:
                 raise ValueError(f"event {ev.id}: a webhook needs a tenant")
             from .webhooks import payload  # webhooks imports this module for types only
 
-            body = json.dumps(payload(ev), separators=(",", ":"), ensure_ascii=False, sort_keys=False)
+            body = json.dumps(payload(ev), separators=(",", ":"), ensure_ascii=False)
             self._c.execute(
                 "INSERT INTO outbox (tenant, event_id, payload, attempts, next_attempt, created)"
                 " VALUES (?, ?, ?, 0, ?, ?)",
@@ -316,7 +327,7 @@ class Tx:
 
     def outbox_done(self, row_id: int, now: float) -> None:
         self._c.execute(
-            "UPDATE outbox SET delivered_at = ?, last_attempt = ?, attempts = attempts + 1 WHERE id = ?",
+            "UPDATE outbox SET delivered_at = ?, last_attempt = ?, attempts = attempts + 1 WHERE id = ? AND delivered_at IS NULL",
             [now, now, row_id],
         )
 
@@ -331,17 +342,21 @@ class Tx:
 
 class Store(ABC):
     """Read side and transactions. Thread-safe: the tracker, the webhook sender and the
-    metrics writer share one Store."""
+    metrics writer share one Store.
+
+    The read methods run outside any transaction and see committed data only (also when
+    called inside a ``transaction()`` block: use the Tx for reads that must see its writes).
+    """
 
     dsn: str
 
     @abstractmethod
-    def transaction(self) -> Any:  # ContextManager[Tx]
+    def transaction(self) -> AbstractContextManager[Tx]:
         """Commit on success, roll back on an exception (which propagates)."""
 
     @abstractmethod
-    def _read(self) -> Any:  # ContextManager[_Conn] outside any transaction
-        ...
+    def _read(self) -> AbstractContextManager[_Conn]:
+        """A connection for reads outside any transaction."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -432,7 +447,7 @@ class Store(ABC):
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
-        return [_event_from(r) for r in self._query(sql, params)]
+        return [Event.from_row(r) for r in self._query(sql, params)]
 
     def trace(self, key: str) -> list[Event]:
         """Every event of every message ``key`` identifies, ordered by ts, id.
@@ -459,14 +474,14 @@ class Store(ABC):
         for chunk in _chunks(pairs, 200):
             cond = " OR ".join("(node = ? AND queue_id = ?)" for _ in chunk)
             for r in self._query(f"{_EVENT_SELECT} WHERE {cond}", [v for pair in chunk for v in pair]):
-                found[r["id"]] = _event_from(r)
+                found[r["id"]] = Event.from_row(r)
         for chunk in _chunks(msgids, 500):
             for r in self._query(f"{_EVENT_SELECT} WHERE message_id IN ({_placeholders(len(chunk))})", chunk):
-                found[r["id"]] = _event_from(r)
+                found[r["id"]] = Event.from_row(r)
         missing = sorted(ids - set(found))  # e.g. a NOQUEUE reject without a Message-ID
         for chunk in _chunks(missing, 500):
             for r in self._query(f"{_EVENT_SELECT} WHERE id IN ({_placeholders(len(chunk))})", chunk):
-                found[r["id"]] = _event_from(r)
+                found[r["id"]] = Event.from_row(r)
         return sorted(found.values(), key=lambda e: (e.ts, e.id or 0))
 
     def stats(self, since: float, until: float, tenant: str | None = None) -> dict[str, dict[str, int]]:
@@ -574,7 +589,17 @@ class _SqliteConn(_Conn):
         if not self.writing:
             return
         try:
-            self.store._writer.execute("COMMIT" if commit else "ROLLBACK")
+            if commit:
+                try:
+                    self.store._writer.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT (disk full, I/O error) leaves the transaction
+                    # open: end it, or the next writer would inherit it.
+                    if self.store._writer.in_transaction:
+                        self.store._writer.execute("ROLLBACK")
+                    raise
+            else:
+                self.store._writer.execute("ROLLBACK")
         finally:
             self.writing = False
             self.store._write_lock.release()
@@ -679,8 +704,9 @@ class _PgConn(_Conn):
 
 
 class _PgStore(Store):
-    """One connection per thread (the tracker, the sender and readers run concurrently and
-    a transaction may stay open while a webhook is sent)."""
+    """Two connections per thread: one for transactions, one (autocommit) for the read
+    side, so reads see committed data only, as with SQLite. The tracker, the sender and
+    readers run concurrently, and the sender keeps a transaction open over its POSTs."""
 
     dialect = "postgresql"
     CONNECT_TIMEOUT = 10
@@ -690,10 +716,10 @@ class _PgStore(Store):
         self._local = threading.local()
         self._all: list[Any] = []
         self._lock = threading.Lock()
-        self._conn()  # fail now, with a readable message, not in the first query
+        self._conn("tx")  # fail now, with a readable message, not in the first query
 
-    def _conn(self) -> Any:
-        conn = getattr(self._local, "conn", None)
+    def _conn(self, role: str) -> Any:
+        conn = getattr(self._local, role, None)
         if conn is not None and not conn.closed:
             return conn
         import psycopg
@@ -706,14 +732,14 @@ class _PgStore(Store):
             if password:
                 text = text.replace(password, "***")
             raise ConfigError(f"events_dsn {self.safe_dsn}: cannot connect to PostgreSQL: {text}") from None
-        self._local.conn = conn
+        setattr(self._local, role, conn)
         with self._lock:
             self._all.append(conn)
         return conn
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        conn = self._conn()
+        conn = self._conn("tx")
         from psycopg.pq import TransactionStatus
 
         if conn.info.transaction_status != TransactionStatus.IDLE:
@@ -723,7 +749,7 @@ class _PgStore(Store):
 
     @contextmanager
     def _read(self) -> Iterator[_Conn]:
-        yield _PgConn(self._conn())
+        yield _PgConn(self._conn("read"))
 
     def _migration_lock(self, conn: _Conn) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(?, 0)", [_LOCK_NAMESPACE])
@@ -752,6 +778,8 @@ def open_store(dsn: str, migrate: bool = True) -> Store:
         match = re.match(r"^sqlite:///(.+)$", dsn)
         if not match:
             raise ConfigError(f"events_dsn {dsn}: use sqlite:////absolute/path.db")
+        if ":memory:" in match.group(1) or match.group(1).startswith("file:"):
+            raise ConfigError(f"events_dsn {dsn}: use a file path (the store needs two connections to one database)")
         store = _SqliteStore(dsn, match.group(1))
     elif "://" in dsn:
         raise ConfigError(f"events_dsn {redact_dsn(dsn)}: unsupported; use sqlite:////absolute/path.db or postgresql://user@host/database")
