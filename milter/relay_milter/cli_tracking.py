@@ -159,12 +159,7 @@ def open_store(settings: Settings, required: bool = True) -> Any:
         if not required:
             click.echo(f"relayctl: warning: event store unavailable, attributing by sender domain: {exc}", err=True)
             return None
-        _fail(EXIT_UNAVAILABLE, f"event store unavailable ({_redact(dsn)}): {exc}")
-
-
-def _redact(dsn: str) -> str:
-    """A DSN without its password, for error messages."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+        _fail(EXIT_UNAVAILABLE, f"event store unavailable: {exc}")
 
 
 def _check_tenant(tenants: TenantSet, tenant: str | None) -> None:
@@ -319,7 +314,7 @@ _DEFAULT_QUEUES = {
     "release": ("hold",),
 }
 _PAST = {"requeue": "requeued", "hold": "held", "release": "released"}
-PROGRESS_THRESHOLD = ops.CHUNK  # below one chunk a progress bar is noise
+PROGRESS_THRESHOLD = 1000  # below that a progress bar is noise
 
 
 def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool) -> None:
@@ -327,6 +322,10 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
     _check_tenant(tenants, tenant)
     if action == "release" and queue_name not in (None, "hold"):
         raise click.BadParameter("only messages in the hold queue can be released", param_hint="--queue")
+    if action == "requeue" and queue_name not in (None, "deferred"):
+        raise click.BadParameter(
+            "only deferred messages can be retried (release held ones first)", param_hint="--queue"
+        )
     queues = (queue_name,) if queue_name else _DEFAULT_QUEUES[action]
     ids = ops.select(_queue(settings, tenants), tenant, queues)
     summary: dict[str, Any] = {
@@ -349,7 +348,7 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
         return
     if not yes and sys.stdin.isatty():
         click.confirm(f"{action} {len(ids)} message(s) of tenant {tenant} ({where})?", abort=True, err=True)
-    result = _run_postsuper(settings, action, ids, queues)
+    result = _run_postfix(settings, action, ids, queues)
     summary["changed"] = result.changed
     summary["warnings"] = result.warnings
     if as_json:
@@ -362,12 +361,17 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
         sys.exit(EXIT_NOTHING)
 
 
-def _run_postsuper(settings: Settings, action: str, ids: list[str], queues: tuple[str, ...]) -> ops.PostsuperResult:
+def _run_postfix(settings: Settings, action: str, ids: list[str], queues: tuple[str, ...]) -> ops.QueueChange:
+    def run(progress: Any) -> ops.QueueChange:
+        if action == "requeue":
+            return ops.schedule_retry(settings.config_directory, ids, progress)
+        return ops.apply_postsuper(settings.config_directory, action, ids, progress, queues=queues)
+
     try:
         if len(ids) < PROGRESS_THRESHOLD:
-            return ops.apply_postsuper(settings.config_directory, action, ids, queues=queues)
-        with click.progressbar(length=len(ids), label=f"{action}", file=sys.stderr, show_pos=True) as bar:
-            return ops.apply_postsuper(settings.config_directory, action, ids, bar.update, queues=queues)
+            return run(None)
+        with click.progressbar(length=len(ids), label=action, file=sys.stderr, show_pos=True) as bar:
+            return run(bar.update)
     except ops.OpsError as exc:
         _fail(EXIT_UNAVAILABLE, str(exc))
 
@@ -392,32 +396,34 @@ def _change_command(action: str, summary: str, details: str) -> click.Command:
 
 
 _CHANGE_COMMON = (
-    "Messages are selected like `relayctl queue` attributes them, then handed to "
-    "`postsuper -c CONFIG_DIRECTORY` on standard input in chunks (a progress bar "
-    "shows on a terminal for large queues). Only messages still in the selected "
-    "queue are changed. On a terminal you are asked first unless --yes.\n\n"
+    "Messages are selected the way `relayctl queue` attributes them, then handed "
+    "to Postfix (a progress bar shows on a terminal for large selections). Only "
+    "messages still in the selected queue are changed. On a terminal you are "
+    "asked first unless --yes.\n\n"
     "\b\nExit codes: 0 done, 1 no message matched (or none was changed),\n"
     "2 usage error, 3 configuration error or unknown tenant, 4 Postfix unavailable."
 )
 
 requeue = _change_command(
     "requeue",
-    "Requeue a tenant's messages: retry them now, with a fresh routing lookup.",
-    "Runs `postsuper -r`: the messages go back through the cleanup daemon, so a "
-    "changed tenant configuration (smarthost, routing) applies to them. Default "
-    "queue: deferred.",
+    "Retry a tenant's deferred messages now.",
+    "Runs `postqueue -i QUEUE_ID` for each message (about 5 ms each): the queue "
+    "file moves to the incoming queue unchanged, keeping its queue id and its "
+    "tenant route. Not `postsuper -r`: that re-runs cleanup without the milter, "
+    "so the message would lose its route and wait on the unrouted transport. "
+    "A changed smarthost address therefore applies only to new mail.",
 )
 hold = _change_command(
     "hold",
     "Put a tenant's messages on hold: no delivery attempts until released.",
-    "Runs `postsuper -h` on messages in the incoming, active and deferred queues "
-    "(or --queue). Held mail still expires after maximal_queue_lifetime counted "
+    "Runs `postsuper -h -` with the queue ids on standard input, in chunks, for "
+    "messages in the incoming, active and deferred queues (or --queue). Held mail still expires after maximal_queue_lifetime counted "
     "from arrival; release it before that.",
 )
 release = _change_command(
     "release",
     "Release a tenant's held messages: they are delivered again.",
-    "Runs `postsuper -H` on messages in the hold queue; they move to the deferred "
+    "Runs `postsuper -H -` on messages in the hold queue; they move to the deferred "
     "queue and are retried on the next queue run (`postqueue -f` to hurry).",
 )
 

@@ -34,8 +34,11 @@ from .config import TenantSet
 QUEUES: tuple[str, ...] = ("active", "deferred", "hold", "incoming", "maildrop")
 UNATTRIBUTED = "-"
 # postsuper options per action, and the line it prints with the number of messages changed.
+# There is deliberately no "requeue" (postsuper -r): requeued mail goes back through pickup
+# and cleanup *without* the milter, so it loses the tenant route that milter_header_checks
+# set (FILTER relay_<tenant>:...) and lands on the deferred "unrouted" safety-net transport,
+# never to reach the smarthost. Retrying now is ``schedule_retry`` (postqueue -i) instead.
 ACTIONS: dict[str, tuple[str, str]] = {
-    "requeue": ("-r", "Requeued"),
     "hold": ("-h", "Placed on hold"),
     "release": ("-H", "Released from hold"),
 }
@@ -246,8 +249,9 @@ class TenantQueue:
 def queue_summary(messages: Iterable[QueuedMessage], now: float, top: int = TOP_REASONS) -> list[TenantQueue]:
     """Per tenant (sorted by id, ``-`` last): counts per queue, ages, top deferral reasons.
 
-    A reason counts once per message even if several of its recipients share it, so the
-    numbers add up with the message counts an operator sees next to them.
+    Reasons are those of messages in the deferred queue (a held message keeps its last
+    delay reason, but it is not being retried). A reason counts once per message even if
+    several of its recipients share it, so the numbers add up with the deferred count.
     """
     rows: dict[str, TenantQueue] = {}
     reasons: dict[str, Counter[str]] = defaultdict(Counter)
@@ -258,7 +262,7 @@ def queue_summary(messages: Iterable[QueuedMessage], now: float, top: int = TOP_
         row.oldest_age = age if row.oldest_age is None else max(row.oldest_age, age)
         if m.queue == "deferred":
             row.oldest_deferred_age = age if row.oldest_deferred_age is None else max(row.oldest_deferred_age, age)
-        reasons[m.tenant].update({normalise_reason(r) for r in m.delay_reasons})
+            reasons[m.tenant].update({normalise_reason(r) for r in m.delay_reasons})
     for tenant, row in rows.items():
         # Ties sorted by text: the same queue always gives the same table.
         row.reasons = sorted(reasons[tenant].items(), key=lambda kv: (-kv[1], kv[0]))[:top]
@@ -275,10 +279,10 @@ def select(messages: Iterable[QueuedMessage], tenant: str, queues: Iterable[str]
 
 
 @dataclass
-class PostsuperResult:
+class QueueChange:
     action: str
-    requested: int = 0  # queue ids handed to postsuper
-    changed: int = 0  # messages postsuper reports as changed (gone ones are not counted)
+    requested: int = 0  # queue ids handed to Postfix
+    changed: int = 0  # postsuper: messages it reports as changed; postqueue -i: ids it accepted
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -305,7 +309,7 @@ def apply_postsuper(
     progress: Callable[[int], None] | None = None,
     queues: Sequence[str] = (),
     chunk: int = CHUNK,
-) -> PostsuperResult:
+) -> QueueChange:
     """``postsuper -c DIR -r|-h|-H - [queue...]`` with the ids on standard input, chunk by chunk.
 
     ``queues`` restricts postsuper to those queues, so a message that moved on since it
@@ -316,7 +320,7 @@ def apply_postsuper(
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
     option, label = ACTIONS[action]
-    result = PostsuperResult(action)
+    result = QueueChange(action)
     cmd = ["postsuper", "-c", str(config_directory), option, "-", *queues]
     for part in _chunks(list(queue_ids), chunk):
         try:
@@ -335,4 +339,44 @@ def apply_postsuper(
         result.warnings += [ln.split("warning: ", 1)[1] for ln in r.stderr.splitlines() if "warning: " in ln]
         if progress:
             progress(len(part))
+    return result
+
+
+def schedule_retry(
+    config_directory: Path | str,
+    queue_ids: Sequence[str],
+    progress: Callable[[int], None] | None = None,
+    every: int = 100,
+) -> QueueChange:
+    """Retry deferred messages now: ``postqueue -c DIR -i QID``, one id per run.
+
+    postqueue takes a single -i per invocation (several are a usage error), so this runs
+    it once per id, about 5 ms each; ``progress`` is called every ``every`` ids. The flush
+    daemon moves the queue file to the incoming queue unchanged, so the message keeps its
+    queue id and tenant route. Ids no longer deferred are ignored by Postfix, and postqueue
+    does not say which those were: ``changed`` counts ids it accepted.
+    """
+    result = QueueChange("requeue")
+    done = 0
+    for qid in queue_ids:
+        cmd = ["postqueue", "-c", str(config_directory), "-i", qid]
+        try:
+            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        except OSError as exc:
+            raise OpsError(f"cannot run postqueue: {exc} (is Postfix installed?)") from None
+        except subprocess.TimeoutExpired:
+            raise OpsError(f"postqueue -i {qid} timed out ({result.changed} scheduled so far; is Postfix running?)") from None
+        if r.returncode != 0:
+            raise OpsError(
+                f"postqueue -c {config_directory} -i {qid} failed (exit {r.returncode}) after {result.changed} "
+                f"message(s) were scheduled: {_first_line(r.stderr) or 'no message'}"
+            )
+        result.requested += 1
+        result.changed += 1
+        done += 1
+        if progress and done == every:
+            progress(done)
+            done = 0
+    if progress and done:
+        progress(done)
     return result
