@@ -453,5 +453,9 @@ def demo(keep: bool) -> None:
     sys.exit(run_demo(keep=keep))
 
 
+from .cli_tracking import register as _register_tracking  # noqa: E402  (trace, queue, stats, ...)
+
+_register_tracking(main)
+
 if __name__ == "__main__":
     main()
