@@ -469,7 +469,8 @@ class Lab:
     def _tracker_up(self) -> bool:
         if self.tracker_proc and self.tracker_proc.poll() is not None:
             raise RuntimeError(f"tracker exited {self.tracker_proc.returncode}: {(self.base / 'tracker.stderr').read_text()[-2000:]}")
-        return "event=track_start" in self.tracker_log_text()
+        pid = f"[{self.tracker_proc.pid}]:" if self.tracker_proc else None
+        return any(pid in ln and "event=track_start" in ln for ln in self.tracker_log_text().splitlines())
 
     def stop_tracker(self, sig: int = signal.SIGTERM) -> int | None:
         proc, self.tracker_proc = self.tracker_proc, None
