@@ -180,6 +180,29 @@ def test_smarthost_4xx_then_2xx_is_deferred_then_relayed(tlab):
         check_signed(tlab, "globex", h)
 
 
+def test_requeued_by_an_operator_is_still_routed_and_tracked(tlab):
+    """`postsuper -r` sends a deferred message back through pickup without the milter: its
+    route marker routes it again (master.cf cleanup_requeue) and the tracker follows it
+    to its new queue id."""
+    sink = tlab.sinks["globex"]
+    sink.reply = "451 4.3.0 not yet"
+    try:
+        mid = send(tlab, "globex", ["gina@example.org"], "requeued by postsuper")
+        [received, deferred] = wait_events(tlab, mid, [Kind.RECEIVED, Kind.DEFERRED])[:2]
+    finally:
+        sink.reply = "250 2.0.0 Ok: queued"
+    subprocess.run(["postsuper", "-c", str(tlab.config_dir), "-r", received.queue_id], check=True, capture_output=True)
+    subprocess.run(["postkick", "-c", str(tlab.config_dir), "public", "pickup", "W"], check=True, capture_output=True)
+    evs = wait_events(tlab, mid, [Kind.RECEIVED, Kind.DEFERRED, Kind.RELAYED])
+    relayed = evs[-1]
+    assert kinds(evs)[0] == "RECEIVED" and kinds(evs).count("RECEIVED") == 1 and relayed.kind is Kind.RELAYED
+    assert relayed.queue_id != received.queue_id
+    assert (relayed.tenant, relayed.recipient, relayed.relay) == ("globex", "gina@example.org", f"127.0.0.1[127.0.0.1]:{sink.port}")
+    [m] = [m for m in sink.messages if mid in " ".join(m.header("Message-ID"))]
+    assert m.rcpt_tos == ["gina@example.org"] and m.header("X-Relay-Route") == []
+    assert "deferred transport" not in tlab.maillog_text()
+
+
 def test_smarthost_5xx_is_bounced_and_the_bounce_notice_is_no_tenant_event(tlab):
     sink = tlab.sinks["globex"]
     sink.reply = "550 5.1.1 no such user here"

@@ -264,6 +264,43 @@ def test_deferred_then_relayed_with_next_retry(env):
     assert env.store.outbox_backlog() == {}  # globex has no webhook
 
 
+def test_a_message_requeued_with_postsuper_keeps_its_history_under_the_new_queue_id(env):
+    """postsuper -r: pickup logs the new queue id with orig_id=; the message's later attempts
+    are its events (same tenant, Message-ID, original recipient), with no second RECEIVED."""
+    m = Msg("987DC160377", "globex", ["bob@example.org"], smtp_pid=3501)
+    env.write([m.milter(), *m.ingress(), m.queued(), m.delivery("bob@example.org", "deferred")])
+    env.run()
+    new = Msg("C3193166811", "globex", ["bob@example.org"], ts=T0 + 60, smtp_pid=3502)
+    env.write([
+        ("maillog", pf(T0 + 60, "postsuper", 4000, "Requeued: 1 message")),
+        ("maillog", pf(T0 + 60, "pickup", 3385, "C3193166811: uid=0 from=<news@globex.example> orig_id=987DC160377")),
+        ("maillog", pf(T0 + 60, "cleanup", 3499, "C3193166811: message-id=<987dc160377@platform.example>")),
+        new.queued(), new.delivery("bob@example.org", "sent"), new.removed(),
+    ])
+    env.now = T0 + 61
+    env.run()
+    evs = env.events()
+    assert [(e.kind.value, e.queue_id) for e in evs] == [
+        ("RECEIVED", "987DC160377"), ("DEFERRED", "987DC160377"), ("RELAYED", "C3193166811"),
+    ]
+    relayed = evs[-1]
+    assert (relayed.tenant, relayed.message_id, relayed.original_recipient) == (
+        "globex", "<987dc160377@platform.example>", "bob=example.org@globex.relay.test",
+    )
+    with env.store.transaction() as tx:
+        assert tx.all_state(NODE) == {}  # the old id's state moved, the new one ended
+
+
+def test_a_local_submission_through_pickup_is_no_tenant_event(env):
+    env.write([
+        ("maillog", pf(T0, "pickup", 3385, "D1193166811: uid=0 from=<root>")),
+        ("maillog", pf(T0, "qmgr", 3493, "D1193166811: from=<root@relay.lab.test>, size=300, nrcpt=1 (queue active)")),
+        ("maillog", pf(T0, "relay_acme/smtp", 3500, "D1193166811: to=<x@example.org>, relay=127.0.0.1[127.0.0.1]:2525, delay=0.03, delays=0.01/0.01/0/0, dsn=2.0.0, status=sent (250 ok)")),
+    ])
+    env.run()
+    assert env.events() == []
+
+
 def test_bounced_and_the_relays_bounce_notice_is_not_tenant_mail(env):
     m = Msg("A9356160377", "globex", ["carol@example.org"])
     env.write([m.milter(), *m.ingress(), m.queued(), m.delivery("carol@example.org", "bounced"),

@@ -6,14 +6,14 @@ Exit codes (stable, for scripts):
   2  usage error
   3  invalid configuration (tenant or settings file)
   4  rendered Postfix configuration failed its checks (nothing was installed);
-     for the tracking commands: the event store or Postfix is unavailable
+     for track/trace/queue/stats/requeue/hold/release/metrics: the event store or
+     Postfix is unavailable
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -44,15 +44,10 @@ class Context:
             click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
             sys.exit(EXIT_CONFIG)
 
-    def events_dsn(self, settings: Settings) -> str:
-        """The event store: RELAY_EVENTS_DSN (keeps a database password out of relay.yaml)
-        wins over settings tracking.events_dsn."""
-        return os.environ.get("RELAY_EVENTS_DSN") or settings.tracking.events_dsn
-
     def open_store(self, settings: Settings):
         from .eventstore import open_store
 
-        dsn = self.events_dsn(settings)
+        dsn = settings.tracking.dsn()
         try:
             return open_store(dsn)
         except ConfigError as exc:
@@ -93,7 +88,9 @@ def main(ctx: click.Context, tenants_dir: Path, settings_file: Path | None) -> N
     """Operate the multi-tenant mail relay.
 
     Typical use: edit a tenant file, then `relayctl check` and `relayctl apply`.
-    Exit codes: 0 ok, 1 error, 2 usage, 3 invalid configuration, 4 Postfix check failed.
+    Exit codes: 0 ok, 1 error (for trace/queue/...: nothing found), 2 usage, 3 invalid
+    configuration, 4 Postfix check failed (check/apply) or the event store/Postfix is
+    unavailable (tracking commands).
     """
     if settings_file is None and Path(DEFAULT_SETTINGS).is_file():
         settings_file = Path(DEFAULT_SETTINGS)
@@ -258,7 +255,7 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
     if once:
         tracker.close()
         _send_webhooks_once(obj, settings, tenants, secrets, no_webhooks)
-        _write_metrics(obj, settings, tenants, store)
+        _write_metrics(settings, tenants, store)
         logs.event(log, logging.INFO, None, "track_once", events=count)
         store.close()
         return
@@ -309,22 +306,34 @@ def _metrics_loop(obj: Context, settings: Settings, tenants: TenantSet, stop: th
     store = obj.open_store(settings)
     try:
         while True:
-            _write_metrics(obj, settings, tenants, store)
+            _write_metrics(settings, tenants, store)
             if stop.wait(settings.tracking.metrics_interval):
                 break
     finally:
         store.close()
 
 
-def _write_metrics(obj: Context, settings: Settings, tenants: TenantSet, store) -> None:
+def _write_metrics(settings: Settings, tenants: TenantSet, store) -> None:
+    """Rewrite the node-exporter textfile: events, queue per tenant, webhook backlog."""
     if not settings.tracking.metrics_file:
         return
-    from .metrics import write_metrics
+    import time
 
+    from . import logs, ops
+    from . import metrics as prom
+
+    log = logging.getLogger("relay.tracker")
     try:
-        write_metrics(settings.tracking.metrics_file, settings, tenants, store)
+        try:
+            queued = ops.attribute(ops.read_queue(settings.config_directory), tenants, store, settings.node)
+            queue = ops.queue_summary(queued, time.time())
+        except ops.OpsError as exc:  # Postfix down: the other series are still worth writing
+            logs.event(log, logging.WARNING, None, "metrics_queue_unavailable", error=str(exc))
+            queue = None
+        snap = prom.collect([t.id for t in tenants], store, queue, tracker_last_run=time.time())
+        prom.write_textfile(settings.tracking.metrics_file, prom.render(snap))
     except Exception:  # metrics must never stop tracking
-        logging.getLogger("relay.tracker").exception("NOQUEUE: event=metrics_failed")
+        log.exception("NOQUEUE: event=metrics_failed")
 
 
 @main.group()

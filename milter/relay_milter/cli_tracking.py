@@ -140,12 +140,13 @@ def _sqlite_path(dsn: str) -> Path | None:
 
 
 def open_store(settings: Settings, required: bool = True) -> Any:
-    """The event store of ``settings.tracking.events_dsn``, or None when it is optional and absent.
+    """The event store (RELAY_EVENTS_DSN, else settings tracking.events_dsn), or None when it
+    is optional and absent.
 
     An SQLite store that does not exist yet is not created here: a read-only command
     should not leave an empty database behind for the tracker to find.
     """
-    dsn = settings.tracking.events_dsn
+    dsn = settings.tracking.dsn()
     path = _sqlite_path(dsn)
     if path is not None and not path.exists():
         if not required:

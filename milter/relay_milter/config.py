@@ -360,6 +360,13 @@ class TrackingSettings(_Strict):
     webhook_backoff_base: float = Field(defaults.WEBHOOK_BACKOFF_BASE, gt=0, le=3600)
     webhook_backoff_max: float = Field(defaults.WEBHOOK_BACKOFF_MAX, gt=0, le=86400)
 
+    def dsn(self) -> str:
+        """The store in use: RELAY_EVENTS_DSN (keeps a database password out of relay.yaml)
+        wins over events_dsn."""
+        import os
+
+        return os.environ.get("RELAY_EVENTS_DSN") or self.events_dsn
+
     @field_validator("events_dsn")
     @classmethod
     def _dsn(cls, v: str) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, tzinfo
 
 from .defaults import ROUTE_HEADER
 
@@ -55,6 +55,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 _CLIENT = re.compile(r"^client=(?P<client>[^\s,]+)(?:, .*)?$")
 _MESSAGE_ID = re.compile(r"^message-id=(?P<mid>.*)$")
+# pickup: a message an operator requeued (postsuper -r) comes back under a new queue id.
+_REQUEUED = re.compile(rf"^uid=\d+ from=<(?P<from>[^<>]*)> orig_id=(?P<orig>{_QID})$")
 _ROUTE = re.compile(
     rf"^milter-header-filter: header {re.escape(ROUTE_HEADER)}: (?P<tenant>[a-z0-9_]+) from (?P<client>\S+); "
     r"from=<(?P<from>[^<>]*)> to=<(?P<to>[^<>]*)>"
@@ -96,7 +98,8 @@ class PostfixRecord:
     queued (sender, size, nrcpt), delivery (recipient, orig_recipient, relay, delay, dsn,
     status, reason, response_code), expired (sender), removed, reject (stage, milter,
     response_code, dsn, text, sender, recipient, client), tls (tls_level, tls_protocol,
-    tls_cipher, peer), bounce_notice (notice_id: the queue id of the notification).
+    tls_cipher, peer), bounce_notice (notice_id: the queue id of the notification),
+    requeued (sender, orig_queue_id: the id the message had before ``postsuper -r``).
     """
 
     kind: str
@@ -126,6 +129,7 @@ class PostfixRecord:
     tls_cipher: str | None = None
     peer: str | None = None
     notice_id: str | None = None
+    orig_queue_id: str | None = None
 
     @property
     def program(self) -> str:
@@ -321,6 +325,9 @@ def _queue_line(program: str, qid: str, rest: str, base: dict) -> PostfixRecord 
     if program == "smtpd":
         m = _CLIENT.match(rest)
         return PostfixRecord(kind="client", queue_id=qid, client=m.group("client"), **base) if m else None
+    if program == "pickup":
+        m = _REQUEUED.match(rest)
+        return PostfixRecord(kind="requeued", queue_id=qid, sender=m.group("from"), orig_queue_id=m.group("orig"), **base) if m else None
     if program == "cleanup":
         m = _MESSAGE_ID.match(rest)
         if m:

@@ -618,6 +618,18 @@ class Tracker:
         st.update(client=rec.client, ts=rec.ts)
         self._put(qid, st)
 
+    def _pf_requeued(self, rec: PostfixRecord) -> None:
+        """``postsuper -r``: the message is the same, its queue id is new. Its history moves
+        along, so later attempts are its events (and no second RECEIVED is written)."""
+        old = self.state.get(rec.orig_queue_id or "")
+        if old is None or not old.get("received"):
+            return
+        st = dict(old)
+        st["requeued_from"] = rec.orig_queue_id
+        self._put(rec.queue_id, st)  # type: ignore[arg-type]
+        self._drop(rec.orig_queue_id)  # type: ignore[arg-type]
+        logs.event(log, logging.INFO, rec.queue_id, "tracker_requeued", orig_id=rec.orig_queue_id, tenant=st.get("tenant") or st.get("route_tenant"))
+
     def _pf_message_id(self, rec: PostfixRecord) -> None:
         st = self.state.get(rec.queue_id or "")
         if st is not None and "client" in st and not st.get("message_id"):
