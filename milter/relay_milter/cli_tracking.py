@@ -410,9 +410,8 @@ requeue = _change_command(
     "Retry a tenant's deferred messages now.",
     "Runs `postqueue -i QUEUE_ID` for each message (about 5 ms each): the queue "
     "file moves to the incoming queue unchanged, keeping its queue id and its "
-    "tenant route. Not `postsuper -r`: that re-runs cleanup without the milter, "
-    "so the message would lose its route and wait on the unrouted transport. "
-    "A changed smarthost address therefore applies only to new mail.",
+    "tenant route. (`postsuper -r` works too: it re-runs cleanup under a new queue id, "
+    "and the route marker the milter added routes the message again.)",
 )
 hold = _change_command(
     "hold",

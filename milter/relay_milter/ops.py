@@ -34,10 +34,9 @@ from .config import TenantSet
 QUEUES: tuple[str, ...] = ("active", "deferred", "hold", "incoming", "maildrop")
 UNATTRIBUTED = "-"
 # postsuper options per action, and the line it prints with the number of messages changed.
-# There is deliberately no "requeue" (postsuper -r): requeued mail goes back through pickup
-# and cleanup *without* the milter, so it loses the tenant route that milter_header_checks
-# set (FILTER relay_<tenant>:...) and lands on the deferred "unrouted" safety-net transport,
-# never to reach the smarthost. Retrying now is ``schedule_retry`` (postqueue -i) instead.
+# "requeue" is ``schedule_retry`` (postqueue -i), not postsuper -r: it keeps the queue id and
+# skips a second pass through cleanup. (postsuper -r is safe too: master.cf routes mail that
+# comes back through pickup by the route marker the milter added.)
 ACTIONS: dict[str, tuple[str, str]] = {
     "hold": ("-h", "Placed on hold"),
     "release": ("-H", "Released from hold"),
