@@ -63,6 +63,9 @@ def test_examples_shipped_with_the_repo_are_valid():
         ("smarthost: {host: 127.0.0.1, tls: encrypt, tls_match: mx.acme.example}\n", "smarthost", "tls_match is only used with tls: verify"),
         ("submission_users: [app1, app1]\n", "submission_users", "listed twice"),
         ("submission_users: ['app1@acme.example']\n", "submission_users", "not a valid submission user name"),
+        ("webhook: {url: 'ftp://hooks.acme.example/x'}\n", "webhook.url", "not an http(s) URL"),
+        ("webhook: {url: 'https://hooks.acme.example/x', secret: s}\n", "webhook.secret", "unknown field"),
+        ("webhook: {url: 'https://hooks.acme.example/x', timeout: 0}\n", "webhook.timeout", "greater than 0"),
     ],
 )
 def test_bad_values_name_file_tenant_and_field(tmp_path, patch, field, message):
@@ -209,3 +212,41 @@ def test_secrets_file_errors_name_the_tenant_and_never_the_secret(tmp_path):
     with pytest.raises(ConfigError, match="field smarthost_password: Value error, must be a non-empty single line") as exc:
         load_secrets(secrets, ts)
     assert "lines" not in str(exc.value)
+
+
+def test_tracking_settings_and_the_dsn_override(tmp_path, monkeypatch):
+    s = Settings(myhostname="relay1.example.net")
+    assert s.tracking.events_dsn == "sqlite:////var/lib/tenant-relay/events.db" and s.node == "relay1.example.net"
+    monkeypatch.setenv("RELAY_EVENTS_DSN", "postgresql://relay@db.example.net/relay_events")
+    assert s.tracking.dsn() == "postgresql://relay@db.example.net/relay_events"
+    p = write(tmp_path, "relay.yaml", "tracking: {events_dsn: 'mysql://x/y', record_wait: -1, colour: blue}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(p)
+    text = str(exc.value)
+    assert "field tracking.events_dsn: Value error, use sqlite:////absolute/path.db or postgresql://" in text
+    assert "field tracking.record_wait: Input should be greater than or equal to 0" in text
+    assert "field tracking.colour: unknown field" in text
+
+
+def test_a_webhook_needs_its_secret_in_the_secrets_file(tmp_path):
+    import os
+
+    from relay_milter.config import load_secrets
+
+    d = tmp_path / "tenants"
+    d.mkdir()
+    write(d, "acme.yaml", GOOD + "webhook: {url: 'https://hooks.acme.example/relay'}\n")
+    ts = load_tenants(d)
+    secrets = tmp_path / "secrets.yaml"
+    with pytest.raises(ConfigError, match="missing; tenant acme: field webhook needs its webhook_secret there"):
+        load_secrets(secrets, ts)
+    secrets.write_text("acme: {}\n")
+    os.chmod(secrets, 0o600)
+    with pytest.raises(ConfigError, match="tenant acme: field webhook_secret: required by the tenant's webhook"):
+        load_secrets(secrets, ts)
+    secrets.write_text("acme: {webhook_secret: short}\n")
+    with pytest.raises(ConfigError, match="field webhook_secret: String should have at least 16 characters") as exc:
+        load_secrets(secrets, ts)
+    assert "short" not in str(exc.value)
+    secrets.write_text("acme: {webhook_secret: 'a-long-enough-secret'}\n")
+    assert load_secrets(secrets, ts)["acme"].webhook_secret == "a-long-enough-secret"
