@@ -19,7 +19,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,17 +26,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from relay_milter.lab import free_port  # one port registry for every test server
+
 
 def find_bindir() -> Path | None:
     """The newest installed server's bin directory, or None."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[4]) if Path(p).parts[4].isdigit() else 0)
     return Path(found[-1]).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgCluster:
@@ -52,7 +47,7 @@ class PgCluster:
         self.data = self.base / "data"
         self.sockets = self.base / "run"
         self.log = self.base / "postgres.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self._user: dict[str, Any] = {}
         if os.geteuid() == 0:

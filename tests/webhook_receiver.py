@@ -9,11 +9,12 @@ again on the same port.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from relay_milter.lab import free_port  # one port registry for every test server
 
 
 @dataclass
@@ -32,15 +33,9 @@ class Request:
         return int(self.headers["X-Relay-Event-Id"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WebhookReceiver:
     def __init__(self, default_status: int = 200):
-        self.port = _free_port()
+        self.port = free_port()
         self.default_status = default_status
         self.statuses: list[int] = []
         self.requests: list[Request] = []

@@ -35,10 +35,25 @@ from .certs import CertPair, make_ca, make_cert
 from .render import _run
 
 
+_ISSUED_PORTS: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, never the same twice in this process.
+
+    Ports are handed out before their owner binds them (a sink starts after dnsmasq, which
+    asks for its port later): without the memory, the kernel may offer the same still-unbound
+    port twice and the later owner fails with "address already in use".
+    """
+    with _PORTS_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _ISSUED_PORTS:
+                _ISSUED_PORTS.add(port)
+                return port
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
