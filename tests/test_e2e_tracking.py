@@ -320,3 +320,24 @@ def test_tracker_restart_mid_run_loses_and_duplicates_nothing(tlab):
         # A kill between a POST and its bookkeeping may resend an event (same event id:
         # receivers deduplicate on X-Relay-Event-Id); none may be missing.
         assert {h.json["notifications"][0]["meta"]["event"]["type"] for h in hooks} == {"RECEIVED", "RELAYED"}
+
+
+def test_expired_after_the_queue_lifetime_is_bounced():
+    """maximal_queue_lifetime (48 h by default) is a setting; at 0 Postfix tries once, then
+    returns the message: DEFERRED, then BOUNCED 'expired' carrying the last attempt's reply."""
+    lab = Lab()
+    lab.overrides = {"maximal_queue_lifetime": "0"}
+    lab.add_tenant(TenantSpec("acme", "acme.relay.test", "hop.acme.test", "s1", rsa_key(2048), ["acme.example"]), Sink("acme"), tls="none")
+    try:
+        lab.start()
+        lab.start_tracker()
+        lab.sinks["acme"].reply = "451 4.2.0 mailbox busy"
+        mid = send(lab, "acme", ["hana@example.org"], "expires")
+        evs = wait_events(lab, mid, [Kind.RECEIVED, Kind.DEFERRED, Kind.BOUNCED])
+        assert kinds(evs) == ["RECEIVED", "DEFERRED", "BOUNCED"]
+        bounced = evs[-1]
+        assert bounced.reason.startswith("expired, returned to sender") and "451 4.2.0 mailbox busy" in bounced.reason
+        assert (bounced.tenant, bounced.recipient, bounced.dsn) == ("acme", "hana@example.org", "4.2.0")
+        assert lab.sinks["acme"].messages == []
+    finally:
+        lab.destroy()
