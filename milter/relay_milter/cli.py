@@ -13,6 +13,7 @@ Exit codes (stable, for scripts):
 from __future__ import annotations
 
 import json
+import functools
 import logging
 import signal
 import sys
@@ -26,7 +27,6 @@ from .config import ConfigError, Settings, TenantSet, load_settings, load_tenant
 
 EXIT_CONFIG = 3
 EXIT_CHECK = 4
-EXIT_UNAVAILABLE = 4  # the event store or Postfix could not be reached (tracking commands)
 
 DEFAULT_TENANTS = "/etc/tenant-relay/tenants"
 DEFAULT_SETTINGS = "/etc/tenant-relay/relay.yaml"
@@ -45,14 +45,10 @@ class Context:
             sys.exit(EXIT_CONFIG)
 
     def open_store(self, settings: Settings):
-        from .eventstore import open_store
+        """The event store for the tracker, created if need be; exits 4 if unavailable."""
+        from .cli_tracking import open_store
 
-        dsn = settings.tracking.dsn()
-        try:
-            return open_store(dsn)
-        except ConfigError as exc:
-            click.echo(f"relayctl: event store unavailable: {exc}", err=True)
-            sys.exit(EXIT_UNAVAILABLE)
+        return open_store(settings, create=True)
 
     def load(self) -> tuple[TenantSet, Settings]:
         try:
@@ -238,42 +234,32 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
         sys.exit(EXIT_CONFIG)
     logs.setup(settings.log_level, str(log_file) if log_file else None)
     log = logging.getLogger("relay.tracker")
-    from .tracker import Tracker
+    from .tracker import main_loop
 
     store = obj.open_store(settings)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # until main_loop installs its own
         signal.signal(sig, lambda *_: stop.set())
+    webhooks = not no_webhooks and any(t.webhook for t in tenants)
+    workers = []
+    if webhooks:
+        workers.append(functools.partial(_webhook_loop, obj, settings, tenants, secrets))
+    if settings.tracking.metrics_file:
+        workers.append(functools.partial(_metrics_loop, obj, settings, tenants))
+
+    def announce() -> None:
+        logs.event(log, logging.INFO, None, "track_start", node=settings.node, maillog=settings.maillog_file,
+                   milter_log=settings.tracking.milter_log_file, store=store.safe_dsn)
+
     try:
-        tracker = Tracker(settings, tenants, store, from_start=from_start)
-        # The first pass positions and commits both checkpoints before the start is announced:
-        # from here on a kill at any moment resumes without losing a line.
-        count = tracker.run_once()
+        main_loop(settings, tenants, store, stop, once=once, from_start=from_start, workers=workers, on_start=announce)
+        if once:
+            _send_webhooks_once(obj, settings, tenants, secrets, not webhooks)
+            _write_metrics(settings, tenants, store)
     except ConfigError as exc:
         click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    if once:
-        tracker.close()
-        _send_webhooks_once(obj, settings, tenants, secrets, no_webhooks)
-        _write_metrics(settings, tenants, store)
-        logs.event(log, logging.INFO, None, "track_once", events=count)
-        store.close()
-        return
-    workers = []
-    if not no_webhooks and any(t.webhook for t in tenants):
-        workers.append(threading.Thread(target=_webhook_loop, args=(obj, settings, tenants, secrets, stop), name="webhooks", daemon=True))
-    if settings.tracking.metrics_file:
-        workers.append(threading.Thread(target=_metrics_loop, args=(obj, settings, tenants, stop), name="metrics", daemon=True))
-    for w in workers:
-        w.start()
-    logs.event(log, logging.INFO, None, "track_start", node=settings.node, maillog=settings.maillog_file,
-               milter_log=settings.tracking.milter_log_file, store=store.safe_dsn)
-    try:
-        tracker.run(stop)
     finally:
-        stop.set()
-        for w in workers:
-            w.join(30)
         store.close()
         logs.event(log, logging.INFO, None, "track_stop")
 
@@ -291,7 +277,7 @@ def _webhook_loop(obj: Context, settings: Settings, tenants: TenantSet, secrets,
 
 
 def _send_webhooks_once(obj: Context, settings: Settings, tenants: TenantSet, secrets, disabled: bool) -> None:
-    if disabled or not any(t.webhook for t in tenants):
+    if disabled:
         return
     from .webhooks import WebhookSender
 

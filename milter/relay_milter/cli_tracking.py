@@ -139,16 +139,16 @@ def _sqlite_path(dsn: str) -> Path | None:
     return None
 
 
-def open_store(settings: Settings, required: bool = True) -> Any:
+def open_store(settings: Settings, required: bool = True, create: bool = False) -> Any:
     """The event store (RELAY_EVENTS_DSN, else settings tracking.events_dsn), or None when it
-    is optional and absent.
+    is optional and absent. Unavailable and required: exit 4.
 
-    An SQLite store that does not exist yet is not created here: a read-only command
-    should not leave an empty database behind for the tracker to find.
+    An SQLite store that does not exist yet is created only with ``create`` (the tracker,
+    its writer): a read-only command should not leave an empty database behind.
     """
     dsn = settings.tracking.dsn()
     path = _sqlite_path(dsn)
-    if path is not None and not path.exists():
+    if not create and path is not None and not path.exists():
         if not required:
             return None
         _fail(EXIT_UNAVAILABLE, f"event store {path} does not exist (has `relayctl track` run on this node?)")

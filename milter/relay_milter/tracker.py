@@ -881,36 +881,40 @@ def main_loop(
     *,
     once: bool = False,
     from_start: bool = False,
-    webhook_sender: Any = None,
+    workers: Iterable[Callable[[threading.Event], None]] = (),
+    on_start: Callable[[], None] | None = None,
 ) -> int:
     """Run the tracker until SIGTERM/SIGINT (or ``stop``); return the exit status (0).
 
-    The signal only sets ``stop``: the batch in progress is finished and committed, so a
-    restart continues exactly there. ``webhook_sender`` (webhooks.WebhookSender: ``run(stop)``
-    and ``run_once()``) delivers the outbox on its own thread and stops with the tracker.
-    ``once`` processes what is in the files now and returns.
+    The first pass positions both followers and commits their checkpoints before
+    ``on_start`` is called, so a tracker killed right after it announced itself resumes
+    without a gap. The signal only sets ``stop``: the batch in progress is finished and
+    committed, so a restart continues exactly there. ``workers`` (the webhook sender, the
+    metrics writer) run on their own threads with ``stop`` and are joined on the way out.
+    ``once`` processes what is in the files now and returns (workers are not started).
     """
     tracker = Tracker(settings, tenants, store, from_start=from_start)
+    try:
+        written = tracker.run_once()
+    except BaseException:
+        tracker.close()
+        raise
     if once:
-        try:
-            written = tracker.run_once()
-            if webhook_sender is not None:
-                webhook_sender.run_once()
-        finally:
-            tracker.close()
+        tracker.close()
         logs.event(log, logging.INFO, None, "tracker_once", events=written)
         return 0
     previous = _install_signals(stop)
-    sender_thread = None
-    if webhook_sender is not None:
-        sender_thread = threading.Thread(target=webhook_sender.run, args=(stop,), name="webhook-sender", daemon=True)
-        sender_thread.start()
+    threads = [threading.Thread(target=w, args=(stop,), name=getattr(w, "__name__", "worker"), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    if on_start is not None:
+        on_start()
     try:
         tracker.run(stop)
     finally:
         stop.set()
-        if sender_thread is not None:
-            sender_thread.join(timeout=30)
+        for t in threads:
+            t.join(timeout=30)
         _restore_signals(previous)
     return 0
 
