@@ -301,6 +301,23 @@ def _changed_count(stderr: str, label: str) -> int:
     return total
 
 
+def _run_tool(cmd: list[str], what: str, stdin: str | None, timeout: float, done: str) -> subprocess.CompletedProcess:
+    """Run a Postfix tool (``what`` names it in errors); any failure is an OpsError that says
+    what was already done (``done``), since earlier chunks or ids stay changed."""
+    try:
+        r = subprocess.run(
+            cmd, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=timeout,
+        )
+    except OSError as exc:
+        raise OpsError(f"cannot run {cmd[0]}: {exc} (is Postfix installed?)") from None
+    except subprocess.TimeoutExpired:
+        raise OpsError(f"{what} timed out after {timeout:g}s ({done}; is Postfix running?)") from None
+    if r.returncode != 0:
+        raise OpsError(f"{what} failed (exit {r.returncode}) after {done}: {_first_line(r.stderr) or 'no message'}")
+    return r
+
+
 def apply_postsuper(
     config_directory: Path | str,
     action: str,
@@ -322,17 +339,7 @@ def apply_postsuper(
     result = QueueChange(action)
     cmd = ["postsuper", "-c", str(config_directory), option, "-", *queues]
     for part in _chunks(list(queue_ids), chunk):
-        try:
-            r = subprocess.run(cmd, input="\n".join(part) + "\n", capture_output=True, text=True, timeout=_TIMEOUT)
-        except OSError as exc:
-            raise OpsError(f"cannot run postsuper: {exc} (is Postfix installed?)") from None
-        except subprocess.TimeoutExpired:
-            raise OpsError(f"postsuper {option} timed out after {_TIMEOUT}s ({result.changed} changed so far)") from None
-        if r.returncode != 0:
-            raise OpsError(
-                f"postsuper -c {config_directory} {option} failed (exit {r.returncode}) after {result.changed} "
-                f"message(s) were changed: {_first_line(r.stderr) or 'no message'}"
-            )
+        r = _run_tool(cmd, f"postsuper -c {config_directory} {option}", "\n".join(part) + "\n", _TIMEOUT, f"{result.changed} message(s) were changed")
         result.requested += len(part)
         result.changed += _changed_count(r.stderr, label)
         result.warnings += [ln.split("warning: ", 1)[1] for ln in r.stderr.splitlines() if "warning: " in ln]
@@ -359,17 +366,7 @@ def schedule_retry(
     done = 0
     for qid in queue_ids:
         cmd = ["postqueue", "-c", str(config_directory), "-i", qid]
-        try:
-            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-        except OSError as exc:
-            raise OpsError(f"cannot run postqueue: {exc} (is Postfix installed?)") from None
-        except subprocess.TimeoutExpired:
-            raise OpsError(f"postqueue -i {qid} timed out ({result.changed} scheduled so far; is Postfix running?)") from None
-        if r.returncode != 0:
-            raise OpsError(
-                f"postqueue -c {config_directory} -i {qid} failed (exit {r.returncode}) after {result.changed} "
-                f"message(s) were scheduled: {_first_line(r.stderr) or 'no message'}"
-            )
+        _run_tool(cmd, f"postqueue -c {config_directory} -i {qid}", None, 60, f"{result.changed} message(s) were scheduled")
         result.requested += 1
         result.changed += 1
         done += 1
