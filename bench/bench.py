@@ -37,9 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay_milter.addresses import encode_recipient
+from relay_milter.core.addresses import encode_recipient
 from relay_milter.lab import Lab, TenantSpec, ed25519_key, port_open, rsa_key, sign, stop_process, wait_for
-from relay_milter.loadgen import (
+from relay_milter.lab.loadgen import (
     MaillogCounter,
     Outgoing,
     SmtpSinkProcess,
@@ -49,7 +49,7 @@ from relay_milter.loadgen import (
     send_all,
 )
 from relay_milter.lab import free_port
-from relay_milter.render import _run
+from relay_milter.postfix.runner import run_postfix
 
 CONFIGS = ("bare", "opendkim", "relay")
 ALGS = {"rsa": "RSA-2048", "ed25519": "ed25519"}
@@ -228,7 +228,7 @@ class OpenDkim:
 
 
 def postconf_edit(lab: Lab, *assignments: str) -> None:
-    r = _run(["postconf", "-c", str(lab.config_dir), "-e", *assignments])
+    r = run_postfix(["postconf", "-c", str(lab.config_dir), "-e", *assignments])
     if r.returncode != 0:
         raise RuntimeError(f"postconf -e failed: {r.stdout}")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench import BenchDns, build_messages, log, make_instance, stop_instance, tampered, tenants
 from relay_milter.lab import free_port
-from relay_milter.loadgen import MaillogCounter, Outgoing, SmtpSinkProcess, percentile, proc_cpu_seconds, proc_memory_kib, send_all
+from relay_milter.lab.loadgen import MaillogCounter, Outgoing, SmtpSinkProcess, percentile, proc_cpu_seconds, proc_memory_kib, send_all
 
 
 def threads(pid: int) -> int:

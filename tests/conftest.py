@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from relay_milter.addresses import encode_recipient
+from relay_milter.core.addresses import encode_recipient
 from relay_milter.lab import Lab, Sink, TenantSpec, make_message, rsa_key, sign
 
 
@@ -133,7 +133,7 @@ def pg_dsn():
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL server not installed: scripts/bootstrap.sh installs deps/apt/tracking.txt")
         pytest.skip("PostgreSQL server not installed (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
-    from pgcluster import PgCluster
+    from support.pgcluster import PgCluster
 
     cluster = PgCluster().start()
     try:

@@ -27,11 +27,9 @@ from pydantic import (
     model_validator,
 )
 
-from . import defaults
+from relay_milter import defaults
+from relay_milter.syntax import DOMAIN_RE, LABEL, LOCAL_RE
 
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})+$")
-_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,30}$")
 _USER_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
@@ -43,7 +41,7 @@ class ConfigError(Exception):
 
 def _domain(value: str) -> str:
     value = value.strip().lower().rstrip(".")
-    if len(value) > 253 or not _DOMAIN_RE.match(value):
+    if len(value) > 253 or not DOMAIN_RE.match(value):
         raise ValueError(f"not a valid DNS domain name: {value!r}")
     return value
 
@@ -51,7 +49,7 @@ def _domain(value: str) -> str:
 def _address(value: str) -> str:
     value = value.strip()
     local, sep, domain = value.rpartition("@")
-    if not sep or not _LOCAL_RE.match(local) or ".." in local or local.startswith(".") or local.endswith("."):
+    if not sep or not LOCAL_RE.match(local) or ".." in local or local.startswith(".") or local.endswith("."):
         raise ValueError(f"not a plain mailbox address (local@domain): {value!r}")
     return f"{local}@{_domain(domain)}"
 
@@ -120,7 +118,7 @@ class Smarthost(_Strict):
             return str(ipaddress.ip_address(v))
         except ValueError:
             pass
-        if not re.match(rf"^{_LABEL}(\.{_LABEL})*$", v):
+        if not re.match(rf"^{LABEL}(\.{LABEL})*$", v):
             raise ValueError(f"not a host name or IP address: {v!r}")
         return v
 
@@ -130,7 +128,7 @@ class Smarthost(_Strict):
         if v is None:
             return None
         v = v.strip().lower().rstrip(".")
-        if not re.match(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$", v):
+        if not re.match(rf"^(\*\.)?{LABEL}(\.{LABEL})*$", v):
             raise ValueError(f"not a host name: {v!r}")
         return v
 
@@ -238,7 +236,7 @@ class Tenant(_Strict):
     @classmethod
     def _selector(cls, v: str) -> str:
         v = v.strip().lower()
-        if not re.match(rf"^{_LABEL}(\.{_LABEL})*$", v):
+        if not re.match(rf"^{LABEL}(\.{LABEL})*$", v):
             raise ValueError(f"not a valid DKIM selector: {v!r}")
         return v
 

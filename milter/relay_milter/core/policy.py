@@ -1,0 +1,376 @@
+"""The decision core: facts + tenant -> verdict (and, at end of message, the edits).
+
+No pymilter here. The adapter collects facts from the MTA, calls these
+functions and carries out what they return; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import inspect
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+import authres
+
+from relay_milter import defaults
+from relay_milter.core import limits
+from relay_milter.core.addresses import (
+    AddressError,
+    Decoded,
+    decode_recipient,
+    plain_recipient,
+    rewrite_address_header,
+    strip_brackets,
+)
+from relay_milter.config import Settings, Tenant, TenantSet
+from relay_milter.core.dkimverify import DkimResult, KeyResolver, verify_hop_signature
+
+
+# Python 3.11.4+ parses addresses strictly (CVE-2023-27043) when asked to.
+_GETADDRESSES_STRICT = "strict" in inspect.signature(email.utils.getaddresses).parameters
+
+
+class Action(Enum):
+    CONTINUE = "continue"
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    code: str = ""
+    dsn: str = ""
+    reason: str = ""
+
+    @classmethod
+    def reject(cls, code: str, dsn: str, reason: str) -> "Verdict":
+        return cls(Action.REJECT, code, dsn, reason)
+
+    @classmethod
+    def tempfail(cls, code: str, dsn: str, reason: str) -> "Verdict":
+        return cls(Action.TEMPFAIL, code, dsn, reason)
+
+    @property
+    def ok(self) -> bool:
+        return self.action in (Action.CONTINUE, Action.ACCEPT)
+
+    def __str__(self) -> str:
+        if self.ok:
+            return self.action.value
+        return f"{self.code} {self.dsn} {self.reason}"
+
+
+CONTINUE = Verdict(Action.CONTINUE)
+
+
+@dataclass
+class Transaction:
+    """Facts about one SMTP transaction, as the adapter learned them."""
+
+    client_ip: str | None = None
+    client_name: str = ""
+    helo: str = ""
+    # SASL login name ({auth_authen}); set only on the submission listeners.
+    auth_user: str | None = None
+    queue_id: str | None = None
+    mail_from: str | None = None  # envelope sender without brackets; "" is the null sender
+    recipients: list[tuple[str, Decoded]] = field(default_factory=list)
+    tenant: Tenant | None = None
+
+
+@dataclass(frozen=True)
+class HeaderEdit:
+    """One change to the header block.
+
+    op "delete"/"change": ``index`` is the 1-based occurrence among fields with
+    this name (smfi_chgheader). op "insert": ``index`` is the 0-based position
+    from the top (smfi_insheader). op "add": appended at the end.
+    """
+
+    op: str
+    name: str
+    value: str = ""
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Disposition:
+    verdict: Verdict
+    tenant: Tenant | None = None
+    header_edits: tuple[HeaderEdit, ...] = ()
+    # (recipient as given in RCPT TO, new recipient) pairs: delrcpt old, addrcpt new.
+    recipient_changes: tuple[tuple[str, str], ...] = ()
+    new_sender: str | None = None
+    dkim: DkimResult | None = None
+    header_from: str = ""
+    message_id: str = ""
+
+
+@dataclass(frozen=True)
+class Message:
+    """The message as the MTA handed it over: header fields in order, and the body.
+
+    Header values are exactly what followed the colon on the wire (including
+    the leading space and any folding).
+    """
+
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def values(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for n, v in self.headers if n.lower() == lname]
+
+    def raw(self) -> bytes:
+        """Canonical wire form (CRLF) for DKIM verification."""
+        out = bytearray()
+        for name, value in self.headers:
+            line = f"{name}:{value}".encode("utf-8", "surrogateescape")
+            out += re.sub(rb"\r?\n", b"\r\n", line) + b"\r\n"
+        out += b"\r\n"
+        body = self.body
+        if body.count(b"\n") != body.count(b"\r\n"):  # Postfix sends CRLF; skip the regex then
+            body = re.sub(rb"(?<!\r)\n", b"\r\n", body)
+        out += body
+        return bytes(out)
+
+
+class Policy:
+    """Stateless across transactions; safe to share between milter threads."""
+
+    def __init__(self, tenants: TenantSet, settings: Settings, keys: KeyResolver | None = None):
+        self.tenants = tenants
+        self.settings = settings
+        self.keys = keys or KeyResolver(settings.dns)
+        self._relay_domains = frozenset(t.relay_domain for t in tenants)
+        self._relay_suffixes = tuple("." + d for d in self._relay_domains)
+        self._signing_domains = frozenset(t.signing_domain for t in tenants)
+
+    def current(self) -> "Policy":
+        """A fixed policy is its own source (see reloader.ReloadingPolicy)."""
+        return self
+
+    # -- envelope -------------------------------------------------------------
+
+    def on_mail(self, tx: Transaction, sender: str) -> Verdict:
+        addr = strip_brackets(sender)
+        if addr and (not re.match(r"^[\x21-\x7e]+$", addr) or addr.count("@") != 1):
+            return Verdict.reject("553", "5.1.7", "malformed envelope sender")
+        tx.mail_from = addr
+        tx.recipients.clear()
+        tx.tenant = None
+        if tx.auth_user is None:
+            return CONTINUE  # signed ingress: the tenant comes from the recipients
+        # Authenticated submission: the login decides the tenant, for the whole transaction.
+        tenant = self.tenants.by_submission_user(self._login_name(tx.auth_user))
+        if tenant is None:
+            return Verdict.reject("550", "5.7.1", f"user {tx.auth_user} is not a submission user of any tenant")
+        if not tenant.client_allowed(tx.client_ip):
+            return Verdict.reject("550", "5.7.1", f"client {tx.client_ip} is not allowed to submit for this tenant")
+        if addr == "":
+            return Verdict.reject("550", "5.7.1", "the null sender is not accepted by this relay")
+        if not tenant.sender_allowed(addr):
+            return Verdict.reject("550", "5.7.1", f"envelope sender {addr} is not allowed for user {tx.auth_user}")
+        tx.tenant = tenant
+        return CONTINUE
+
+    def on_rcpt(self, tx: Transaction, rcpt: str) -> Verdict:
+        if tx.auth_user is not None:
+            return self._submission_rcpt(tx, rcpt)
+        try:
+            decoded = decode_recipient(rcpt)
+        except AddressError as exc:
+            return Verdict.reject("550", "5.1.3", f"bad recipient address syntax: {exc.reason}")
+        tenant = self.tenants.by_relay_domain(decoded.relay_domain)
+        if tenant is None:
+            # Postfix only lets relay domains through (reject_unauth_destination), so a
+            # domain the milter does not know means the two configurations are out of
+            # step for a moment (a tenant is being added): ask the client to retry.
+            return Verdict.tempfail("451", "4.3.5", f"{decoded.relay_domain} is not configured on this relay yet")
+        target_domain = decoded.address.rpartition("@")[2]
+        if target_domain in self._relay_domains or target_domain.endswith(self._relay_suffixes):
+            return Verdict.reject("550", "5.1.3", "encoded recipient points back at a relay domain")
+        if tx.tenant is not None and tx.tenant.id != tenant.id:
+            return Verdict.tempfail(
+                "452", "4.5.3", "recipients of another tenant must be sent in a separate transaction"
+            )
+        if not tenant.client_allowed(tx.client_ip):
+            return Verdict.reject("550", "5.7.1", f"client {tx.client_ip} is not allowed to relay for this tenant")
+        if tx.mail_from is None:
+            return Verdict.reject("503", "5.5.1", "MAIL FROM first")
+        if tx.mail_from == "":
+            return Verdict.reject("550", "5.7.1", "the null sender is not accepted by this relay")
+        if not tenant.envelope_sender_allowed(tx.mail_from):
+            return Verdict.reject("550", "5.7.1", f"envelope sender {tx.mail_from} is not allowed for this tenant")
+        tx.tenant = tenant
+        tx.recipients.append((rcpt, decoded))
+        return CONTINUE
+
+    def _login_name(self, auth_user: str) -> str:
+        """Cyrus reports "user@realm"; our users live in one realm, myhostname."""
+        user, at, realm = auth_user.rpartition("@")
+        if not at:
+            return auth_user
+        return user if realm.lower() == self.settings.myhostname else auth_user
+
+    def _submission_rcpt(self, tx: Transaction, rcpt: str) -> Verdict:
+        if tx.tenant is None:
+            return Verdict.reject("503", "5.5.1", "MAIL FROM first")
+        try:
+            address = plain_recipient(rcpt)
+        except AddressError as exc:
+            return Verdict.reject("550", "5.1.3", f"bad recipient address syntax: {exc.reason}")
+        domain = address.rpartition("@")[2]
+        if domain in self._relay_domains or domain.endswith(self._relay_suffixes):
+            # Encoded relay addresses belong to the signed ingress; here they could
+            # only be an attempt to reach another tenant's route.
+            return Verdict.reject("550", "5.7.1", "relay-domain recipients are not accepted on submission")
+        tx.recipients.append((rcpt, Decoded("", address)))
+        return CONTINUE
+
+    # -- content --------------------------------------------------------------
+
+    def on_eom(self, tx: Transaction, msg: Message) -> Disposition:
+        tenant = tx.tenant
+        if tenant is None or not tx.recipients:
+            return Disposition(Verdict.tempfail("451", "4.3.0", "no accepted recipients in this transaction"))
+        if refusal := limits.check_message(msg.headers, msg.body):
+            return Disposition(Verdict.reject(*refusal), tenant)
+
+        for name in defaults.SINGLETON_HEADERS:
+            count = len(msg.values(name))
+            if count > 1:
+                return Disposition(
+                    Verdict.reject("550", "5.6.0", f"message has {count} {name} header fields (at most one allowed)"),
+                    tenant,
+                )
+        froms = msg.values("from")
+        if not froms:
+            return Disposition(Verdict.reject("550", "5.6.0", "message has no From header field"), tenant)
+        author = _single_mailbox(froms[0])
+        if author is None:
+            return Disposition(
+                Verdict.reject("550", "5.6.0", "From header field must hold exactly one valid mailbox"), tenant
+            )
+        message_id = (msg.values("message-id") or [""])[0].strip()
+        if tx.auth_user is not None:
+            return self._submission_eom(tx, tenant, msg, author, message_id)
+
+        result = verify_hop_signature(
+            msg.raw(),
+            msg.values("dkim-signature"),
+            tenant,
+            self.keys,
+            other_signing_domains=self._signing_domains - {tenant.signing_domain},
+        )
+        if not result.passed:
+            if result.temporary:
+                verdict = Verdict.tempfail("451", result.dsn, f"DKIM key lookup failed: {result.reason}")
+            else:
+                verdict = Verdict.reject("550", result.dsn, f"DKIM verification failed: {result.reason}")
+            return Disposition(verdict, tenant, dkim=result, header_from=author, message_id=message_id)
+
+        return self._accept(tx, tenant, msg, author, message_id, self.authentication_results(result), result)
+
+    def _submission_eom(self, tx: Transaction, tenant: Tenant, msg: Message, author: str, message_id: str) -> Disposition:
+        ar = authres.AuthenticationResultsHeader(
+            authserv_id=self.settings.authserv,
+            results=[authres.SMTPAUTHAuthenticationResult(result="pass", smtp_auth=tx.auth_user)],
+        ).header_value()
+        return self._accept(tx, tenant, msg, author, message_id, ar, None)
+
+    def _accept(
+        self, tx: Transaction, tenant: Tenant, msg: Message, author: str, message_id: str, auth_results: str, dkim: DkimResult | None
+    ) -> Disposition:
+        """The sender check both ways in share, then the transformation."""
+        if not tenant.sender_allowed(author):
+            who = f"user {tx.auth_user}" if tx.auth_user else "this tenant"
+            return Disposition(
+                Verdict.reject("550", "5.7.1", f"From address {author} is not allowed for {who}"),
+                tenant,
+                dkim=dkim,
+                header_from=author,
+                message_id=message_id,
+            )
+        return Disposition(
+            Verdict(Action.ACCEPT),
+            tenant,
+            header_edits=tuple(self._header_edits(tenant, msg, auth_results)),
+            # Encoded recipients are replaced by the decoded ones; submission recipients stay.
+            recipient_changes=tuple((raw, f"<{d.address}>") for raw, d in tx.recipients if d.relay_domain),
+            new_sender=f"<{tenant.headers.envelope_sender}>" if tenant.headers.envelope_sender else None,
+            dkim=dkim,
+            header_from=author,
+            message_id=message_id,
+        )
+
+    def _header_edits(self, tenant: Tenant, msg: Message, auth_results: str):
+        strip = {h.lower() for h in tenant.headers.strip} | {defaults.ROUTE_HEADER.lower()}
+        occurrence: dict[str, int] = {}
+        deletes: list[HeaderEdit] = []
+        changes: list[HeaderEdit] = []
+        have_reply_to = False
+        for name, value in msg.headers:
+            lname = name.lower()
+            n = occurrence[lname] = occurrence.get(lname, 0) + 1
+            if lname in strip:
+                deletes.append(HeaderEdit("delete", name, index=n))
+            elif lname == "dkim-signature" and _signature_domain(value) == tenant.signing_domain:
+                deletes.append(HeaderEdit("delete", name, index=n))
+            elif lname == "authentication-results" and _authserv_id(value) == self.settings.authserv.lower():
+                # RFC 8601 section 5: remove forged results claiming to be ours.
+                deletes.append(HeaderEdit("delete", name, index=n))
+            elif lname == "reply-to" and tenant.headers.reply_to:
+                have_reply_to = True
+                changes.append(HeaderEdit("change", name, f" {tenant.headers.reply_to}", index=n))
+            elif lname in ("to", "cc"):
+                new = rewrite_address_header(value, tenant.relay_domain)
+                if new is not None:
+                    changes.append(HeaderEdit("change", name, f" {new}", index=n))
+        # Delete from the bottom up so earlier indexes stay valid whatever the MTA does.
+        yield from sorted(deletes, key=lambda e: (e.name.lower(), -e.index))
+        yield from changes
+        if tenant.headers.reply_to and not have_reply_to:
+            yield HeaderEdit("add", "Reply-To", f" {tenant.headers.reply_to}")
+        yield HeaderEdit("insert", "Authentication-Results", " " + auth_results, index=0)
+        yield HeaderEdit("add", defaults.ROUTE_HEADER, f" {tenant.id}")
+
+    def authentication_results(self, result: DkimResult) -> str:
+        res = authres.DKIMAuthenticationResult(
+            result="pass" if result.passed else ("temperror" if result.temporary else "fail"),
+            reason=result.reason if not result.passed else None,
+            header_d=result.domain or None,
+            header_i=result.identity or None,
+            header_s=result.selector or None,
+            header_a=result.algorithm or None,
+        )
+        if result.b_prefix:
+            res.properties.append(authres.core.AuthenticationResultProperty("header", "b", result.b_prefix))
+        return authres.AuthenticationResultsHeader(authserv_id=self.settings.authserv, results=[res]).header_value()
+
+
+def _single_mailbox(value: str) -> str | None:
+    flat = re.sub(r"\r?\n[ \t]*", " ", value)
+    if any(ord(c) < 32 and c != "\t" for c in flat):
+        return None
+    pairs = email.utils.getaddresses([flat], strict=True) if _GETADDRESSES_STRICT else email.utils.getaddresses([flat])
+    if len(pairs) != 1:
+        return None
+    addr = pairs[0][1]
+    local, sep, domain = addr.rpartition("@")
+    if not sep or not local or not re.match(r"^[a-z0-9.-]+\.[a-z0-9-]+$", domain.lower()):
+        return None
+    return f"{local}@{domain.lower()}"
+
+
+def _signature_domain(value: str) -> str:
+    m = re.search(r"(?:^|;)\s*d\s*=\s*([^;\s]+)", value)
+    return m.group(1).lower().rstrip(".") if m else ""
+
+
+def _authserv_id(value: str) -> str:
+    return value.strip().split(";", 1)[0].split()[0].lower() if value.strip() else ""

@@ -1,0 +1,212 @@
+"""The pymilter adapter: collects facts, asks the policy core, carries out the answer.
+
+Nothing here decides anything. Any exception tempfails the transaction
+(``milter.set_exception_policy(TEMPFAIL)`` plus our own guard at end of
+message), and Postfix's ``milter_default_action = tempfail`` covers a milter
+that is gone or too slow.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import re
+
+import Milter
+import milter as _milter
+
+from relay_milter import logs
+from relay_milter.core.addresses import strip_brackets
+from relay_milter.defaults import UPSTREAM_ID_HEADER
+from relay_milter.core.policy import Action, Disposition, Message, Policy, Transaction, Verdict
+
+log = logging.getLogger("relay.milter")
+
+FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM
+
+
+def _reply_text(text: str) -> str:
+    """libmilter treats % specially and the reply must be one printable line."""
+    text = re.sub(r"[^\x20-\x7e]", "?", text)
+    return text.replace("%", "%%")[:400]
+
+
+@Milter.header_leading_space
+class RelayMilter(Milter.Base):
+    # Set by serve() (or a test) before any connection: a Policy, or a
+    # ReloadingPolicy; either way .current() gives the policy for a transaction.
+    source: Policy
+
+    def __init__(self) -> None:
+        self.policy = self.source.current()
+        self.tx = Transaction()
+        self._headers: list[tuple[str, str]] = []
+        self._body = bytearray()
+
+    # -- helpers --------------------------------------------------------------
+
+    def _macro(self, name: str) -> str | None:
+        value = self.getsymval(name)
+        return value or None
+
+    def _answer(self, verdict: Verdict, stage: str, **fields) -> int:
+        if verdict.ok:
+            return Milter.CONTINUE
+        logs.event(
+            log,
+            logging.WARNING,
+            self.tx.queue_id,
+            "reject" if verdict.action is Action.REJECT else "tempfail",
+            stage=stage,
+            code=verdict.code,
+            dsn=verdict.dsn,
+            reason=verdict.reason,
+            client=self.tx.client_ip,
+            tenant=self.tx.tenant.id if self.tx.tenant else None,
+            **fields,
+        )
+        self.setreply(verdict.code, verdict.dsn, _reply_text(verdict.reason))
+        return Milter.REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL
+
+    # -- callbacks ------------------------------------------------------------
+
+    def connect(self, hostname, family, hostaddr):
+        ip = hostaddr[0] if isinstance(hostaddr, tuple) else None
+        self.tx = Transaction(client_ip=ip, client_name=hostname or "")
+        return Milter.CONTINUE
+
+    def hello(self, heloname):
+        self.tx.helo = heloname or ""
+        return Milter.CONTINUE
+
+    def envfrom(self, mailfrom, *params):
+        self.policy = self.source.current()  # one policy for the whole transaction
+        self._headers = []
+        self._body = bytearray()
+        self.tx.queue_id = self._macro("i")
+        self.tx.auth_user = self._macro("{auth_authen}")
+        return self._answer(self.policy.on_mail(self.tx, mailfrom), "mail", sender=mailfrom)
+
+    def envrcpt(self, to, *params):
+        if self.tx.queue_id is None:
+            self.tx.queue_id = self._macro("i")
+        return self._answer(self.policy.on_rcpt(self.tx, to), "rcpt", sender=self.tx.mail_from, rcpt=to)
+
+    def header(self, name, value):
+        if isinstance(value, bytes):  # undecodable: keep the bytes through surrogates
+            value = value.decode("utf-8", "surrogateescape")
+        if not self._leading_space():
+            value = " " + value
+        self._headers.append((name, value))
+        return Milter.CONTINUE
+
+    def _leading_space(self) -> bool:
+        return bool(getattr(self, "_protocol", 0) & Milter.P_HDR_LEADSPC)
+
+    def body(self, chunk):
+        self._body += chunk
+        return Milter.CONTINUE
+
+    def eom(self):
+        self.tx.queue_id = self._macro("i") or self.tx.queue_id
+        try:
+            disposition = self.policy.on_eom(self.tx, Message(tuple(self._headers), bytes(self._body)))
+            if not disposition.verdict.ok:
+                return self._answer(
+                    disposition.verdict,
+                    "eom",
+                    sender=self.tx.mail_from,
+                    header_from=disposition.header_from,
+                    message_id=disposition.message_id,
+                )
+            self._apply(disposition)
+        except Exception as exc:  # fail closed, never accept unverified mail
+            log.exception("%s: event=error stage=eom", self.tx.queue_id or "NOQUEUE")
+            return self._answer(
+                Verdict.tempfail("451", "4.3.0", f"relay policy error ({exc.__class__.__name__}), try again later"),
+                "eom",
+            )
+        finally:
+            self._body = bytearray()
+        return Milter.CONTINUE
+
+    def _apply(self, d: Disposition) -> None:
+        for edit in d.header_edits:
+            if edit.op == "delete":
+                self.chgheader(edit.name, edit.index, "")
+            elif edit.op == "change":
+                self.chgheader(edit.name, edit.index, edit.value)
+            elif edit.op == "insert":
+                self.addheader(edit.name, edit.value, edit.index)
+            else:
+                self.addheader(edit.name, edit.value)
+        for old, new in d.recipient_changes:
+            self.delrcpt(old)
+            self.addrcpt(new)
+        if d.new_sender:
+            self.chgfrom(d.new_sender)
+        logs.event(
+            log,
+            logging.INFO,
+            self.tx.queue_id,
+            "accepted",
+            tenant=d.tenant.id,
+            route=f"{d.tenant.transport}:{d.tenant.smarthost.nexthop}",
+            client=self.tx.client_ip,
+            sender=self.tx.mail_from,
+            new_sender=d.new_sender,
+            header_from=d.header_from,
+            message_id=d.message_id,
+            upstream_id=self._upstream_id(),
+            rcpts=",".join(f"<{dec.address}>" for _, dec in self.tx.recipients),
+            # The address each recipient arrived as (encoded under the relay domain), same order.
+            orig_rcpts=",".join(f"<{strip_brackets(orig)}>" for orig, _ in self.tx.recipients),
+            dkim=f"pass d={d.dkim.domain} s={d.dkim.selector} a={d.dkim.algorithm} key={d.dkim.key_source}" if d.dkim else None,
+            auth=self.tx.auth_user,
+        )
+
+    def _upstream_id(self) -> str | None:
+        """The platform's own reference for the message (header X-Upstream-ID), for tracking."""
+        wanted = UPSTREAM_ID_HEADER.lower()
+        for name, value in self._headers:
+            if name.lower() == wanted:
+                return value.strip()[:200] or None
+        return None
+
+    def abort(self):
+        self._headers = []
+        self._body = bytearray()
+        return Milter.CONTINUE
+
+    def close(self):
+        return Milter.CONTINUE
+
+
+def serve(source, socket: str, socket_group: str | None, socket_mode: int, timeout: int = 600) -> None:
+    """Run the milter until SIGTERM/SIGINT (libmilter handles both and drains).
+
+    ``source`` is a Policy or a ReloadingPolicy (anything with ``.current()``).
+    """
+    RelayMilter.source = source
+    Milter.factory = RelayMilter
+    _milter.set_flags(FLAGS)
+    _milter.set_exception_policy(Milter.TEMPFAIL)
+
+    path = socket[5:] if socket.startswith("unix:") else None
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        original_open = _milter.opensocket
+
+        def opensocket(rmsock):  # libmilter creates the socket here: fix its owner and mode
+            result = original_open(rmsock)
+            gid = grp.getgrnam(socket_group).gr_gid if socket_group else -1
+            if os.geteuid() == 0 and gid != -1:
+                os.chown(path, -1, gid)
+            os.chmod(path, socket_mode)
+            return result
+
+        _milter.opensocket = opensocket
+    logs.event(log, logging.INFO, None, "start", socket=socket, tenants=len(source.current().tenants))
+    Milter.runmilter("relay-milter", socket, timeout)
+    logs.event(log, logging.INFO, None, "stop")

@@ -1,0 +1,196 @@
+"""Render Postfix configuration from tenants, check it in a staging directory, install it.
+
+Files rendered (relative to the Postfix config directory):
+
+    main.cf, master.cf
+    relay/route.regexp            milter_header_checks: route marker -> FILTER
+    relay/strip_route.regexp      smtp_header_checks on tenant transports
+    relay/bounce_transport        transport_maps (texthash) for relay-generated mail
+    relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
+    relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
+    sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
+
+No table needs postmap (regexp and texthash are read as text), so a reload is
+all it takes to pick up a change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from relay_milter import defaults
+from relay_milter.postfix.runner import run_postfix
+from relay_milter.config import ConfigError, Settings, TenantSet, load_secrets
+
+OUTPUTS = {
+    "main.cf": "main.cf.j2",
+    "master.cf": "master.cf.j2",
+    "relay/route.regexp": "route.regexp.j2",
+    "relay/strip_route.regexp": "strip_route.regexp.j2",
+    "relay/bounce_transport": "bounce_transport.j2",
+    "sasl/smtpd.conf": "cyrus_smtpd.conf.j2",
+}
+# Per-tenant tables live in these directories; files of removed tenants are deleted on install.
+PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
+SECRET_DIR = "relay/smtp_auth"
+
+
+def is_secret(name: str) -> bool:
+    """Rendered files holding credentials: written mode 0600, never printed."""
+    return name.startswith(SECRET_DIR + "/")
+
+
+def template_dir(explicit: Path | None = None) -> Path:
+    candidates = [explicit] if explicit else []
+    if os.environ.get("RELAY_TEMPLATES"):
+        candidates.append(Path(os.environ["RELAY_TEMPLATES"]))
+    candidates += list(defaults.TEMPLATE_DIRS)
+    for c in candidates:
+        if c and (c / "main.cf.j2").is_file():
+            return c
+    raise ConfigError("cannot find the Postfix templates (set --templates or RELAY_TEMPLATES)")
+
+
+def render_files(tenants: TenantSet, settings: Settings, templates: Path | None = None) -> dict[str, str]:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir(templates))),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    context = {
+        "s": settings,
+        "tenants": sorted(tenants, key=lambda t: t.id),
+        "route_header": defaults.ROUTE_HEADER,
+        "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
+    }
+    files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
+    secrets = load_secrets(settings.secrets_file, tenants)
+    for t in context["tenants"]:
+        files[f"relay/tls/{t.id}.policy"] = env.get_template("tls_policy.j2").render(t=t)
+        if t.smarthost.auth:
+            password = secrets[t.id].smarthost_password
+            files[f"{SECRET_DIR}/{t.id}"] = env.get_template("sasl_passwd.j2").render(t=t, password=password)
+    return files
+
+
+def write_files(files: dict[str, str], out: Path) -> list[Path]:
+    written = []
+    for name, text in files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        if is_secret(name):
+            os.chmod(path.parent, 0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an old tmp file may have had another mode
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            tmp.write_text(text, encoding="utf-8")
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    problems: list[str]
+
+
+_DIAGNOSTIC = re.compile(r"^\S+: (warning|fatal|error|panic): ")
+
+
+def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = True) -> CheckResult:
+    """postconf (any warning is a failure), master.cf parse, route table lookups, postfix check."""
+    problems: list[str] = []
+    for argv, what in (
+        (["postconf", "-c", str(staging), "-n"], "main.cf"),
+        (["postconf", "-c", str(staging), "-M"], "master.cf"),
+    ):
+        r = run_postfix(argv)
+        out = r.stdout.replace("\r", "")
+        bad = [line for line in out.splitlines() if _DIAGNOSTIC.match(line)]
+        if r.returncode != 0 or bad:
+            problems.append(f"{what}: {' | '.join(bad) or out.strip() or f'exit {r.returncode}'}")
+    route_table = staging / "relay" / "route.regexp"
+    for t in tenants:
+        r = run_postfix(["postmap", "-c", str(staging), "-q", f"{defaults.ROUTE_HEADER}: {t.id}", f"regexp:{route_table}"])
+        want = f"FILTER {t.transport}:{t.smarthost.nexthop}"
+        if r.stdout.strip() != want:
+            problems.append(f"route table: tenant {t.id} resolves to {r.stdout.strip()!r}, expected {want!r}")
+    r = run_postfix(["postmap", "-c", str(staging), "-q", f"{defaults.ROUTE_HEADER}: no-such-tenant", f"regexp:{route_table}"])
+    if r.stdout.strip():
+        problems.append(f"route table: an unknown tenant resolves to {r.stdout.strip()!r}")
+    if run_postfix_check:
+        r = run_postfix(["postfix", "-c", str(staging), "check"])
+        if r.returncode != 0 or "fatal:" in r.stdout:
+            problems.append(f"postfix check: {r.stdout.strip() or f'exit {r.returncode}'}")
+    return CheckResult(not problems, problems)
+
+
+def render_and_check(tenants: TenantSet, settings: Settings, templates: Path | None = None) -> tuple[dict[str, str], CheckResult]:
+    files = render_files(tenants, settings, templates)
+    with tempfile.TemporaryDirectory(prefix="relay-staging-") as tmp:
+        staging = Path(tmp)
+        write_files(files, staging)
+        # postfix check inspects the queue directory; it must exist to be checked.
+        result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
+    return files, result
+
+
+def install(files: dict[str, str], settings: Settings) -> list[str]:
+    """Swap the checked files into the live config directory; returns the names that changed.
+
+    The previous versions are kept in <config>/relay/previous/ for rollback.
+    """
+    live = settings.config_directory
+    changed = [name for name, text in files.items() if _read(live / name) != text]
+    stale = [
+        str(p.relative_to(live))
+        for d in PER_TENANT_DIRS
+        if (live / d).is_dir()
+        for p in (live / d).iterdir()
+        if str(p.relative_to(live)) not in files
+    ]
+    if not changed and not stale:
+        return []
+    backup = live / "relay" / "previous"
+    backup.mkdir(parents=True, exist_ok=True)
+    for name in changed:
+        # Credentials are not kept around in backups.
+        if (live / name).exists() and not is_secret(name):
+            dst = backup / name.replace("/", "_")
+            shutil.copy2(live / name, dst)
+    write_files({n: files[n] for n in changed}, live)
+    for name in stale:
+        (live / name).unlink()
+    return changed + [f"{name} (removed)" for name in stale]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def postfix_running(settings: Settings) -> bool:
+    return run_postfix(["postfix", "-c", str(settings.config_directory), "status"]).returncode == 0
+
+
+def reload_postfix(settings: Settings) -> None:
+    r = run_postfix(["postfix", "-c", str(settings.config_directory), "reload"])
+    if r.returncode != 0:
+        raise ConfigError(f"postfix reload failed: {r.stdout.strip()}")

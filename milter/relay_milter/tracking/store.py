@@ -1,0 +1,806 @@
+"""The event store: delivery events, the tracker's checkpoints and state, the webhook outbox.
+
+Two backends behind one API and one schema description:
+
+- SQLite (``sqlite:////var/lib/tenant-relay/events.db`` or a bare path): one node, one
+  process. WAL so readers (relayctl, metrics) never block the tracker; one writer
+  connection, serialized in-process, with a busy timeout for the odd external writer.
+- PostgreSQL (``postgresql://user@host/db``, psycopg 3): several relay nodes share one
+  database. Each node keys its checkpoints and correlation state by its node name and
+  sees every node's events. The webhook sender takes ``pg_try_advisory_xact_lock`` per
+  tenant, so two nodes never deliver the same tenant's rows at the same time.
+
+The SQL is written once with ``?`` placeholders; the PostgreSQL backend rewrites them to
+``%s`` in one place (``_PgStore._sql``). JSON blobs are TEXT in both backends, so the
+statements stay identical.
+
+Exactly-once recording comes from the tracker writing events, state, outbox rows and the
+new file checkpoints in one transaction (``Store.transaction``), not from unique keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from relay_milter.config import ConfigError
+from relay_milter.tracking.events import Event, Kind
+
+SCHEMA_VERSION = 1
+
+# -- schema (one description, rendered per dialect) ---------------------------------
+
+# Logical column types -> (SQLite, PostgreSQL).
+_TYPES = {
+    "id": ("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY"),
+    "int": ("INTEGER", "BIGINT"),
+    "real": ("REAL", "DOUBLE PRECISION"),
+    "text": ("TEXT", "TEXT"),
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[tuple[str, str, bool], ...]  # (name, logical type, NOT NULL)
+    primary_key: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Index:
+    name: str
+    table: str
+    columns: tuple[str, ...]
+    where: str = ""  # partial index predicate (same syntax in both dialects)
+
+
+_EVENT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("kind", "text", True),
+    ("ts", "real", True),
+    ("node", "text", True),
+    ("tenant", "text", False),
+    ("queue_id", "text", False),
+    ("message_id", "text", False),
+    ("upstream_id", "text", False),
+    ("sender", "text", False),
+    ("recipient", "text", False),
+    ("original_recipient", "text", False),
+    ("relay", "text", False),
+    ("response_code", "text", False),
+    ("dsn", "text", False),
+    ("reason", "text", False),
+    ("tls", "text", False),  # JSON
+    ("next_retry", "real", False),
+    ("size", "int", False),
+    ("client", "text", False),
+)
+EVENT_FIELDS = tuple(c[0] for c in _EVENT_COLUMNS)
+
+TABLES: tuple[Table, ...] = (
+    Table("schema_version", (("version", "int", True),)),
+    Table("events", (("id", "id", True),) + _EVENT_COLUMNS),
+    Table("checkpoints", (("node", "text", True), ("stream", "text", True), ("value", "text", True)), ("node", "stream")),
+    Table("state", (("node", "text", True), ("queue_id", "text", True), ("value", "text", True)), ("node", "queue_id")),
+    Table(
+        "outbox",
+        (
+            ("id", "id", True),
+            ("tenant", "text", True),
+            ("event_id", "int", True),
+            ("payload", "text", True),  # the exact JSON body POSTed (same bytes on every retry)
+            ("attempts", "int", True),
+            ("next_attempt", "real", True),
+            ("created", "real", True),
+            ("delivered_at", "real", False),
+            ("last_attempt", "real", False),
+            ("last_error", "text", False),
+        ),
+    ),
+)
+
+INDEXES: tuple[Index, ...] = (
+    Index("events_queue_id", "events", ("queue_id",)),
+    Index("events_message_id", "events", ("message_id",)),
+    Index("events_recipient", "events", ("recipient",)),
+    Index("events_original_recipient", "events", ("original_recipient",)),
+    Index("events_tenant_ts", "events", ("tenant", "ts")),
+    Index("events_ts", "events", ("ts",)),
+    # The sender's hot path: the oldest undelivered row of each tenant.
+    Index("outbox_pending", "outbox", ("tenant", "id"), "delivered_at IS NULL"),
+)
+
+
+def schema_sql(dialect: str) -> list[str]:
+    """CREATE statements for ``dialect`` ("sqlite" or "postgresql"), all idempotent."""
+    col = 0 if dialect == "sqlite" else 1
+    out = []
+    for table in TABLES:
+        parts = [f"{name} {_TYPES[kind][col]}{' NOT NULL' if notnull and kind != 'id' else ''}" for name, kind, notnull in table.columns]
+        if table.primary_key:
+            parts.append(f"PRIMARY KEY ({', '.join(table.primary_key)})")
+        out.append(f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(parts)})")
+    for ix in INDEXES:
+        where = f" WHERE {ix.where}" if ix.where else ""
+        out.append(f"CREATE INDEX IF NOT EXISTS {ix.name} ON {ix.table} ({', '.join(ix.columns)}){where}")
+    return out
+
+
+# Version -> statements (per dialect) that bring the previous version up to it. Version 1
+# renders the current description; the first change to TABLES/INDEXES must pin version 1
+# to its literal statements and add version 2 with the ALTERs (never edit a released one).
+MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql}
+
+
+def _check_event_columns() -> None:
+    """The table and the dataclass must not drift apart silently."""
+    from dataclasses import fields
+
+    names = tuple(f.name for f in fields(Event) if f.name != "id")
+    if names != EVENT_FIELDS:
+        raise RuntimeError(f"events table columns {EVENT_FIELDS} do not match Event fields {names}")
+
+
+_check_event_columns()
+
+
+# -- public types ---------------------------------------------------------------------
+
+
+@dataclass
+class OutboxRow:
+    """One webhook delivery: the body is built when the event is recorded and sent as is."""
+
+    id: int
+    tenant: str
+    event_id: int
+    payload: str
+    attempts: int
+    next_attempt: float
+    created: float
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN for messages and logs: never the password (user info or ?password=)."""
+    try:
+        parts = urlsplit(dsn)
+        port = parts.port
+    except ValueError:
+        return "<unparsable DSN>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def normalize_message_id(value: str) -> tuple[str, str]:
+    """Both spellings of a Message-ID: operators paste it with or without the brackets."""
+    bare = value.strip().removeprefix("<").removesuffix(">")
+    return f"<{bare}>", bare
+
+
+def _placeholders(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+_EVENT_SELECT = f"SELECT id, {', '.join(EVENT_FIELDS)} FROM events"
+_INSERT_EVENT = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES ({_placeholders(len(EVENT_FIELDS))}) RETURNING id"
+_OUTBOX_COLUMNS = "o.id, o.tenant, o.event_id, o.payload, o.attempts, o.next_attempt, o.created"
+# The oldest undelivered row of each tenant, if it is due. A later row of the same tenant
+# is never returned while an earlier one is pending: per-tenant order is the contract.
+# The recursive CTE is a "loose index scan" over the partial index (tenant, id): each
+# step jumps to the first pending row of the next tenant, which is that tenant's head.
+# A tenant with a million rows backlogged then costs one index probe per round, not a
+# scan of its backlog. (A plain MIN(id) per tenant lets PostgreSQL walk the primary key
+# through the whole backlog.) Same SQL on SQLite and PostgreSQL.
+_NEXT_HEAD = (
+    "FROM outbox i WHERE i.delivered_at IS NULL AND i.tenant > heads.tenant ORDER BY i.tenant, i.id LIMIT 1"
+)
+_OUTBOX_HEADS = (
+    "WITH RECURSIVE heads(tenant, id) AS ("
+    " SELECT CAST('' AS TEXT), CAST(NULL AS BIGINT)"  # tenant ids are never empty
+    " UNION ALL"
+    f" SELECT (SELECT i.tenant {_NEXT_HEAD}), (SELECT i.id {_NEXT_HEAD})"
+    " FROM heads WHERE heads.tenant IS NOT NULL)"
+    f" SELECT {_OUTBOX_COLUMNS} FROM heads JOIN outbox o ON o.id = heads.id"
+    " WHERE o.next_attempt <= ?"
+)
+
+
+# -- connections: what a backend provides ----------------------------------------------
+
+
+class _Conn(ABC):
+    """The backend primitives a transaction or a read runs on (placeholders are ``?``)."""
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
+
+    def insert(self, sql: str, params: Sequence[Any]) -> int:
+        """Run an INSERT ... RETURNING id."""
+        rows = self.query_write(sql, params)
+        return int(rows[0]["id"])
+
+    def query_write(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        """A statement that writes and returns rows (RETURNING)."""
+        return self.query(sql, params)
+
+    # True when other nodes share the database (webhook sending needs per-tenant locks).
+    shared = False
+
+    def lock_tenants(self, tenants: Iterable[str]) -> set[str]:
+        """Tenants this transaction may send webhooks for. One node: all of them."""
+        return set(tenants)
+
+
+class Tx:
+    """One store transaction: everything in it commits together or not at all."""
+
+    def __init__(self, conn: _Conn):
+        self._c = conn
+
+    # -- events ----
+    def add_event(self, ev: Event, webhook: bool = False) -> int:
+        """Record ``ev`` (its ``id`` is set). ``webhook=True`` also queues it for the tenant's
+        webhook in the same transaction, so an event is never recorded without its delivery."""
+        row = ev.row()
+        ev.id = self._c.insert(_INSERT_EVENT, [row[name] for name in EVENT_FIELDS])
+        if webhook:
+            if not ev.tenant:
+                raise ValueError(f"event {ev.id}: a webhook needs a tenant")
+            from relay_milter.tracking.webhooks import payload  # webhooks imports this module for types only
+
+            body = json.dumps(payload(ev), separators=(",", ":"), ensure_ascii=False)
+            self._c.execute(
+                "INSERT INTO outbox (tenant, event_id, payload, attempts, next_attempt, created)"
+                " VALUES (?, ?, ?, 0, ?, ?)",
+                [ev.tenant, ev.id, body, ev.ts, time.time()],
+            )
+        return ev.id
+
+    # -- checkpoints ----
+    def get_checkpoint(self, node: str, stream: str) -> dict | None:
+        rows = self._c.query("SELECT value FROM checkpoints WHERE node = ? AND stream = ?", [node, stream])
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def set_checkpoint(self, node: str, stream: str, value: dict) -> None:
+        self._c.execute(
+            "INSERT INTO checkpoints (node, stream, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (node, stream) DO UPDATE SET value = excluded.value",
+            [node, stream, json.dumps(value, sort_keys=True)],
+        )
+
+    # -- per-queue-id correlation state ----
+    def put_state(self, node: str, queue_id: str, state: dict) -> None:
+        self._c.execute(
+            "INSERT INTO state (node, queue_id, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (node, queue_id) DO UPDATE SET value = excluded.value",
+            [node, queue_id, json.dumps(state, sort_keys=True)],
+        )
+
+    def get_state(self, node: str, queue_id: str) -> dict | None:
+        rows = self._c.query("SELECT value FROM state WHERE node = ? AND queue_id = ?", [node, queue_id])
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def delete_state(self, node: str, queue_id: str) -> None:
+        self._c.execute("DELETE FROM state WHERE node = ? AND queue_id = ?", [node, queue_id])
+
+    def all_state(self, node: str) -> dict[str, dict]:
+        rows = self._c.query("SELECT queue_id, value FROM state WHERE node = ? ORDER BY queue_id", [node])
+        return {r["queue_id"]: json.loads(r["value"]) for r in rows}
+
+    # -- webhook outbox ----
+    def outbox_due(self, now: float, limit: int = 50) -> list[OutboxRow]:
+        """The oldest undelivered row of each tenant whose next attempt is due, oldest first.
+
+        PostgreSQL: only tenants whose advisory lock this transaction obtained; the lock
+        holds until commit, so keep the transaction open while sending these rows. The
+        heads are read again after locking: another node may have just delivered one.
+        """
+        heads = self._c.query(f"{_OUTBOX_HEADS} ORDER BY o.next_attempt, o.id LIMIT ?", [now, limit])
+        if self._c.shared:
+            tenants = sorted(self._c.lock_tenants(sorted({r["tenant"] for r in heads})))
+            if not tenants:
+                return []
+            heads = self._c.query(
+                f"{_OUTBOX_HEADS} AND o.tenant IN ({_placeholders(len(tenants))}) ORDER BY o.next_attempt, o.id LIMIT ?",
+                [now, *tenants, limit],
+            )
+        return [OutboxRow(**r) for r in heads]
+
+    def outbox_done(self, row_id: int, now: float) -> None:
+        self._c.execute(
+            "UPDATE outbox SET delivered_at = ?, last_attempt = ?, attempts = attempts + 1 WHERE id = ? AND delivered_at IS NULL",
+            [now, now, row_id],
+        )
+
+    def outbox_failed(self, row_id: int, now: float, error: str, next_attempt: float) -> None:
+        """Record a failed attempt; the row stays at the head of its tenant until delivered."""
+        self._c.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_attempt = ?, last_error = ?, next_attempt = ?"
+            " WHERE id = ? AND delivered_at IS NULL",
+            [now, error[:2000], next_attempt, row_id],
+        )
+
+
+class Store(ABC):
+    """Read side and transactions. Thread-safe: the tracker, the webhook sender and the
+    metrics writer share one Store.
+
+    The read methods run outside any transaction and see committed data only (also when
+    called inside a ``transaction()`` block: use the Tx for reads that must see its writes).
+    """
+
+    dsn: str
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """Commit on success, roll back on an exception (which propagates)."""
+
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[_Conn]:
+        """A connection for reads outside any transaction."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    def safe_dsn(self) -> str:
+        return redact_dsn(self.dsn)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._read() as conn:
+            return conn.query(sql, params)
+
+    # -- schema ----
+    def migrate(self) -> int:
+        """Create or upgrade the schema; idempotent, safe when several nodes start at once.
+        Returns the schema version."""
+        with self.transaction() as tx:
+            conn = tx._c
+            self._migration_lock(conn)
+            conn.execute(schema_sql(self.dialect)[0])  # schema_version
+            rows = conn.query("SELECT MAX(version) AS v FROM schema_version")
+            current = int(rows[0]["v"] or 0)
+            if current > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.safe_dsn}: the event store has schema version {current}, newer than this "
+                    f"tenant-relay understands ({SCHEMA_VERSION}); upgrade tenant-relay on this node"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version](self.dialect):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
+        return SCHEMA_VERSION
+
+    dialect: str = ""
+
+    def _migration_lock(self, conn: _Conn) -> None:
+        """Serialize concurrent migrations (PostgreSQL: several nodes starting together)."""
+
+    # -- read side ----
+    def events(
+        self,
+        *,
+        tenant: str | None = None,
+        queue_id: str | None = None,
+        message_id: str | None = None,
+        recipient: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        kinds: Iterable[Kind | str] | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events matching every given filter, ordered by id (the first ``limit`` of them).
+        ``since`` is inclusive, ``until`` exclusive; a Message-ID matches with or without <>,
+        a recipient matches the decoded or the encoded (original) address."""
+        where: list[str] = []
+        params: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        if queue_id is not None:
+            where.append("queue_id = ?")
+            params.append(queue_id)
+        if message_id is not None:
+            where.append("message_id IN (?, ?)")
+            params += normalize_message_id(message_id)
+        if recipient is not None:
+            where.append("(recipient IN (?, ?) OR original_recipient IN (?, ?))")
+            params += [recipient, recipient.lower()] * 2
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            params.append(until)
+        if kinds is not None:
+            names = [Kind(k).value for k in kinds]
+            if not names:
+                return []
+            where.append(f"kind IN ({_placeholders(len(names))})")
+            params += names
+        sql = _EVENT_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [Event.from_row(r) for r in self._query(sql, params)]
+
+    def trace(self, key: str) -> list[Event]:
+        """Every event of every message ``key`` identifies, ordered by ts, id.
+
+        ``key`` is a Message-ID (with or without <>), a Postfix queue id, or a recipient
+        (decoded or encoded). Messages are matched first, then all their events are read:
+        by (node, queue id), since queue ids are only unique per node, and by Message-ID,
+        which links a message's rejections and its copies on other nodes.
+        """
+        key = key.strip()
+        if not key:
+            return []
+        seeds = self._query(
+            "SELECT id, node, queue_id, message_id FROM events"
+            " WHERE queue_id = ? OR message_id IN (?, ?) OR recipient IN (?, ?) OR original_recipient IN (?, ?)",
+            [key, *normalize_message_id(key), key, key.lower(), key, key.lower()],
+        )
+        if not seeds:
+            return []
+        ids = {r["id"] for r in seeds}
+        pairs = sorted({(r["node"], r["queue_id"]) for r in seeds if r["queue_id"]})
+        msgids = sorted({r["message_id"] for r in seeds if r["message_id"]})
+        found: dict[int, Event] = {}
+        for chunk in _chunks(pairs, 200):
+            cond = " OR ".join("(node = ? AND queue_id = ?)" for _ in chunk)
+            for r in self._query(f"{_EVENT_SELECT} WHERE {cond}", [v for pair in chunk for v in pair]):
+                found[r["id"]] = Event.from_row(r)
+        for chunk in _chunks(msgids, 500):
+            for r in self._query(f"{_EVENT_SELECT} WHERE message_id IN ({_placeholders(len(chunk))})", chunk):
+                found[r["id"]] = Event.from_row(r)
+        missing = sorted(ids - set(found))  # e.g. a NOQUEUE reject without a Message-ID
+        for chunk in _chunks(missing, 500):
+            for r in self._query(f"{_EVENT_SELECT} WHERE id IN ({_placeholders(len(chunk))})", chunk):
+                found[r["id"]] = Event.from_row(r)
+        return sorted(found.values(), key=lambda e: (e.ts, e.id or 0))
+
+    def stats(self, since: float, until: float, tenant: str | None = None) -> dict[str, dict[str, int]]:
+        """{tenant: {kind: count}} for since <= ts < until; every kind is present (0 if
+        none) for each tenant that has events. Events without a tenant count under "-"."""
+        sql = "SELECT tenant, kind, COUNT(*) AS n FROM events WHERE ts >= ? AND ts < ?"
+        params: list[Any] = [since, until]
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            params.append(tenant)
+        out: dict[str, dict[str, int]] = {}
+        for r in self._query(sql + " GROUP BY tenant, kind", params):
+            counts = out.setdefault(r["tenant"] or "-", {k.value: 0 for k in Kind})
+            counts[r["kind"]] = int(r["n"])
+        return out
+
+    def event_counts(self) -> dict[tuple[str, str], int]:
+        """(tenant or "-", kind) -> all-time total: monotonic counters for metrics."""
+        rows = self._query("SELECT tenant, kind, COUNT(*) AS n FROM events GROUP BY tenant, kind")
+        return {(r["tenant"] or "-", r["kind"]): int(r["n"]) for r in rows}
+
+    def outbox_backlog(self) -> dict[str, int]:
+        """tenant -> webhook rows not delivered yet (only tenants with a backlog)."""
+        rows = self._query("SELECT tenant, COUNT(*) AS n FROM outbox WHERE delivered_at IS NULL GROUP BY tenant")
+        return {r["tenant"]: int(r["n"]) for r in rows}
+
+    def queue_tenants(self, node: str, queue_ids: Iterable[str]) -> dict[str, str]:
+        """queue id -> tenant for messages in ``node``'s queue: from the tracker's state,
+        else from the message's recorded events (state is gone once Postfix removed it)."""
+        wanted = sorted(set(queue_ids))
+        out: dict[str, str] = {}
+        for chunk in _chunks(wanted, 500):
+            rows = self._query(
+                f"SELECT queue_id, value FROM state WHERE node = ? AND queue_id IN ({_placeholders(len(chunk))})",
+                [node, *chunk],
+            )
+            for r in rows:
+                tenant = json.loads(r["value"]).get("tenant")
+                if tenant:
+                    out[r["queue_id"]] = tenant
+        rest = [q for q in wanted if q not in out]
+        for chunk in _chunks(rest, 500):
+            rows = self._query(
+                "SELECT queue_id, MIN(tenant) AS tenant FROM events WHERE node = ? AND tenant IS NOT NULL"
+                f" AND queue_id IN ({_placeholders(len(chunk))}) GROUP BY queue_id",
+                [node, *chunk],
+            )
+            out.update({r["queue_id"]: r["tenant"] for r in rows})
+        return out
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# -- SQLite ---------------------------------------------------------------------------
+
+
+def _rows(cursor: Any) -> list[dict[str, Any]]:
+    if cursor.description is None:
+        return []
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+class _SqliteConn(_Conn):
+    """A SQLite transaction that takes the single writer only at its first write.
+
+    Reads before that go to the shared read connection and see the latest committed data,
+    so the webhook sender can read its due rows and POST them without holding the writer
+    (a slow receiver must not stall the tracker). Writes are atomic as usual. The tracker
+    and the sender write disjoint rows, which is what makes this safe in one process.
+    """
+
+    def __init__(self, store: "_SqliteStore"):
+        self.store = store
+        self.writing = False
+
+    def _begin_write(self) -> None:
+        if not self.writing:
+            self.store._write_lock.acquire()
+            try:
+                self.store._writer.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._write_lock.release()
+                raise
+            self.writing = True
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        if self.writing:
+            return _rows(self.store._writer.execute(sql, params))
+        with self.store._read_lock:
+            return _rows(self.store._reader.execute(sql, params))
+
+    def query_write(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        self._begin_write()
+        return _rows(self.store._writer.execute(sql, params))
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._begin_write()
+        self.store._writer.execute(sql, params)
+
+    def finish(self, commit: bool) -> None:
+        if not self.writing:
+            return
+        try:
+            if commit:
+                try:
+                    self.store._writer.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT (disk full, I/O error) leaves the transaction
+                    # open: end it, or the next writer would inherit it.
+                    if self.store._writer.in_transaction:
+                        self.store._writer.execute("ROLLBACK")
+                    raise
+            else:
+                self.store._writer.execute("ROLLBACK")
+        finally:
+            self.writing = False
+            self.store._write_lock.release()
+
+
+class _SqliteStore(Store):
+    dialect = "sqlite"
+    BUSY_TIMEOUT_MS = 10_000
+
+    def __init__(self, dsn: str, path: str):
+        self.dsn = dsn
+        self.path = path
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._local = threading.local()
+        try:
+            self._writer = self._connect()
+            self._writer.execute("PRAGMA journal_mode=WAL")
+            self._reader = self._connect()
+        except sqlite3.Error as exc:
+            hint = ""
+            parent = Path(path).parent
+            if not parent.is_dir():
+                hint = f" (directory {parent} does not exist)"
+            elif not os.access(parent, os.W_OK):
+                hint = f" (directory {parent} is not writable)"
+            raise ConfigError(f"events_dsn {dsn}: cannot open the SQLite event store: {exc}{hint}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves; reads outside a
+        # transaction then always see the latest commit.
+        conn = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        if getattr(self._local, "active", False):
+            raise RuntimeError("nested event store transaction")
+        conn = _SqliteConn(self)
+        self._local.active = True
+        try:
+            yield Tx(conn)
+        except BaseException:
+            conn.finish(commit=False)
+            raise
+        else:
+            conn.finish(commit=True)
+        finally:
+            self._local.active = False
+
+    @contextmanager
+    def _read(self) -> Iterator[_Conn]:
+        yield _SqliteConn(self)  # never writes: always the read connection
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            self._writer.close()
+            self._reader.close()
+
+
+# -- PostgreSQL -----------------------------------------------------------------------
+
+# Namespace of our advisory locks (first key of the two-int form): "tR".
+_LOCK_NAMESPACE = 0x7452
+
+
+def tenant_lock_key(tenant: str) -> int:
+    """Stable signed 32-bit key for a tenant, the same on every node and Python build."""
+    return int.from_bytes(hashlib.blake2b(tenant.encode(), digest_size=4).digest(), "big", signed=True)
+
+
+class _PgConn(_Conn):
+    shared = True
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        """The one place where the placeholder style differs: ``?`` -> ``%s``."""
+        return sql.replace("%", "%%").replace("?", "%s")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self.conn.cursor() as cur:
+            cur.execute(self._sql(sql), list(params))
+            return _rows(cur)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute(self._sql(sql), list(params))
+
+    def lock_tenants(self, tenants: Iterable[str]) -> set[str]:
+        got = set()
+        for tenant in tenants:
+            rows = self.query("SELECT pg_try_advisory_xact_lock(?, ?) AS ok", [_LOCK_NAMESPACE, tenant_lock_key(tenant)])
+            if rows[0]["ok"]:
+                got.add(tenant)
+        return got
+
+
+class _PgStore(Store):
+    """Two connections per thread: one for transactions, one (autocommit) for the read
+    side, so reads see committed data only, as with SQLite. The tracker, the sender and
+    readers run concurrently, and the sender keeps a transaction open over its POSTs."""
+
+    dialect = "postgresql"
+    CONNECT_TIMEOUT = 10
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+        self._conn("tx")  # fail now, with a readable message, not in the first query
+
+    def _conn(self, role: str) -> Any:
+        conn = getattr(self._local, role, None)
+        if conn is not None and not conn.closed:
+            return conn
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT, application_name="relayctl-track")
+        except psycopg.Error as exc:
+            text = str(exc).strip()
+            password = urlsplit(self.dsn).password
+            if password:
+                text = text.replace(password, "***")
+            raise ConfigError(f"events_dsn {self.safe_dsn}: cannot connect to PostgreSQL: {text}") from None
+        setattr(self._local, role, conn)
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        conn = self._conn("tx")
+        from psycopg.pq import TransactionStatus
+
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            raise RuntimeError("nested event store transaction")
+        with conn.transaction():
+            yield Tx(_PgConn(conn))
+
+    @contextmanager
+    def _read(self) -> Iterator[_Conn]:
+        yield _PgConn(self._conn("read"))
+
+    def _migration_lock(self, conn: _Conn) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(?, 0)", [_LOCK_NAMESPACE])
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+
+# -- opening --------------------------------------------------------------------------
+
+
+def open_store(dsn: str, migrate: bool = True) -> Store:
+    """Open (and by default create or upgrade) the store a DSN names.
+
+    ``sqlite:////abs/path.db``, ``sqlite:///relative.db``, a bare path, or
+    ``postgresql://user[:password]@host[:port]/database``. Problems are ConfigErrors that
+    name the DSN (never its password).
+    """
+    store: Store
+    if dsn.startswith(("postgresql://", "postgres://")):
+        store = _PgStore(dsn)
+    elif dsn.startswith("sqlite:"):
+        match = re.match(r"^sqlite:///(.+)$", dsn)
+        if not match:
+            raise ConfigError(f"events_dsn {dsn}: use sqlite:////absolute/path.db")
+        if ":memory:" in match.group(1) or match.group(1).startswith("file:"):
+            raise ConfigError(f"events_dsn {dsn}: use a file path (the store needs two connections to one database)")
+        store = _SqliteStore(dsn, match.group(1))
+    elif "://" in dsn:
+        raise ConfigError(f"events_dsn {redact_dsn(dsn)}: unsupported; use sqlite:////absolute/path.db or postgresql://user@host/database")
+    else:
+        store = _SqliteStore(dsn, dsn)
+    if migrate:
+        try:
+            store.migrate()
+        except ConfigError:
+            store.close()
+            raise
+        except _db_errors() as exc:
+            store.close()
+            raise ConfigError(f"events_dsn {store.safe_dsn}: cannot create or upgrade the schema: {exc}") from None
+    return store
+
+
+def _db_errors() -> tuple[type[BaseException], ...]:
+    """Database errors of both drivers (psycopg only when it is installed)."""
+    try:
+        import psycopg
+    except ImportError:
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)

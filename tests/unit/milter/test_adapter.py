@@ -1,0 +1,134 @@
+"""The pymilter adapter under Milter.testctx.TestCtx: callbacks in libmilter order, no MTA."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import Milter
+import pytest
+import yaml
+from Milter.testctx import TestCtx as MilterCtx
+
+from relay_milter.milter.adapter import RelayMilter
+from relay_milter.config import Settings, load_tenants
+from relay_milter.lab import make_message, rsa_key, sign
+from relay_milter.core.policy import Policy
+
+RCPT = "alice=example.org@acme.relay.test"
+
+
+@pytest.fixture(scope="module")
+def key():
+    return rsa_key(2048)
+
+
+@pytest.fixture
+def policy(tmp_path, key):
+    doc = {
+        "id": "acme",
+        "relay_domain": "acme.relay.test",
+        "signing_domain": "hop.acme.test",
+        "selector": "s1",
+        "public_key": key.txt,
+        "allowed_sender_domains": ["acme.example"],
+        "smarthost": {"host": "127.0.0.1", "port": 2525},
+        "headers": {"strip": ["X-Platform-Trace"], "envelope_sender": "bounces@acme.example", "reply_to": "replies@acme.example"},
+        "submission_users": ["app1"],
+    }
+    (tmp_path / "acme.yaml").write_text(yaml.safe_dump(doc))
+    return Policy(load_tenants(tmp_path), Settings(myhostname="relay.test"))
+
+
+@pytest.fixture
+def ctx(policy):
+    RelayMilter.source = policy
+    Milter.factory = RelayMilter
+    ctx = MilterCtx()
+    ctx._setsymval("i", "4XyZ1Qd2")
+    assert ctx._connect(host="platform.example", helo="platform.example", ip="127.0.0.1") == Milter.CONTINUE
+    return ctx
+
+
+def signed(key, **kw):
+    msg = make_message("news@acme.example", "alice@example.org", extra_headers=(("X-Platform-Trace", "hop-1"),), **kw)
+    return sign(msg, key, "hop.acme.test", "s1")
+
+
+def test_good_message_is_rewritten_and_routed(ctx, key, caplog):
+    caplog.set_level(logging.INFO, logger="relay.milter")
+    rc = ctx._feedFile(io.BytesIO(signed(key)), "news@acme.example", RCPT)
+    assert rc == Milter.CONTINUE
+    assert ctx._reply is None
+    assert ctx._delrcpt == [f"<{RCPT}>"]
+    assert ctx._addrcpt == [("<alice@example.org>", None)]
+    assert ctx._envfromchanged and ctx._sender == "<bounces@acme.example>"
+    msg = ctx._msg
+    assert msg.get_all("DKIM-Signature") is None
+    assert msg.get_all("X-Platform-Trace") is None
+    assert msg["X-Relay-Route"].strip() == "acme"
+    assert msg["Reply-To"].strip() == "replies@acme.example"
+    assert "dkim=pass" in msg["Authentication-Results"]
+    assert "4XyZ1Qd2: event=accepted tenant=acme route=relay_acme:[127.0.0.1]:2525" in caplog.text
+
+
+def test_bad_recipient_is_rejected_at_rcpt_with_a_precise_reply(ctx, key, caplog):
+    rc = ctx._feedFile(io.BytesIO(signed(key)), "news@acme.example", "alice@acme.relay.test")
+    assert rc == Milter.REJECT
+    assert ctx._reply[:2] == ("550", "5.1.3")
+    assert "not encoded" in ctx._reply[2]
+    assert "4XyZ1Qd2: event=reject stage=rcpt code=550 dsn=5.1.3" in caplog.text
+
+
+def test_altered_body_is_rejected_at_end_of_message(ctx, key):
+    raw = signed(key).replace(b"Hello from the platform.", b"Hello from a forger!!!!")
+    rc = ctx._feedFile(io.BytesIO(raw), "news@acme.example", RCPT)
+    assert rc == Milter.REJECT
+    assert ctx._reply[:2] == ("550", "5.7.20")
+    assert ctx._addrcpt == [] and ctx._delrcpt == []  # nothing was changed on a rejected message
+
+
+def test_reply_text_cannot_break_the_protocol(ctx, key):
+    # A '%' or a CR/LF in client-derived text must not reach smfi_setreply raw.
+    rc = ctx._feedFile(io.BytesIO(signed(key)), "x%s\r\n@evil.example", RCPT)
+    assert rc == Milter.REJECT
+    assert "\r" not in ctx._reply[2] and "\n" not in ctx._reply[2]
+    assert "%" not in ctx._reply[2].replace("%%", "")
+
+
+def test_policy_crash_tempfails_never_accepts(ctx, key, policy, monkeypatch, caplog):
+    def boom(*a, **k):
+        raise RuntimeError("simulated defect")
+
+    monkeypatch.setattr(policy, "on_eom", boom)
+    rc = ctx._feedFile(io.BytesIO(signed(key)), "news@acme.example", RCPT)
+    assert rc == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("451", "4.3.0")
+    assert ctx._addrcpt == []
+    assert "event=error stage=eom" in caplog.text
+
+
+def test_authenticated_submission_takes_the_login_from_auth_authen(ctx, caplog):
+    caplog.set_level(logging.INFO, logger="relay.milter")
+    ctx._setsymval("{auth_authen}", "app1@relay.test")
+    raw = make_message("news@acme.example", "bob@example.org")  # no DKIM: the login vouches
+    rc = ctx._feedFile(io.BytesIO(raw), "news@acme.example", "bob@example.org")
+    assert rc == Milter.CONTINUE, ctx._reply
+    assert ctx._delrcpt == [] and ctx._addrcpt == []  # plain recipients are delivered as given
+    assert ctx._msg["X-Relay-Route"].strip() == "acme"
+    assert ctx._msg["Authentication-Results"].strip() == "relay.test; auth=pass smtp.auth=app1@relay.test"
+    assert "event=accepted tenant=acme" in caplog.text and "auth=app1@relay.test" in caplog.text
+    assert "rcpts=<bob@example.org>" in caplog.text
+
+
+def test_unsigned_mail_without_a_login_is_still_refused(ctx):
+    raw = make_message("news@acme.example", "alice@example.org")
+    assert ctx._feedFile(io.BytesIO(raw), "news@acme.example", RCPT) == Milter.REJECT
+    assert ctx._reply[:2] == ("550", "5.7.20")
+
+
+def test_a_login_of_no_tenant_is_refused_at_mail_from(ctx):
+    ctx._setsymval("{auth_authen}", "intruder@relay.test")
+    rc = ctx._feedFile(io.BytesIO(make_message("news@acme.example", "bob@example.org")), "news@acme.example", "bob@example.org")
+    assert rc == Milter.REJECT
+    assert ctx._reply[:2] == ("550", "5.7.1") and "not a submission user" in ctx._reply[2]
