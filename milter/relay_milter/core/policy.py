@@ -82,16 +82,25 @@ class Transaction:
     tenant: Tenant | None = None
 
 
+class EditOp(Enum):
+    """What a :class:`HeaderEdit` does to the header block."""
+
+    DELETE = "delete"
+    CHANGE = "change"
+    INSERT = "insert"
+    ADD = "add"
+
+
 @dataclass(frozen=True)
 class HeaderEdit:
     """One change to the header block.
 
-    op "delete"/"change": ``index`` is the 1-based occurrence among fields with
-    this name (smfi_chgheader). op "insert": ``index`` is the 0-based position
-    from the top (smfi_insheader). op "add": appended at the end.
+    DELETE/CHANGE: ``index`` is the 1-based occurrence among fields with
+    this name (smfi_chgheader). INSERT: ``index`` is the 0-based position
+    from the top (smfi_insheader). ADD: appended at the end.
     """
 
-    op: str
+    op: EditOp
     name: str
     value: str = ""
     index: int = 0
@@ -318,26 +327,26 @@ class Policy:
             lname = name.lower()
             n = occurrence[lname] = occurrence.get(lname, 0) + 1
             if lname in strip:
-                deletes.append(HeaderEdit("delete", name, index=n))
+                deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
             elif lname == "dkim-signature" and _signature_domain(value) == tenant.signing_domain:
-                deletes.append(HeaderEdit("delete", name, index=n))
+                deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
             elif lname == "authentication-results" and _authserv_id(value) == self.settings.authserv.lower():
                 # RFC 8601 section 5: remove forged results claiming to be ours.
-                deletes.append(HeaderEdit("delete", name, index=n))
+                deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
             elif lname == "reply-to" and tenant.headers.reply_to:
                 have_reply_to = True
-                changes.append(HeaderEdit("change", name, f" {tenant.headers.reply_to}", index=n))
+                changes.append(HeaderEdit(EditOp.CHANGE, name, f" {tenant.headers.reply_to}", index=n))
             elif lname in ("to", "cc"):
                 new = rewrite_address_header(value, tenant.relay_domain)
                 if new is not None:
-                    changes.append(HeaderEdit("change", name, f" {new}", index=n))
+                    changes.append(HeaderEdit(EditOp.CHANGE, name, f" {new}", index=n))
         # Delete from the bottom up so earlier indexes stay valid whatever the MTA does.
         yield from sorted(deletes, key=lambda e: (e.name.lower(), -e.index))
         yield from changes
         if tenant.headers.reply_to and not have_reply_to:
-            yield HeaderEdit("add", "Reply-To", f" {tenant.headers.reply_to}")
-        yield HeaderEdit("insert", "Authentication-Results", " " + auth_results, index=0)
-        yield HeaderEdit("add", defaults.ROUTE_HEADER, f" {tenant.id}")
+            yield HeaderEdit(EditOp.ADD, "Reply-To", f" {tenant.headers.reply_to}")
+        yield HeaderEdit(EditOp.INSERT, "Authentication-Results", " " + auth_results, index=0)
+        yield HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, f" {tenant.id}")
 
     def authentication_results(self, result: DkimResult) -> str:
         res = authres.DKIMAuthenticationResult(

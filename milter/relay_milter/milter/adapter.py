@@ -12,6 +12,7 @@ import grp
 import logging
 import os
 import re
+from typing import Callable
 
 import Milter
 import milter as _milter
@@ -19,7 +20,7 @@ import milter as _milter
 from relay_milter import logs
 from relay_milter.core.addresses import strip_brackets
 from relay_milter.defaults import UPSTREAM_ID_HEADER
-from relay_milter.core.policy import Action, Disposition, Message, Policy, Transaction, Verdict
+from relay_milter.core.policy import Action, Disposition, EditOp, HeaderEdit, Message, Policy, Transaction, Verdict
 
 log = logging.getLogger("relay.milter")
 
@@ -131,16 +132,24 @@ class RelayMilter(Milter.Base):
             self._body = bytearray()
         return Milter.CONTINUE
 
+    def _header_edit(self, edit: HeaderEdit) -> Callable[[], object]:
+        """The libmilter call for one header edit; an unknown edit raises (eom tempfails)."""
+        match edit.op:
+            case EditOp.DELETE:
+                return lambda: self.chgheader(edit.name, edit.index, "")
+            case EditOp.CHANGE:
+                return lambda: self.chgheader(edit.name, edit.index, edit.value)
+            case EditOp.INSERT:
+                return lambda: self.addheader(edit.name, edit.value, edit.index)
+            case EditOp.ADD:
+                return lambda: self.addheader(edit.name, edit.value)
+            case _:
+                raise ValueError(f"unknown header edit {edit.op!r} for {edit.name}")
+
     def _apply(self, d: Disposition) -> None:
-        for edit in d.header_edits:
-            if edit.op == "delete":
-                self.chgheader(edit.name, edit.index, "")
-            elif edit.op == "change":
-                self.chgheader(edit.name, edit.index, edit.value)
-            elif edit.op == "insert":
-                self.addheader(edit.name, edit.value, edit.index)
-            else:
-                self.addheader(edit.name, edit.value)
+        # Every edit is resolved before the first is applied: an unknown one changes nothing.
+        for apply in [self._header_edit(edit) for edit in d.header_edits]:
+            apply()
         for old, new in d.recipient_changes:
             self.delrcpt(old)
             self.addrcpt(new)

@@ -16,7 +16,7 @@ from support.factories import tenant_doc
 from relay_milter.config import DnsSettings, Settings, load_tenants
 from relay_milter.core.dkimverify import KeyResolver
 from relay_milter.lab import ed25519_key, free_port, make_message, rsa_key, sign
-from relay_milter.core.policy import Action, Message, Policy, Transaction
+from relay_milter.core.policy import Action, EditOp, HeaderEdit, Message, Policy, Transaction
 
 ACME_RCPT = "<alice=example.org@acme.relay.test>"
 GLOBEX_RCPT = "<bob=example.org@globex.relay.test>"
@@ -124,16 +124,16 @@ def test_accept_carries_the_transformation(policy, keys):
     assert policy.on_rcpt(tx, ACME_RCPT).ok
     d = policy.on_eom(tx, to_message(raw))
     assert d.verdict.action is Action.ACCEPT, d.verdict
-    ops = [(e.op, e.name.lower(), e.value.strip()) for e in d.header_edits]
+    ops = [(e.op.value, e.name.lower(), e.value.strip()) for e in d.header_edits]
     assert ("delete", "dkim-signature", "") in ops
     assert ("delete", "x-platform-trace", "") in ops
     assert ("delete", "x-relay-route", "") in ops  # a client-supplied route marker never survives
     assert ("change", "reply-to", "replies@acme.example") in ops
     assert ("change", "to", "Alice <alice@example.org>") in ops
     [ar] = [e for e in d.header_edits if e.name == "Authentication-Results"]
-    assert ar.op == "insert" and ar.index == 0
+    assert ar.op is EditOp.INSERT and ar.index == 0
     assert ar.value.strip().startswith("relay.test; dkim=pass") and "header.d=hop.acme.test" in ar.value
-    assert d.header_edits[-1] == type(d.header_edits[-1])("add", "X-Relay-Route", " acme")
+    assert d.header_edits[-1] == HeaderEdit(EditOp.ADD, "X-Relay-Route", " acme")
     assert d.recipient_changes == ((ACME_RCPT, "<alice@example.org>"),)
     assert d.new_sender == "<bounces@acme.example>"
 
@@ -142,7 +142,7 @@ def test_forged_authentication_results_for_our_authserv_id_are_removed(policy, k
     raw = b"Authentication-Results: relay.test; dkim=pass header.d=hop.acme.test\r\n" + signed(keys)
     d = run(policy, raw)
     assert d.verdict.action is Action.ACCEPT
-    assert any(e.op == "delete" and e.name.lower() == "authentication-results" for e in d.header_edits)
+    assert any(e.op is EditOp.DELETE and e.name.lower() == "authentication-results" for e in d.header_edits)
 
 
 def test_dns_failure_tempfails(tmp_path, keys):

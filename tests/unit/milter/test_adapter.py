@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -13,7 +14,7 @@ from Milter.testctx import TestCtx as MilterCtx
 from relay_milter.milter.adapter import RelayMilter
 from relay_milter.config import Settings, load_tenants
 from relay_milter.lab import make_message, rsa_key, sign
-from relay_milter.core.policy import Policy
+from relay_milter.core.policy import HeaderEdit, Policy
 
 RCPT = "alice=example.org@acme.relay.test"
 
@@ -106,6 +107,24 @@ def test_policy_crash_tempfails_never_accepts(ctx, key, policy, monkeypatch, cap
     assert ctx._reply[:2] == ("451", "4.3.0")
     assert ctx._addrcpt == []
     assert "event=error stage=eom" in caplog.text
+
+
+def test_unknown_header_edit_tempfails_and_changes_nothing(ctx, key, policy, monkeypatch, caplog):
+    real = policy.on_eom
+
+    def with_unknown_edit(tx, message):
+        d = real(tx, message)
+        assert d.verdict.ok and d.header_edits  # a good message: edits that would be applied
+        return dataclasses.replace(d, header_edits=(*d.header_edits, HeaderEdit("append", "X-Injected", " yes")))
+
+    monkeypatch.setattr(policy, "on_eom", with_unknown_edit)
+    rc = ctx._feedFile(io.BytesIO(signed(key)), "news@acme.example", RCPT)
+    assert rc == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("451", "4.3.0")
+    assert ctx._msg.get_all("X-Injected") is None and ctx._msg.get_all("X-Relay-Route") is None
+    assert ctx._msg.get_all("X-Platform-Trace") is not None  # not even the known edits before it were applied
+    assert ctx._addrcpt == [] and ctx._delrcpt == []
+    assert "event=error stage=eom" in caplog.text and "unknown header edit 'append' for X-Injected" in caplog.text
 
 
 def test_authenticated_submission_takes_the_login_from_auth_authen(ctx, caplog):
