@@ -22,13 +22,27 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from relay_milter.tracking.events import Kind
-from relay_milter.postfix.queue import QUEUES, TenantQueue
+
+# Postfix's queues, in the order their series are written (postconf(5), queue_directory).
+QUEUES: tuple[str, ...] = ("active", "deferred", "hold", "incoming", "maildrop")
+
+
+class QueueRow(Protocol):
+    """One tenant's share of the Postfix queue, as the metrics need it. Any object with
+    these attributes will do (the queue summary of ``relayctl queue`` is one)."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def counts(self) -> Mapping[str, int]: ...  # queue name -> messages; a missing queue is 0
+    @property
+    def oldest_deferred_age(self) -> float | None: ...  # seconds; None when none is deferred
 
 
 @dataclass
@@ -37,7 +51,7 @@ class Snapshot:
 
     tenants: tuple[str, ...] = ()  # configured tenant ids: series that always exist
     event_counts: Mapping[tuple[str, str], int] | None = None  # (tenant, kind) -> total
-    queue: list[TenantQueue] | None = None
+    queue: Sequence[QueueRow] | None = None
     webhook_backlog: Mapping[str, int] | None = None  # tenant -> undelivered rows
     tracker_last_run: float | None = None  # epoch seconds
 
@@ -144,7 +158,7 @@ def write_textfile(path: Path | str, text: str) -> None:
 def collect(
     tenants: Iterable[str],
     store: MetricsStore | None,
-    queue: list[TenantQueue] | None,
+    queue: Sequence[QueueRow] | None,
     tracker_last_run: float | None = None,
 ) -> Snapshot:
     """A snapshot from the store (events, webhook backlog) and an attributed queue summary."""

@@ -257,23 +257,25 @@ class Tx:
         self._c = conn
 
     # -- events ----
-    def add_event(self, ev: Event, webhook: bool = False) -> int:
-        """Record ``ev`` (its ``id`` is set). ``webhook=True`` also queues it for the tenant's
-        webhook in the same transaction, so an event is never recorded without its delivery."""
+    def add_event(self, ev: Event) -> int:
+        """Record ``ev``; its ``id`` is set and returned."""
         row = ev.row()
         ev.id = self._c.insert(_INSERT_EVENT, [row[name] for name in EVENT_FIELDS])
-        if webhook:
-            if not ev.tenant:
-                raise ValueError(f"event {ev.id}: a webhook needs a tenant")
-            from relay_milter.tracking.webhooks import payload  # webhooks imports this module for types only
-
-            body = json.dumps(payload(ev), separators=(",", ":"), ensure_ascii=False)
-            self._c.execute(
-                "INSERT INTO outbox (tenant, event_id, payload, attempts, next_attempt, created)"
-                " VALUES (?, ?, ?, 0, ?, ?)",
-                [ev.tenant, ev.id, body, ev.ts, time.time()],
-            )
         return ev.id
+
+    def queue_webhook(self, ev: Event, body: str) -> None:
+        """Queue ``body`` (the exact bytes to POST, built by the caller from the recorded
+        event) for ``ev``'s tenant. Called in the transaction that recorded ``ev``, so an
+        event is never recorded without its delivery."""
+        if ev.id is None:
+            raise ValueError("queue_webhook needs a recorded event (add_event first)")
+        if not ev.tenant:
+            raise ValueError(f"event {ev.id}: a webhook needs a tenant")
+        self._c.execute(
+            "INSERT INTO outbox (tenant, event_id, payload, attempts, next_attempt, created)"
+            " VALUES (?, ?, ?, 0, ?, ?)",
+            [ev.tenant, ev.id, body, ev.ts, time.time()],
+        )
 
     # -- checkpoints ----
     def get_checkpoint(self, node: str, stream: str) -> dict | None:

@@ -43,6 +43,7 @@ from relay_milter.core.addresses import AddressError, decode_local
 from relay_milter.config import ConfigError, Settings, Tenant, TenantSet
 from relay_milter.defaults import MINIMAL_BACKOFF
 from relay_milter.tracking.events import Event, Kind
+from relay_milter.tracking.webhooks import record_event
 from relay_milter.tracking.logparse import MilterRecord, PostfixRecord, parse_milter, parse_postfix
 
 log = logging.getLogger("relay.tracker")
@@ -489,7 +490,7 @@ class Tracker:
             return
         with self.store.transaction() as tx:
             for ev in events:
-                tx.add_event(ev, webhook=self._has_webhook(ev.tenant))
+                record_event(tx, ev, webhook=self._has_webhook(ev.tenant))
             for key in sorted(self._deleted):
                 tx.delete_state(self.node, key)
             for key in sorted(self._dirty):

@@ -35,8 +35,8 @@ from relay_milter.config import TenantSecrets, TenantSet, TrackingSettings
 from relay_milter.tracking.events import Event, Kind, iso
 from relay_milter.logs import event as log_event
 
-if TYPE_CHECKING:  # the store imports this module to build payloads
-    from relay_milter.tracking.store import OutboxRow, Store
+if TYPE_CHECKING:
+    from relay_milter.tracking.store import OutboxRow, Store, Tx
 
 log = logging.getLogger("relay.webhooks")
 
@@ -122,6 +122,21 @@ def payload(ev: Event, node: str | None = None) -> dict[str, Any]:
             }
         ],
     }
+
+
+def body(ev: Event) -> str:
+    """The exact text stored in the outbox and POSTed on every attempt: ``payload(ev)`` as
+    compact JSON (UTF-8, not ASCII-escaped)."""
+    return json.dumps(payload(ev), separators=(",", ":"), ensure_ascii=False)
+
+
+def record_event(tx: "Tx", ev: Event, webhook: bool = False) -> int:
+    """Record ``ev`` in the store transaction ``tx``; with ``webhook`` also queue its body for
+    the tenant's webhook in the same transaction. Returns the event id."""
+    event_id = tx.add_event(ev)
+    if webhook:
+        tx.queue_webhook(ev, body(ev))
+    return event_id
 
 
 # -- signatures -----------------------------------------------------------------------

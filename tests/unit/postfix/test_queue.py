@@ -21,6 +21,7 @@ from relay_milter.cli.app import main
 from relay_milter.cli.tracking import human_age, parse_when, trace_table
 from relay_milter.config import load_tenants
 from relay_milter.tracking.events import Event, Kind
+from relay_milter.tracking.webhooks import record_event
 from support.paths import DATA
 
 DATA = DATA / "postqueue-j.jsonl"
@@ -332,7 +333,7 @@ def test_collect_reads_the_real_store(tmp_path, tenants):
     store = eventstore.open_store(f"sqlite:///{tmp_path}/events.db")
     with store.transaction() as tx:
         tx.add_event(Event(Kind.RECEIVED, ARRIVAL, "relay1", tenant="acme", queue_id="Q1", recipient="a@example.org"))
-        tx.add_event(Event(Kind.DEFERRED, ARRIVAL + 1, "relay1", tenant="acme", queue_id="Q1", recipient="a@example.org"), webhook=True)
+        record_event(tx, Event(Kind.DEFERRED, ARRIVAL + 1, "relay1", tenant="acme", queue_id="Q1", recipient="a@example.org"), webhook=True)
         tx.add_event(Event(Kind.REJECTED, ARRIVAL + 2, "relay1", recipient="x@example.org"))
     snap = metrics.collect(["acme", "globex"], store, queue=None)
     store.close()
@@ -364,7 +365,8 @@ def fill(store) -> None:
             )
         )
         for rcpt, ts in (("alice@example.org", ARRIVAL + 1), ("bob@example.net", ARRIVAL + 400)):
-            tx.add_event(
+            record_event(
+                tx,
                 Event(
                     Kind.RELAYED, ts, recipient=rcpt, relay="127.0.0.1[127.0.0.1]:2525", response_code="250", dsn="2.0.0",
                     reason="sent (250 2.0.0 Ok: queued as 4Q7Z)", tls=TLS, **common,

@@ -11,6 +11,7 @@ import pytest
 from relay_milter.config import ConfigError
 from relay_milter.tracking.events import Event, Kind
 from relay_milter.tracking.store import OutboxRow, Store, open_store, redact_dsn
+from relay_milter.tracking.webhooks import record_event
 
 T0 = 1_795_000_000.0  # 2026-11-18T11:06:40Z
 _dbs = itertools.count()
@@ -40,7 +41,7 @@ def ev(kind: Kind, ts: float, **kw) -> Event:
 
 def add(store: Store, *events: Event, webhook: bool = False) -> list[int]:
     with store.transaction() as tx:
-        return [tx.add_event(e, webhook=webhook) for e in events]
+        return [record_event(tx, e, webhook=webhook) for e in events]
 
 
 def message(qid: str, msgid: str, rcpts: list[str], t: float = 0, node: str = "relay1", tenant: str = "acme") -> list[Event]:
@@ -191,7 +192,7 @@ def test_rollback_on_exception_leaves_nothing(store):
 
     with pytest.raises(Boom):
         with store.transaction() as tx:
-            tx.add_event(ev(Kind.RECEIVED, 0, queue_id="Q1"), webhook=True)
+            record_event(tx, ev(Kind.RECEIVED, 0, queue_id="Q1"), webhook=True)
             tx.set_checkpoint("relay1", "maillog", {"inode": 1, "offset": 20, "path": "p"})
             tx.put_state("relay1", "Q1", {"tenant": "acme"})
             raise Boom()

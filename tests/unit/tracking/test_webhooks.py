@@ -16,7 +16,7 @@ import pytest
 from relay_milter.config import Tenant, TenantSecrets, TenantSet, TrackingSettings
 from relay_milter.tracking.events import Event, Kind
 from relay_milter.tracking.store import Store, open_store
-from relay_milter.tracking.webhooks import WebhookSender, backoff, payload, sign, verify_signature
+from relay_milter.tracking.webhooks import WebhookSender, backoff, payload, record_event, sign, verify_signature
 from support.webhook_receiver import WebhookReceiver
 
 T0 = 1_795_000_000.0  # 2026-11-18T11:06:40Z
@@ -169,8 +169,8 @@ def sender(store: Store, receiver: WebhookReceiver, clock: Clock, settings: Trac
 def record(store: Store, tenant_id: str, n: int, start: float = 0) -> list[int]:
     with store.transaction() as tx:
         return [
-            tx.add_event(Event(Kind.RECEIVED, T0 + start + i, "relay1", tenant=tenant_id, queue_id=f"Q{tenant_id}{start + i:g}",
-                               recipient=f"r{i}@example.org"), webhook=True)
+            record_event(tx, Event(Kind.RECEIVED, T0 + start + i, "relay1", tenant=tenant_id, queue_id=f"Q{tenant_id}{start + i:g}",
+                                   recipient=f"r{i}@example.org"), webhook=True)
             for i in range(n)
         ]
 
