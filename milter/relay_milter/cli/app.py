@@ -234,7 +234,7 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
         sys.exit(EXIT_CONFIG)
     logs.setup(settings.log_level, str(log_file) if log_file else None)
     log = logging.getLogger("relay.tracker")
-    from relay_milter.tracking.tracker import main_loop
+    from relay_milter.tracking.service import main_loop
 
     store = obj.open_store(settings)
     stop = threading.Event()

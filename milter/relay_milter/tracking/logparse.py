@@ -23,7 +23,19 @@ from datetime import datetime, tzinfo
 from relay_milter.defaults import ROUTE_HEADER
 
 __all__ = [
+    "PostfixLine",
     "PostfixRecord",
+    "Client",
+    "MessageId",
+    "Route",
+    "Queued",
+    "Delivery",
+    "Expired",
+    "Removed",
+    "Reject",
+    "Tls",
+    "BounceNotice",
+    "Requeued",
     "MilterRecord",
     "parse_postfix",
     "parse_milter",
@@ -90,51 +102,23 @@ _LEADING_CODE = re.compile(r"^(?P<code>[245]\d\d)(?:[ \-]|$)")
 _ADDRESS_LIST = re.compile(r"<([^<>]*)>")
 
 
-@dataclass(frozen=True)
-class PostfixRecord:
-    """One meaningful Postfix log line. ``kind`` says which fields are set:
+@dataclass(frozen=True, kw_only=True)
+class PostfixLine:
+    """What every meaningful Postfix log line has: when, and which process wrote it."""
 
-    client (client), message_id (message_id), route (tenant, sender, recipient, client),
-    queued (sender, size, nrcpt), delivery (recipient, orig_recipient, relay, delay, dsn,
-    status, reason, response_code), expired (sender), removed, reject (stage, milter,
-    response_code, dsn, text, sender, recipient, client), tls (tls_level, tls_protocol,
-    tls_cipher, peer), bounce_notice (notice_id: the queue id of the notification),
-    requeued (sender, orig_queue_id: the id the message had before ``postsuper -r``).
-    """
-
-    kind: str
     ts: float
     service: str  # syslog name + program, e.g. "postfix/relay_acme/smtp"
     pid: int | None
-    queue_id: str | None
-    client: str | None = None
-    message_id: str | None = None
-    tenant: str | None = None
-    sender: str | None = None
-    recipient: str | None = None
-    orig_recipient: str | None = None
-    size: int | None = None
-    nrcpt: int | None = None
-    relay: str | None = None
-    delay: float | None = None
-    dsn: str | None = None
-    status: str | None = None
-    reason: str | None = None
-    response_code: str | None = None
-    stage: str | None = None
-    milter: bool = False
-    text: str | None = None
-    tls_level: str | None = None
-    tls_protocol: str | None = None
-    tls_cipher: str | None = None
-    peer: str | None = None
-    notice_id: str | None = None
-    orig_queue_id: str | None = None
 
     @property
     def program(self) -> str:
         """The Postfix program ("smtpd", "smtp", "qmgr"), whatever the service is called."""
         return self.service.rsplit("/", 1)[-1]
+
+    @property
+    def process(self) -> str:
+        """``service[pid]``: one delivery process (its TLS line and its deliveries)."""
+        return f"{self.service}[{self.pid}]"
 
     @property
     def transport_tenant(self) -> str | None:
@@ -143,6 +127,120 @@ class PostfixRecord:
         if len(parts) >= 3 and parts[-2].startswith("relay_") and len(parts[-2]) > 6:
             return parts[-2][6:]
         return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Client(PostfixLine):
+    """smtpd ``<qid>: client=...``: the queue id belongs to mail from an SMTP client."""
+
+    queue_id: str
+    client: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageId(PostfixLine):
+    """cleanup ``<qid>: message-id=...`` (None when the header was empty)."""
+
+    queue_id: str
+    message_id: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route(PostfixLine):
+    """cleanup's log of the route header the milter added (tenant, first recipient)."""
+
+    queue_id: str
+    tenant: str
+    client: str
+    sender: str
+    recipient: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Queued(PostfixLine):
+    """qmgr ``<qid>: from=<...>, size=..., nrcpt=...``: the message is in the active queue."""
+
+    queue_id: str
+    sender: str
+    size: int
+    nrcpt: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delivery(PostfixLine):
+    """A delivery agent's ``<qid>: to=<...>, relay=..., status=...`` line."""
+
+    queue_id: str
+    recipient: str
+    orig_recipient: str | None
+    relay: str
+    delay: float
+    dsn: str
+    status: str  # sent | deferred | bounced | expired
+    reason: str  # status and Postfix's text, e.g. "sent (250 2.0.0 Ok)"
+    response_code: str | None  # the remote reply code, when there was one
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expired(PostfixLine):
+    """qmgr ``<qid>: from=<...>, status=expired, returned to sender``."""
+
+    queue_id: str
+    sender: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Removed(PostfixLine):
+    """qmgr ``<qid>: removed``: the queue file is gone."""
+
+    queue_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reject(PostfixLine):
+    """``reject:`` / ``milter-reject:`` at ingress; ``queue_id`` is None for NOQUEUE."""
+
+    queue_id: str | None
+    stage: str  # RCPT, DATA, END-OF-MESSAGE, ...
+    milter: bool
+    client: str
+    response_code: str | None
+    dsn: str | None
+    text: str
+    sender: str
+    recipient: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tls(PostfixLine):
+    """smtp ``<level> TLS connection established to <peer>: <protocol> with cipher <cipher>``."""
+
+    level: str
+    protocol: str
+    cipher: str
+    peer: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BounceNotice(PostfixLine):
+    """bounce ``<qid>: sender non-delivery notification: <notice_id>``."""
+
+    queue_id: str
+    notice_id: str  # the queue id of the notification
+
+
+@dataclass(frozen=True, kw_only=True)
+class Requeued(PostfixLine):
+    """pickup ``<qid>: uid=... from=<...> orig_id=<old>``: ``postsuper -r`` gave the message
+    a new queue id."""
+
+    queue_id: str
+    sender: str
+    orig_queue_id: str
+
+
+# One meaningful Postfix log line: exactly one of these.
+PostfixRecord = Client | MessageId | Route | Queued | Delivery | Expired | Removed | Reject | Tls | BounceNotice | Requeued
 
 
 @dataclass(frozen=True)
@@ -297,12 +395,10 @@ def _parse_postfix(line: str, year_hint: int | datetime | float, tz: tzinfo | No
     base = dict(ts=ts, service=service, pid=pid)
     tls = _TLS.match(msg)
     if tls:
-        return PostfixRecord(
-            kind="tls",
-            queue_id=None,
-            tls_level=tls.group("level"),
-            tls_protocol=tls.group("protocol"),
-            tls_cipher=tls.group("cipher"),
+        return Tls(
+            level=tls.group("level"),
+            protocol=tls.group("protocol"),
+            cipher=tls.group("cipher"),
             peer=tls.group("peer"),
             **base,
         )
@@ -321,21 +417,20 @@ def _parse_postfix(line: str, year_hint: int | datetime | float, tz: tzinfo | No
 
 def _queue_line(program: str, qid: str, rest: str, base: dict) -> PostfixRecord | None:
     if rest == "removed":
-        return PostfixRecord(kind="removed", queue_id=qid, **base)
+        return Removed(queue_id=qid, **base)
     if program == "smtpd":
         m = _CLIENT.match(rest)
-        return PostfixRecord(kind="client", queue_id=qid, client=m.group("client"), **base) if m else None
+        return Client(queue_id=qid, client=m.group("client"), **base) if m else None
     if program == "pickup":
         m = _REQUEUED.match(rest)
-        return PostfixRecord(kind="requeued", queue_id=qid, sender=m.group("from"), orig_queue_id=m.group("orig"), **base) if m else None
+        return Requeued(queue_id=qid, sender=m.group("from"), orig_queue_id=m.group("orig"), **base) if m else None
     if program == "cleanup":
         m = _MESSAGE_ID.match(rest)
         if m:
-            return PostfixRecord(kind="message_id", queue_id=qid, message_id=m.group("mid") or None, **base)
+            return MessageId(queue_id=qid, message_id=m.group("mid") or None, **base)
         m = _ROUTE.match(rest)
         if m:
-            return PostfixRecord(
-                kind="route",
+            return Route(
                 queue_id=qid,
                 tenant=m.group("tenant"),
                 client=m.group("client"),
@@ -347,8 +442,7 @@ def _queue_line(program: str, qid: str, rest: str, base: dict) -> PostfixRecord 
     if program == "qmgr":
         m = _QUEUED.match(rest)
         if m:
-            return PostfixRecord(
-                kind="queued",
+            return Queued(
                 queue_id=qid,
                 sender=m.group("from"),
                 size=int(m.group("size")),
@@ -357,16 +451,15 @@ def _queue_line(program: str, qid: str, rest: str, base: dict) -> PostfixRecord 
             )
         m = _EXPIRED.match(rest)
         if m:
-            return PostfixRecord(kind="expired", queue_id=qid, sender=m.group("from"), **base)
+            return Expired(queue_id=qid, sender=m.group("from"), **base)
         return None
     if program == "bounce":
         m = _NOTICE.match(rest)
-        return PostfixRecord(kind="bounce_notice", queue_id=qid, notice_id=m.group("notice"), **base) if m else None
+        return BounceNotice(queue_id=qid, notice_id=m.group("notice"), **base) if m else None
     m = _DELIVERY.match(rest)
     if m:
         status, text = m.group("status"), m.group("text")
-        return PostfixRecord(
-            kind="delivery",
+        return Delivery(
             queue_id=qid,
             recipient=m.group("to"),
             orig_recipient=m.group("orig"),
@@ -381,15 +474,14 @@ def _queue_line(program: str, qid: str, rest: str, base: dict) -> PostfixRecord 
     return None
 
 
-def _reject(m: re.Match, qid: str | None, base: dict) -> PostfixRecord | None:
+def _reject(m: re.Match, qid: str | None, base: dict) -> Reject | None:
     body = _REJECT_BODY.match(m.group("body"))
     if not body:
         return None
     reply = _REJECT_REPLY.match(body.group("text"))
     if not reply:
         return None
-    return PostfixRecord(
-        kind="reject",
+    return Reject(
         queue_id=qid,
         stage=m.group("stage"),
         milter=bool(m.group("milter")),

@@ -22,7 +22,8 @@ from relay_milter.config import Settings, Tenant, TenantSet
 from relay_milter.tracking.store import open_store
 from relay_milter.tracking.events import Kind
 from relay_milter.logs import logfmt_value
-from relay_milter.tracking.tracker import STREAM_MAILLOG, Tracker, main_loop
+from relay_milter.tracking.service import main_loop
+from relay_milter.tracking.tracker import STREAM_MAILLOG, Tracker
 
 UTC = timezone.utc
 T0 = datetime(2026, 11, 25, 8, 19, 50, tzinfo=UTC).timestamp()
