@@ -103,7 +103,7 @@ def test_accepted_submission_is_routed_and_labelled(policy):
     d = submit(policy, raw)
     assert d.verdict.action is Action.ACCEPT, d.verdict
     assert d.tenant.id == "acme" and d.dkim is None
-    ops = [(e.op, e.name.lower(), e.value.strip()) for e in d.header_edits]
+    ops = [(e.op.value, e.name.lower(), e.value.strip()) for e in d.header_edits]
     assert ("delete", "x-app-trace", "") in ops
     assert ("delete", "x-relay-route", "") in ops  # a client's route marker never survives
     assert ("add", "reply-to", "replies@acme.example") in ops
