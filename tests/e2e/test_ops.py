@@ -124,7 +124,7 @@ def test_nothing_to_release_exits_1(lab):
 
 def attempts(lab: Lab, qid: str) -> int:
     """Delivery attempts of ``qid`` through its tenant's transport, from the Postfix log."""
-    return sum(1 for ln in lab.maillog_text().splitlines() if "/relay_" in ln and f" {qid}: to=<" in ln)
+    return sum(1 for ln in lab.maillog_text().splitlines() if "/relay_" in ln and f" {qid}: to=<" in ln)  # hygiene: not a path (relay_<tenant>/smtp in a log line)
 
 
 def test_requeue_retries_now_and_keeps_the_tenant_route(lab):
