@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+from relay_milter.config import load_tenants
 from relay_milter.tracking import store as eventstore
 from relay_milter.postfix import queue as ops
 from relay_milter.core.addresses import encode_recipient
@@ -164,7 +165,7 @@ def test_release_refuses_other_queues(lab):
 
 
 def test_postsuper_in_chunks_reports_progress(lab):
-    queue = ops.attribute(ops.read_queue(lab.config_dir), _tenants(lab))
+    queue = ops.attribute(ops.read_queue(lab.config_dir), load_tenants(lab.tenants_dir))
     ids = ops.select(queue, "acme", ["deferred"])
     assert len(ids) == 3
     seen: list[int] = []
@@ -216,12 +217,6 @@ def test_metrics_textfile(lab):
     assert 'relay_webhook_backlog{tenant="acme"} 0\n' in text
     assert "# TYPE relay_events_total counter\n" in text
     assert 0 < float(text.split('relay_queue_oldest_deferred_seconds{tenant="acme"} ')[1].split()[0]) < 900
-
-
-def _tenants(lab: Lab):
-    from relay_milter.config import load_tenants
-
-    return load_tenants(lab.tenants_dir)
 
 
 def _relayctl_base(lab: Lab, settings) -> list[str]:

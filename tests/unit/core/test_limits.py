@@ -7,22 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay_milter.core.limits import DEFAULT, Limits, check_message, mime_scan
+from support.factories import nested, wide
 
 OK_HEADERS = ((("From", " a@acme.example"), ("Subject", " =?utf-8?q?Caf=C3=A9?=")))
-
-
-def nested(depth: int, kind: str = "multipart") -> tuple[str, bytes]:
-    """A message body ``depth`` containers deep (multipart or message/rfc822 chains)."""
-    if kind == "rfc822":
-        return " message/rfc822", b"Content-Type: message/rfc822\r\n\r\n" * (depth - 1) + b"Subject: x\r\n\r\nhi\r\n"
-    opens = b"".join(b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1) for i in range(depth - 1))
-    closes = b"".join(b"--b%d--\r\n" % i for i in reversed(range(depth)))
-    return ' multipart/mixed; boundary="b0"', opens + b"--b%d\r\nContent-Type: text/plain\r\n\r\nhi\r\n" % (depth - 1) + closes
-
-
-def wide(parts: int) -> tuple[str, bytes]:
-    """A multipart body with ``parts`` sibling parts."""
-    return ' multipart/mixed; boundary="w"', b"--w\r\nContent-Type: text/plain\r\n\r\nx\r\n" * parts + b"--w--\r\n"
 
 
 def hdrs(*extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
