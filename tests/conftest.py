@@ -8,6 +8,7 @@ fails the run instead of skipping.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -15,8 +16,11 @@ import pytest
 
 from relay_milter.core.addresses import encode_recipient
 from relay_milter.lab import Lab, Sink, TenantSpec, make_message, rsa_key, sign
+from support.factories import unavailable
+from support.lablogs import LogWatch, labs_in
 
 
+@functools.cache
 def _e2e_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "end-to-end tests need root (Postfix starts as root)"
@@ -26,15 +30,56 @@ def _e2e_unavailable() -> str | None:
     return None
 
 
-def pytest_collection_modifyitems(config, items):
-    reason = _e2e_unavailable()
-    if reason is None:
+# -- every e2e test: no Postfix fatal/panic, no milter traceback (support/lablogs.py) -----
+#
+# Labs are created by fixtures of any scope. Each one is remembered when its fixture
+# returns it; before an e2e test's fixtures are set up, where each live lab's logs end
+# is noted (a lab started by this test's own fixtures starts at 0); after the test body,
+# what the labs the test used appended is checked, and the test fails with the lines.
+# A test that provokes such a line on purpose names it: @pytest.mark.allow_log("regex").
+
+_LIVE_LABS: list[Lab] = []
+_LOG_WATCHES = pytest.StashKey[dict[int, LogWatch]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    value = yield
+    for lab in labs_in(value):
+        if not any(lab is known for known in _LIVE_LABS):
+            _LIVE_LABS.append(lab)
+    return value
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of an e2e test starts a lab: skip it locally, fail it under CI;
+    then note where the logs of the labs alive now end."""
+    if "e2e" not in item.keywords:
         return
-    if os.environ.get("CI"):
-        raise pytest.UsageError(f"CI: {reason}")
-    for item in items:
-        if "e2e" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
+    reason = _e2e_unavailable()
+    if reason is not None:
+        unavailable(reason)
+    _LIVE_LABS[:] = [lab for lab in _LIVE_LABS if lab.base.exists()]
+    item.stash[_LOG_WATCHES] = {id(lab): LogWatch(lab) for lab in _LIVE_LABS}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield  # a test that failed already reports that
+    if "e2e" in item.keywords:
+        watches = item.stash.get(_LOG_WATCHES, {})
+        used = {id(lab): lab for value in item.funcargs.values() for lab in labs_in(value)}
+        allowed = [pattern for mark in item.iter_markers("allow_log") for pattern in mark.args]
+        problems = [p for key, lab in used.items() for p in watches.get(key, LogWatch(lab, fresh=True)).problems(allowed)]
+        if problems:
+            pytest.fail(
+                "the lab logged a Postfix fatal/panic or a milter traceback during this test "
+                "(if the test provokes it on purpose, mark it @pytest.mark.allow_log(\"regex\")):\n"
+                + "\n".join(problems),
+                pytrace=False,
+            )
+    return result
 
 
 ACME = dict(id="acme", relay_domain="acme.relay.test", signing_domain="hop.acme.test", selector="r2026", sender_domains=["acme.example"])
@@ -130,9 +175,7 @@ def pg_dsn():
     import glob
 
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL server not installed: scripts/bootstrap.sh installs deps/apt/tracking.txt")
-        pytest.skip("PostgreSQL server not installed (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
+        unavailable("PostgreSQL server not installed (/usr/lib/postgresql/*/bin/initdb): scripts/bootstrap.sh installs deps/apt/tracking.txt")
     from support.pgcluster import PgCluster
 
     cluster = PgCluster().start()

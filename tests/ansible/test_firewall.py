@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.factories import unavailable
 from support.paths import REPO
 
 pytestmark = pytest.mark.e2e
@@ -31,10 +32,7 @@ def _need(tool: str) -> str:
     path = shutil.which(tool) or (str(BIN / tool) if (BIN / tool).exists() else None) or shutil.which(tool, path="/usr/sbin:/sbin")
     if path:
         return path
-    msg = f"{tool} not installed (deps/apt/ansible.txt, deps/pip/ansible.txt)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
+    unavailable(f"{tool} not installed (deps/apt/ansible.txt, deps/pip/ansible.txt)")
 
 
 def _ip(*args: str) -> None:

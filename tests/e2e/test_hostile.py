@@ -27,7 +27,7 @@ import pytest
 from conftest import ACME, Mailer
 from relay_milter.config import load_settings
 from relay_milter.lab import Lab, Sink, TenantSpec, ed25519_key, rsa_key, sign, wait_for
-from test_limits import nested, wide
+from support.factories import nested, wide
 
 pytestmark = pytest.mark.e2e
 

@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+from relay_milter.config import load_tenants
 from relay_milter.tracking import store as eventstore
 from relay_milter.postfix import queue as ops
 from relay_milter.core.addresses import encode_recipient
@@ -124,7 +125,7 @@ def test_nothing_to_release_exits_1(lab):
 
 def attempts(lab: Lab, qid: str) -> int:
     """Delivery attempts of ``qid`` through its tenant's transport, from the Postfix log."""
-    return sum(1 for ln in lab.maillog_text().splitlines() if "/relay_" in ln and f" {qid}: to=<" in ln)
+    return sum(1 for ln in lab.maillog_text().splitlines() if "/relay_" in ln and f" {qid}: to=<" in ln)  # hygiene: not a path (relay_<tenant>/smtp in a log line)
 
 
 def test_requeue_retries_now_and_keeps_the_tenant_route(lab):
@@ -164,7 +165,7 @@ def test_release_refuses_other_queues(lab):
 
 
 def test_postsuper_in_chunks_reports_progress(lab):
-    queue = ops.attribute(ops.read_queue(lab.config_dir), _tenants(lab))
+    queue = ops.attribute(ops.read_queue(lab.config_dir), load_tenants(lab.tenants_dir))
     ids = ops.select(queue, "acme", ["deferred"])
     assert len(ids) == 3
     seen: list[int] = []
@@ -216,12 +217,6 @@ def test_metrics_textfile(lab):
     assert 'relay_webhook_backlog{tenant="acme"} 0\n' in text
     assert "# TYPE relay_events_total counter\n" in text
     assert 0 < float(text.split('relay_queue_oldest_deferred_seconds{tenant="acme"} ')[1].split()[0]) < 900
-
-
-def _tenants(lab: Lab):
-    from relay_milter.config import load_tenants
-
-    return load_tenants(lab.tenants_dir)
 
 
 def _relayctl_base(lab: Lab, settings) -> list[str]:

@@ -23,6 +23,7 @@ from relay_milter.tracking.events import Kind
 from relay_milter.tracking.store import open_store
 from relay_milter.lab import Lab, Sink, TenantSpec, make_message, rsa_key, sign, wait_for
 from relay_milter.tracking.webhooks import verify_signature
+from support.lablogs import LogWatch
 from support.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.e2e
@@ -118,10 +119,19 @@ def kinds(events) -> list[str]:
     return [e.kind.value for e in events]
 
 
+def tracker_caught_up(lab: Lab, tenant: str, label: str) -> None:
+    """Send a later message the same way and wait until the tracker recorded its delivery
+    and its webhooks arrived. The tracker reads the maillog in order, so everything Postfix
+    logged before it, and every event for an earlier message, has been handled by then."""
+    mid = send(lab, tenant, ["marker@example.org"], f"marker after {label}")
+    wait_events(lab, mid, [Kind.RECEIVED, Kind.RELAYED])
+    hooks_of(lab, mid, 2)
+
+
 def test_good_delivery_over_tls_is_received_then_relayed(tlab):
     mid = send(tlab, "acme", ["alice@example.org"], "good delivery")
-    evs = wait_events(tlab, mid, [Kind.RECEIVED, Kind.RELAYED])
-    time.sleep(1)  # nothing more may follow
+    wait_events(tlab, mid, [Kind.RECEIVED, Kind.RELAYED])
+    tracker_caught_up(tlab, "acme", "good delivery")  # nothing more may follow
     evs = events_of(tlab, mid)
     assert kinds(evs) == ["RECEIVED", "RELAYED"]
     received, relayed = evs
@@ -215,7 +225,7 @@ def test_smarthost_5xx_is_bounced_and_the_bounce_notice_is_no_tenant_event(tlab)
         wait_for(lambda: re.search(rf"{notice.group(1)}: removed", tlab.maillog_text()), 20, what="notice done")
     finally:
         sink.reply = "250 2.0.0 Ok: queued"
-    time.sleep(1.5)
+    tracker_caught_up(tlab, "globex", "hard bounce")  # the notice's log lines are handled too
     evs = events_of(tlab, mid)
     assert kinds(evs) == ["RECEIVED", "BOUNCED"]
     bounced = evs[1]
@@ -282,11 +292,13 @@ def test_trace_shows_the_whole_history(tlab):
 
 def test_webhook_outage_loses_nothing_and_keeps_order(tlab):
     """The receiver is down while mail flows; once it is back, every event arrives once, in order."""
+    failed_before = tlab.tracker_log_text().count("webhook_failed tenant=globex")
     tlab.receiver.down()
     mids = [send(tlab, "globex", [f"outage{i}@example.org"], f"outage {i}") for i in range(3)]
     for mid in mids:
         wait_events(tlab, mid, [Kind.RECEIVED, Kind.RELAYED])
-    time.sleep(2)  # the tracker has tried and failed by now
+    # The tracker has tried and failed (not merely: some time has passed).
+    wait_for(lambda: tlab.tracker_log_text().count("webhook_failed tenant=globex") > failed_before, 30, what="a failed webhook")
     tlab.receiver.up()
     for mid in mids:
         hooks_of(tlab, mid, 2, timeout=60)
@@ -313,7 +325,7 @@ def test_tracker_restart_mid_run_loses_and_duplicates_nothing(tlab):
     for mid in mids:
         evs = wait_events(tlab, mid, [Kind.RECEIVED, Kind.RELAYED])
         assert kinds(evs) == ["RECEIVED", "RELAYED"], (mid, kinds(evs))
-    time.sleep(1)
+    tracker_caught_up(tlab, "acme", "the restarts")  # no duplicate may follow
     for mid in mids:
         assert kinds(events_of(tlab, mid)) == ["RECEIVED", "RELAYED"]
         hooks = hooks_of(tlab, mid, 2)
@@ -339,5 +351,7 @@ def test_expired_after_the_queue_lifetime_is_bounced():
         assert bounced.reason.startswith("expired, returned to sender") and "451 4.2.0 mailbox busy" in bounced.reason
         assert (bounced.tenant, bounced.recipient, bounced.dsn) == ("acme", "hana@example.org", "4.2.0")
         assert lab.sinks["acme"].messages == []
+        # This lab is the test's own, not a fixture's: check its logs here (see tests/conftest.py).
+        assert LogWatch(lab, fresh=True).problems() == []
     finally:
         lab.destroy()

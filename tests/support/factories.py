@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -64,7 +64,22 @@ def to_message(raw: bytes) -> Message:
     return Message(tuple((n, v) for n, v in headers), body)
 
 
-def unavailable(reason: str) -> None:
+def nested(depth: int, kind: str = "multipart") -> tuple[str, bytes]:
+    """(Content-Type value, body) of a message body ``depth`` containers deep
+    (multipart or message/rfc822 chains)."""
+    if kind == "rfc822":
+        return " message/rfc822", b"Content-Type: message/rfc822\r\n\r\n" * (depth - 1) + b"Subject: x\r\n\r\nhi\r\n"
+    opens = b"".join(b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1) for i in range(depth - 1))
+    closes = b"".join(b"--b%d--\r\n" % i for i in reversed(range(depth)))
+    return ' multipart/mixed; boundary="b0"', opens + b"--b%d\r\nContent-Type: text/plain\r\n\r\nhi\r\n" % (depth - 1) + closes
+
+
+def wide(parts: int) -> tuple[str, bytes]:
+    """(Content-Type value, body) of a multipart body with ``parts`` sibling parts."""
+    return ' multipart/mixed; boundary="w"', b"--w\r\nContent-Type: text/plain\r\n\r\nx\r\n" * parts + b"--w--\r\n"
+
+
+def unavailable(reason: str) -> NoReturn:
     """A prerequisite is missing: skip on a developer's machine, fail under CI (CI=true),
     where scripts/bootstrap.sh must have installed everything."""
     if os.environ.get("CI"):

@@ -176,7 +176,7 @@ def test_settings_tls_and_submission_go_together(tmp_path):
     p = write(tmp_path, "relay.yaml", "tls_cert_file: /etc/ssl/relay.pem\n")
     with pytest.raises(ConfigError, match="tls_cert_file and tls_key_file go together"):
         load_settings(p)
-    p = write(tmp_path, "relay.yaml", "smtpd_listen: ['587']\nsubmission_listen: ['587']\ntls_cert_file: /c\ntls_key_file: /k\n")
+    p = write(tmp_path, "relay.yaml", "smtpd_listen: ['587']\nsubmission_listen: ['587']\ntls_cert_file: /c\ntls_key_file: /k\n")  # hygiene: not a path (never read)
     with pytest.raises(ConfigError, match="587 in both smtpd_listen and submission_listen"):
         load_settings(p)
 

@@ -7,22 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay_milter.core.limits import DEFAULT, Limits, check_message, mime_scan
+from support.factories import nested, wide
 
 OK_HEADERS = ((("From", " a@acme.example"), ("Subject", " =?utf-8?q?Caf=C3=A9?=")))
-
-
-def nested(depth: int, kind: str = "multipart") -> tuple[str, bytes]:
-    """A message body ``depth`` containers deep (multipart or message/rfc822 chains)."""
-    if kind == "rfc822":
-        return " message/rfc822", b"Content-Type: message/rfc822\r\n\r\n" * (depth - 1) + b"Subject: x\r\n\r\nhi\r\n"
-    opens = b"".join(b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1) for i in range(depth - 1))
-    closes = b"".join(b"--b%d--\r\n" % i for i in reversed(range(depth)))
-    return ' multipart/mixed; boundary="b0"', opens + b"--b%d\r\nContent-Type: text/plain\r\n\r\nhi\r\n" % (depth - 1) + closes
-
-
-def wide(parts: int) -> tuple[str, bytes]:
-    """A multipart body with ``parts`` sibling parts."""
-    return ' multipart/mixed; boundary="w"', b"--w\r\nContent-Type: text/plain\r\n\r\nx\r\n" * parts + b"--w--\r\n"
 
 
 def hdrs(*extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
@@ -82,11 +69,46 @@ def test_siblings_do_not_add_depth():
 
 
 def test_limits_are_below_postfix_truncation():
-    assert DEFAULT.max_header_octets < 102400 and DEFAULT.max_line_octets == 998
-    assert check_message(hdrs(), b"", Limits(max_header_fields=1)) is not None
+    # Postfix cuts a header field at header_size_limit (102400) and passes the rest on:
+    # a block that large must already be refused here, and so must one just over our limit.
+    assert DEFAULT.max_line_octets == 998
+    field = ("X-F", ("\r\n\t" + "a" * 900) * 30)  # folded lines of 900 octets, ~27 KiB each
+    under = hdrs(*[field] * (DEFAULT.max_header_octets // (27 * 1024 + 200)))
+    assert check_message(under, b"") is None
+    over = under + (field,)
+    refusal = check_message(over, b"")
+    assert refusal is not None and (refusal.code, refusal.dsn) == ("552", "5.3.4")
+    assert f"larger than {DEFAULT.max_header_octets} octets" in refusal.reason
+    assert sum(len(n) + len(v) + 3 for n, v in over) < 102400  # refused before Postfix would cut it
+    refusal = check_message(hdrs(), b"", Limits(max_header_fields=1))
+    assert refusal == ("552", "5.3.4", "message has 2 header fields, more than the 1 accepted")
+
+
+CONTENT_TYPES = [" text/plain", ' multipart/mixed; boundary="a"', " message/rfc822"]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=2000), st.sampled_from([" text/plain", ' multipart/mixed; boundary="a"', " message/rfc822"]))
-def test_any_body_is_scanned_without_error(body, ct):
-    assert mime_scan(ct, body, DEFAULT.max_mime_depth, DEFAULT.max_mime_parts) >= (0, 0)
+@given(st.binary(max_size=2000), st.sampled_from(CONTENT_TYPES))
+def test_any_body_is_scanned_within_its_bounds(body, ct):
+    depth, parts = mime_scan(ct, body, DEFAULT.max_mime_depth, DEFAULT.max_mime_parts)
+    assert 0 <= depth <= DEFAULT.max_mime_depth + 1 and 0 <= parts <= DEFAULT.max_mime_parts + 1
+    assert parts <= body.count(b"--")  # every part starts at a delimiter line
+    if ct == " text/plain":
+        assert (depth, parts) == (0, 0)  # a single part, whatever its body looks like
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"--a\r\n", b"--a--\r\n", b"\r\n", b"x\r\n", b"Content-Type: message/rfc822\r\n",
+                              b'Content-Type: multipart/mixed; boundary="a"\r\n', b"--b\r\n"]), max_size=60).map(b"".join),
+    st.sampled_from(CONTENT_TYPES[1:]),
+)
+def test_the_scan_stops_exactly_where_a_limit_is_passed(body, ct):
+    depth, parts = mime_scan(ct, body, 10**6, 10**6)
+    # At the limits it found, nothing is passed and the answer is the same ...
+    assert mime_scan(ct, body, depth, parts) == (depth, parts)
+    # ... and one below, it stops at the first container or part past the limit.
+    if depth > 0:
+        assert mime_scan(ct, body, depth - 1, 10**6)[0] == depth
+    if parts > 0:
+        assert mime_scan(ct, body, 10**6, parts - 1)[1] == parts

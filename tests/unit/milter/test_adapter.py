@@ -8,13 +8,13 @@ import logging
 
 import Milter
 import pytest
-import yaml
 from Milter.testctx import TestCtx as MilterCtx
 
 from relay_milter.milter.adapter import RelayMilter
 from relay_milter.config import Settings, load_tenants
 from relay_milter.lab import make_message, rsa_key, sign
 from relay_milter.core.policy import HeaderEdit, Policy
+from support.factories import tenant_doc, write_tenants
 
 RCPT = "alice=example.org@acme.relay.test"
 
@@ -26,18 +26,14 @@ def key():
 
 @pytest.fixture
 def policy(tmp_path, key):
-    doc = {
-        "id": "acme",
-        "relay_domain": "acme.relay.test",
-        "signing_domain": "hop.acme.test",
-        "selector": "s1",
-        "public_key": key.txt,
-        "allowed_sender_domains": ["acme.example"],
-        "smarthost": {"host": "127.0.0.1", "port": 2525},
-        "headers": {"strip": ["X-Platform-Trace"], "envelope_sender": "bounces@acme.example", "reply_to": "replies@acme.example"},
-        "submission_users": ["app1"],
-    }
-    (tmp_path / "acme.yaml").write_text(yaml.safe_dump(doc))
+    doc = tenant_doc(
+        "acme",
+        key,
+        smarthost={"host": "127.0.0.1", "port": 2525},
+        headers={"strip": ["X-Platform-Trace"], "envelope_sender": "bounces@acme.example", "reply_to": "replies@acme.example"},
+        submission_users=["app1"],
+    )
+    write_tenants(tmp_path, [doc])
     return Policy(load_tenants(tmp_path), Settings(myhostname="relay.test"))
 
 

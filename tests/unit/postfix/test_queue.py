@@ -22,6 +22,7 @@ from relay_milter.cli.tracking import human_age, parse_when, trace_table
 from relay_milter.config import load_tenants
 from relay_milter.tracking.events import Event, Kind
 from relay_milter.tracking.webhooks import record_event
+from support.factories import tenant_doc, write_tenants
 from support.paths import DATA
 
 DATA = DATA / "postqueue-j.jsonl"
@@ -30,25 +31,9 @@ NOW = ARRIVAL + 3600
 R451 = "host 127.0.0.1[127.0.0.1] said: 451 4.3.0 try later (in reply to end of DATA command)"
 
 
-def tenant_doc(tid: str, **extra) -> dict:
-    doc = {
-        "id": tid,
-        "relay_domain": f"{tid}.relay.test",
-        "signing_domain": f"hop.{tid}.test",
-        "selector": "s1",
-        "allowed_sender_domains": [f"{tid}.example"],
-        "smarthost": {"host": "127.0.0.1", "port": 2525, "tls": "none"},
-    }
-    return doc | extra
-
-
 @pytest.fixture
 def tenants_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "tenants"
-    d.mkdir()
-    (d / "acme.yaml").write_text(yaml.safe_dump(tenant_doc("acme", headers={"envelope_sender": "bounces@acme.example"})))
-    (d / "globex.yaml").write_text(yaml.safe_dump(tenant_doc("globex")))
-    return d
+    return write_tenants(tmp_path / "tenants", [tenant_doc("acme", headers={"envelope_sender": "bounces@acme.example"}), tenant_doc("globex")])
 
 
 @pytest.fixture

@@ -728,6 +728,7 @@ def test_main_loop_stops_on_sigterm_after_committing(env):
     env.write(full(a))
     settings = env.settings.model_copy(update={"tracking": env.settings.tracking.model_copy(update={"poll_interval": 0.05})})
     stop = threading.Event()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
@@ -736,4 +737,5 @@ def test_main_loop_stops_on_sigterm_after_committing(env):
         timer.cancel()
     assert stop.is_set()
     assert len(env.events()) == 2
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    # The loop put back exactly the handlers it found, not merely some handler.
+    assert {sig: signal.getsignal(sig) for sig in before} == before
