@@ -167,7 +167,8 @@ def _scan(files: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedPr
 
 
 def test_no_secret_beyond_the_reviewed_baseline(tmp_path):
-    r = _scan(_tracked_files(), REPO, tmp_path)
+    # The baseline holds hashes of what it allows; the hook, given a copy, would scan it.
+    r = _scan([f for f in _tracked_files() if f != BASELINE.name], REPO, tmp_path)
     assert r.returncode == 0, f"new potential secrets (review them; see docs/secrets-baseline.md):\n{r.stdout}{r.stderr}"
 
 
