@@ -36,7 +36,10 @@ def cert_selfsigned(obj: Context, names: tuple[str, ...], days: int, cert_path: 
         fail(ExitCode.CONFIG, "give --cert and --key, or set tls_cert_file and tls_key_file in the settings")
     if not force and (cert_path.exists() or key_path.exists()):
         fail(ExitCode.FAILED, f"{cert_path} or {key_path} exists (use --force to replace it)")
-    make_cert(list(names) or [settings.myhostname], days=days).write(cert_path, key_path)
+    try:
+        make_cert(list(names) or [settings.myhostname], days=days).write(cert_path, key_path)
+    except OSError as exc:
+        fail(ExitCode.UNAVAILABLE, f"cannot write {cert_path} and {key_path}: {exc}")
     click.echo(f"wrote {cert_path} and {key_path} (key mode 0600)")
 
 

@@ -42,7 +42,12 @@ def render(obj: Context, out: Path, templates: Path | None) -> None:
     from relay_milter.postfix.render import render_files, write_files
 
     ts, settings = obj.load()
-    for path in write_files(render_files(ts, settings, templates), out):
+    files = render_files(ts, settings, templates)
+    try:
+        written = write_files(files, out)
+    except OSError as exc:
+        fail(ExitCode.UNAVAILABLE, f"cannot write into {out}: {exc}")
+    for path in written:
         click.echo(str(path))
 
 

@@ -117,6 +117,15 @@ def test_4_postfix_unavailable(relay):
     assert r.stderr.startswith(f"relayctl: postqueue -c {relay.tmp / 'no-postfix'} -j failed (exit ")
 
 
+def test_4_output_cannot_be_written(relay):
+    plain = relay.tmp / "plain"
+    plain.write_text("a file, not a directory\n")
+    r = relay("render", "--out", str(plain / "out"), "--templates", str(TEMPLATES))
+    assert r.exit_code == ExitCode.UNAVAILABLE == 4, r.output
+    assert r.stderr.startswith(f"relayctl: cannot write into {plain / 'out'}: ")
+    assert "Traceback" not in r.stderr
+
+
 def test_5_unexpected_error_prints_the_traceback(relay):
     templates = relay.tmp / "templates"
     shutil.copytree(TEMPLATES, templates)
