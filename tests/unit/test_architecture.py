@@ -169,7 +169,9 @@ def _scan(files: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedPr
 def test_no_secret_beyond_the_reviewed_baseline(tmp_path):
     # The baseline holds hashes of what it allows; the hook, given a copy, would scan it.
     r = _scan([f for f in _tracked_files() if f != BASELINE.name], REPO, tmp_path)
-    assert r.returncode == 0, f"new potential secrets (review them; see docs/secrets-baseline.md):\n{r.stdout}{r.stderr}"
+    # 1: a potential secret the baseline does not list. 3: none, but listed ones moved to
+    # other lines (the hook then rewrites its copy of the baseline): not a failure.
+    assert r.returncode in (0, 3), f"new potential secrets (review them; see docs/secrets-baseline.md):\n{r.stdout}{r.stderr}"
 
 
 def test_every_baseline_entry_was_reviewed_and_has_a_reason():
