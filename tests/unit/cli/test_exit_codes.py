@@ -4,6 +4,7 @@ shown by `relayctl --help` and the README is the one in the code."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -49,7 +50,7 @@ def test_the_table_has_one_meaning_per_code():
 def test_0_success(relay):
     r = relay("tenants", "--json")
     assert r.exit_code == ExitCode.OK == 0, r.output
-    assert [t["id"] for t in __import__("json").loads(r.stdout)] == ["acme", "globex"]
+    assert [t["id"] for t in json.loads(r.stdout)] == ["acme", "globex"]
     assert r.stderr == ""
 
 
