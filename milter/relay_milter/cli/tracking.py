@@ -1,16 +1,8 @@
-"""relayctl trace | queue | stats | requeue | hold | release | metrics: delivery tracking for operators.
+"""relayctl trace | queue | stats | requeue | hold | release | metrics: delivery tracking
+and per-tenant queue operations for operators.
 
-Registered on the ``relayctl`` group by cli.py (``register(main)``). The commands are
-defined unattached and handed over, rather than importing ``main`` from cli.py, because
-``python -m relay_milter.cli`` runs cli.py as ``__main__``: an import of ``.cli`` from here
-would load a second copy of the group and register the commands on the wrong one.
-
-Exit codes of these commands (stable, for scripts):
-  0  success
-  1  nothing found or matched (trace: no event; requeue/hold/release: no message)
-  2  usage error
-  3  configuration error (invalid settings or tenant files, unknown tenant)
-  4  event store or Postfix unavailable
+Exit codes are those of ``cli.errors.ExitCode`` (``relayctl --help``); each command's help
+says which it uses and what code 1 means for it.
 """
 
 from __future__ import annotations
@@ -21,28 +13,20 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from relay_milter.cli.context import Context, open_store
+from relay_milter.cli.errors import ExitCode, fail, warn
 from relay_milter.postfix import queue as ops
 from relay_milter.tracking.events import Event, Kind, iso
 
 if TYPE_CHECKING:
-    from relay_milter.cli.app import Context
     from relay_milter.config import Settings, TenantSet
-
-EXIT_NOTHING = 1
-EXIT_CONFIG = 3
-EXIT_UNAVAILABLE = 4
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def _fail(code: int, message: str) -> NoReturn:
-    click.echo(f"relayctl: {message}", err=True)
-    sys.exit(code)
 
 
 # -- helpers (pure, tested in test_ops.py) -------------------------------------------------
@@ -133,41 +117,11 @@ def queue_table(rows: list[ops.TenantQueue]) -> list[str]:
 # -- store and queue access ----------------------------------------------------------------
 
 
-def _sqlite_path(dsn: str) -> Path | None:
-    if dsn.startswith("sqlite:///"):
-        return Path(dsn[len("sqlite:///"):])
-    return None
-
-
-def open_store(settings: Settings, required: bool = True, create: bool = False) -> Any:
-    """The event store (RELAY_EVENTS_DSN, else settings tracking.events_dsn), or None when it
-    is optional and absent. Unavailable and required: exit 4.
-
-    An SQLite store that does not exist yet is created only with ``create`` (the tracker,
-    its writer): a read-only command should not leave an empty database behind.
-    """
-    dsn = settings.tracking.dsn()
-    path = _sqlite_path(dsn)
-    if not create and path is not None and not path.exists():
-        if not required:
-            return None
-        _fail(EXIT_UNAVAILABLE, f"event store {path} does not exist (has `relayctl track` run on this node?)")
-    try:
-        from relay_milter.tracking import store as eventstore
-
-        return eventstore.open_store(dsn)
-    except Exception as exc:  # driver missing, database down, permissions: all "unavailable"
-        if not required:
-            click.echo(f"relayctl: warning: event store unavailable, attributing by sender domain: {exc}", err=True)
-            return None
-        _fail(EXIT_UNAVAILABLE, f"event store unavailable: {exc}")
-
-
 def _check_tenant(tenants: TenantSet, tenant: str | None) -> None:
     if tenant is None or tenant == ops.UNATTRIBUTED or tenants.by_id(tenant) is not None:
         return
     known = ", ".join(t.id for t in tenants) or "none"
-    _fail(EXIT_CONFIG, f"unknown tenant {tenant!r} (configured: {known}; '-' selects unattributed messages)")
+    fail(ExitCode.CONFIG, f"unknown tenant {tenant!r} (configured: {known}; '-' selects unattributed messages)")
 
 
 def _queue(settings: Settings, tenants: TenantSet) -> list[ops.QueuedMessage]:
@@ -175,12 +129,12 @@ def _queue(settings: Settings, tenants: TenantSet) -> list[ops.QueuedMessage]:
     try:
         messages = ops.read_queue(settings.config_directory)
     except ops.OpsError as exc:
-        _fail(EXIT_UNAVAILABLE, str(exc))
+        fail(ExitCode.UNAVAILABLE, str(exc))
     store = open_store(settings, required=False) if messages else None
     try:
         return ops.attribute(messages, tenants, store, settings.node)
     except ops.OpsError as exc:
-        click.echo(f"relayctl: warning: {exc}; attributing by sender domain", err=True)
+        warn(f"{exc}; attributing by sender domain")
         return ops.attribute(messages, tenants)
     finally:
         if store is not None:
@@ -211,7 +165,7 @@ def trace(obj: Context, key: str, as_json: bool) -> None:
     try:
         events = store.trace(key)
     except Exception as exc:
-        _fail(EXIT_UNAVAILABLE, f"event store: {exc}")
+        fail(ExitCode.UNAVAILABLE, f"event store: {exc}")
     finally:
         store.close()
     if as_json:
@@ -220,8 +174,7 @@ def trace(obj: Context, key: str, as_json: bool) -> None:
         for line in trace_table(events) if events else []:
             click.echo(line)
     if not events:
-        click.echo(f"relayctl: nothing recorded for {key}", err=True)
-        sys.exit(EXIT_NOTHING)
+        fail(ExitCode.FAILED, f"nothing recorded for {key}")
 
 
 @click.command()
@@ -289,7 +242,7 @@ def stats(obj: Context, since: str, until_: str, tenant: str | None, as_json: bo
         counts = store.stats(t0, t1, tenant)
         backlog = store.outbox_backlog()
     except Exception as exc:
-        _fail(EXIT_UNAVAILABLE, f"event store: {exc}")
+        fail(ExitCode.UNAVAILABLE, f"event store: {exc}")
     finally:
         store.close()
     names = [tenant] if tenant else sorted({t.id for t in tenants} | set(counts))
@@ -337,8 +290,7 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
     if not ids:
         if as_json:
             click.echo(json.dumps(summary, indent=2))
-        click.echo(f"relayctl: no messages of tenant {tenant} in the {where} queue", err=True)
-        sys.exit(EXIT_NOTHING)
+        fail(ExitCode.FAILED, f"no messages of tenant {tenant} in the {where} queue")
     if dry_run:
         if as_json:
             click.echo(json.dumps(summary, indent=2))
@@ -349,7 +301,7 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
         return
     if not yes and sys.stdin.isatty():
         click.confirm(f"{action} {len(ids)} message(s) of tenant {tenant} ({where})?", abort=True, err=True)
-    result = _run_postfix(settings, action, ids, queues)
+    result = _apply_change(settings, action, ids, queues)
     summary["changed"] = result.changed
     summary["warnings"] = result.warnings
     if as_json:
@@ -359,10 +311,10 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
         note = f" ({gone} had left the {where} queue meanwhile)" if gone else ""
         click.echo(f"{_PAST[action]} {result.changed} message(s) of tenant {tenant}{note}")
     if result.changed == 0:
-        sys.exit(EXIT_NOTHING)
+        sys.exit(int(ExitCode.FAILED))  # the summary above says why
 
 
-def _run_postfix(settings: Settings, action: str, ids: list[str], queues: tuple[str, ...]) -> ops.QueueChange:
+def _apply_change(settings: Settings, action: str, ids: list[str], queues: tuple[str, ...]) -> ops.QueueChange:
     def run(progress: Any) -> ops.QueueChange:
         if action == "requeue":
             return ops.schedule_retry(settings.config_directory, ids, progress)
@@ -374,7 +326,7 @@ def _run_postfix(settings: Settings, action: str, ids: list[str], queues: tuple[
         with click.progressbar(length=len(ids), label=action, file=sys.stderr, show_pos=True) as bar:
             return run(bar.update)
     except ops.OpsError as exc:
-        _fail(EXIT_UNAVAILABLE, str(exc))
+        fail(ExitCode.UNAVAILABLE, str(exc))
 
 
 def _change_command(action: str, summary: str, details: str) -> click.Command:
@@ -460,7 +412,7 @@ def metrics(obj: Context, out: Path | None) -> None:
     try:
         snap = prom.collect([t.id for t in tenants], store, summary)
     except Exception as exc:
-        _fail(EXIT_UNAVAILABLE, f"event store: {exc}")
+        fail(ExitCode.UNAVAILABLE, f"event store: {exc}")
     finally:
         store.close()
     text = prom.render(snap)
@@ -471,14 +423,8 @@ def metrics(obj: Context, out: Path | None) -> None:
     try:
         prom.write_textfile(target, text)
     except OSError as exc:
-        _fail(EXIT_UNAVAILABLE, f"cannot write {target}: {exc}")
+        fail(ExitCode.UNAVAILABLE, f"cannot write {target}: {exc}")
     click.echo(f"wrote {target}", err=True)
 
 
 COMMANDS: tuple[click.Command, ...] = (trace, queue, stats, requeue, hold, release, metrics)
-
-
-def register(group: click.Group) -> None:
-    """Add the tracking commands to ``relayctl`` (called once by cli.py)."""
-    for command in COMMANDS:
-        group.add_command(command)

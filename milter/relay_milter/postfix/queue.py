@@ -13,7 +13,8 @@ Postfix knows nothing about tenants. A queued message is attributed to one:
    is no better guess.
 
 Nothing here parses ``postqueue -p`` text: ``postqueue -j`` (Postfix >= 3.1) is the
-stable, one-JSON-object-per-line interface. Changes go through ``postsuper`` with queue ids
+stable, one-JSON-object-per-line interface. Every tool runs through
+``postfix.runner.run_postfix_tool``; its failures reach callers as ``OpsError``. Changes go through ``postsuper`` with queue ids
 on standard input, in chunks, so a 100 000-message queue neither hits the argument-length
 limit nor keeps the operator without progress.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from relay_milter.config import TenantSet
+from relay_milter.postfix.runner import PostfixToolError, run_postfix_tool
 
 QUEUES: tuple[str, ...] = ("active", "deferred", "hold", "incoming", "maildrop")
 UNATTRIBUTED = "-"
@@ -110,32 +112,10 @@ def parse_postqueue_json(lines: Iterable[str]) -> Iterator[QueuedMessage]:
 
 
 def read_queue(config_directory: Path | str) -> list[QueuedMessage]:
-    """Run ``postqueue -c DIR -j`` for our instance and parse it as it streams."""
+    """Run ``postqueue -c DIR -j`` for our instance and parse its output."""
     cmd = ["postqueue", "-c", str(config_directory), "-j"]
-    try:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, encoding="utf-8", errors="replace",
-        )
-    except OSError as exc:
-        raise OpsError(f"cannot run postqueue: {exc} (is Postfix installed?)") from None
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        messages = list(parse_postqueue_json(proc.stdout))
-    finally:
-        proc.stdout.close()
-    err = proc.stderr.read()
-    proc.stderr.close()
-    rc = proc.wait(_TIMEOUT)
-    if rc != 0:
-        raise OpsError(f"postqueue -c {config_directory} -j failed (exit {rc}): {_first_line(err) or 'no message'}")
-    return messages
-
-
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    fatal = [ln for ln in lines if "fatal:" in ln]
-    return (fatal or lines or [""])[0]
+    r = _tool(cmd, " ".join(cmd), None, _TIMEOUT, None)
+    return list(parse_postqueue_json(r.stdout.splitlines()))
 
 
 # -- tenants -------------------------------------------------------------------------------
@@ -301,21 +281,12 @@ def _changed_count(stderr: str, label: str) -> int:
     return total
 
 
-def _run_tool(cmd: list[str], what: str, stdin: str | None, timeout: float, done: str) -> subprocess.CompletedProcess:
-    """Run a Postfix tool (``what`` names it in errors); any failure is an OpsError that says
-    what was already done (``done``), since earlier chunks or ids stay changed."""
+def _tool(cmd: list[str], what: str, stdin: str | None, timeout: float, done: str | None) -> subprocess.CompletedProcess:
+    """runner.run_postfix_tool, its failures as OpsError (the same operator message)."""
     try:
-        r = subprocess.run(
-            cmd, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=timeout,
-        )
-    except OSError as exc:
-        raise OpsError(f"cannot run {cmd[0]}: {exc} (is Postfix installed?)") from None
-    except subprocess.TimeoutExpired:
-        raise OpsError(f"{what} timed out after {timeout:g}s ({done}; is Postfix running?)") from None
-    if r.returncode != 0:
-        raise OpsError(f"{what} failed (exit {r.returncode}) after {done}: {_first_line(r.stderr) or 'no message'}")
-    return r
+        return run_postfix_tool(cmd, input=stdin, timeout=timeout, what=what, done=done)
+    except PostfixToolError as exc:
+        raise OpsError(str(exc)) from None
 
 
 def apply_postsuper(
@@ -339,7 +310,7 @@ def apply_postsuper(
     result = QueueChange(action)
     cmd = ["postsuper", "-c", str(config_directory), option, "-", *queues]
     for part in _chunks(list(queue_ids), chunk):
-        r = _run_tool(cmd, f"postsuper -c {config_directory} {option}", "\n".join(part) + "\n", _TIMEOUT, f"{result.changed} message(s) were changed")
+        r = _tool(cmd, f"postsuper -c {config_directory} {option}", "\n".join(part) + "\n", _TIMEOUT, f"{result.changed} message(s) were changed")
         result.requested += len(part)
         result.changed += _changed_count(r.stderr, label)
         result.warnings += [ln.split("warning: ", 1)[1] for ln in r.stderr.splitlines() if "warning: " in ln]
@@ -366,7 +337,7 @@ def schedule_retry(
     done = 0
     for qid in queue_ids:
         cmd = ["postqueue", "-c", str(config_directory), "-i", qid]
-        _run_tool(cmd, f"postqueue -c {config_directory} -i {qid}", None, 60, f"{result.changed} message(s) were scheduled")
+        _tool(cmd, f"postqueue -c {config_directory} -i {qid}", None, 60, f"{result.changed} message(s) were scheduled")
         result.requested += 1
         result.changed += 1
         done += 1
