@@ -19,7 +19,7 @@ from relay_milter.lab import ed25519_key, free_port, make_message, rsa_key, sign
 from relay_milter.core.policy import Action, Message, Policy, Transaction
 
 ACME_RCPT = "<alice=example.org@acme.relay.test>"
-GLOBEX_RCPT = "<bob=example.org@globex.relay.test>"
+GLOBEX_RCPT = "<alice=example.org@globex.relay.test>"
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,13 @@ EOM_CASES = [
     ("subject changed", lambda k: (signed(k).replace(b"Subject: Test", b"Subject: Pwned"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "signed headers changed"),
     ("l= body length", lambda k: (signed(k, length=True), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", r"body length limit \(l=\)"),
     ("subject not signed", lambda k: (signed(k, headers=("from", "to", "date")), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "required header.*subject"),
-    ("signature older than max_signature_age", lambda k: (signed(k, "aged", key=k["other"], at=time.time() - 7200), ["<c=example.org@aged.relay.test>"], "news@aged.example"), Action.REJECT, "5.7.21", r"older than 3600s"),
+    ("signature older than max_signature_age", lambda k: (signed(k, "aged", key=k["other"], at=time.time() - 7200), ["<alice=example.org@aged.relay.test>"], "news@aged.example"), Action.REJECT, "5.7.21", r"older than 3600s"),
     ("duplicate From", lambda k: (b"From: ceo@evil.example\r\n" + signed(k), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "2 from header fields"),
     ("duplicate Subject", lambda k: (b"Subject: second\r\n" + signed(k), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "2 subject header fields"),
     ("From not allowed", lambda k: (signed(k, sender="ceo@evil.example"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.1", "From address ceo@evil.example is not allowed"),
     ("two From mailboxes", lambda k: (signed(k, mutate=lambda m: m.replace(b"From: Platform Sender <news@acme.example>", b"From: news@acme.example, ceo@acme.example")), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "exactly one valid mailbox"),
     ("weak 512-bit key", lambda k: (signed(k, "weak"), ["<c=example.org@weak.relay.test>"], "news@weak.example"), Action.REJECT, "5.7.21", "key not acceptable.*too small"),
-    ("signature age limit, fresh", lambda k: (signed(k, "aged", key=k["other"]), ["<c=example.org@aged.relay.test>"], "news@aged.example"), Action.ACCEPT, "", ""),
+    ("signature age limit, fresh", lambda k: (signed(k, "aged", key=k["other"]), ["<alice=example.org@aged.relay.test>"], "news@aged.example"), Action.ACCEPT, "", ""),
     ("8-bit garbage in an unsigned header (limits.py)", lambda k: (signed(k, mutate=lambda m: m.replace(b"MIME-Version", b"X-Junk: \xff\xfe\x80\r\nMIME-Version")), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "X-Junk contains bytes that are not valid UTF-8"),
 ]
 
@@ -214,4 +214,5 @@ def test_signature_tag_policy(policy, tags, pattern):
 
     sig = {b"a": b"rsa-sha256", b"h": b"from:to:subject", b"t": str(int(time.time())).encode()} | tags
     assert re.search(pattern, check_tags(sig, policy.tenants.by_id("acme"), time.time()))
-    assert check_tags({b"a": b"ed25519-sha256", b"h": b"From : To : Subject"}, policy.tenants.by_id("acme"), time.time()) is None
+    fresh = str(int(time.time())).encode()  # t= is needed: max_signature_age is on by default
+    assert check_tags({b"a": b"ed25519-sha256", b"h": b"From : To : Subject", b"t": fresh}, policy.tenants.by_id("acme"), time.time()) is None
