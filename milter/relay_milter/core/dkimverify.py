@@ -159,14 +159,19 @@ def check_tags(
     return None
 
 
-def _key_mismatch(sig: dict[bytes, bytes], record: bytes) -> str | None:
-    """RFC 6376 3.5: a= must name the key's type (dkimpy checks the hash only)."""
+def _key_type(record: bytes) -> str | None:
     try:
-        k = dkim.util.parse_tag_value(record).get(b"k", b"rsa").decode("ascii", "replace")
+        return dkim.util.parse_tag_value(record).get(b"k", b"rsa").decode("ascii", "replace")
     except dkim.util.InvalidTagValueList:
         return None  # dkimpy reports the unusable key
+
+
+def _key_mismatch(sig: dict[bytes, bytes], k: str | None) -> str | None:
+    """RFC 6376 3.5: a= must name the key's type (dkimpy checks the hash only)."""
     alg = _tag(sig, b"a")
-    return None if alg.startswith(k + "-") else f"signature algorithm a={alg} does not match the key type k={k}"
+    if k is None or alg.startswith(k + "-"):
+        return None
+    return f"signature algorithm a={alg} does not match the key type k={k}"
 
 
 def verify_hop_signature(
@@ -228,12 +233,17 @@ def verify_hop_signature(
 
     verifier = _HopVerifier(message, minkey=MIN_RSA_BITS, logger=_quiet)
     broken = False  # a candidate was acceptable but its cryptography failed
+    key_type = _key_type(record)
     for idx, sig in candidates:
-        problem = check_tags(sig, tenant, now, present) or _key_mismatch(sig, record)
+        problem = check_tags(sig, tenant, now, present) or _key_mismatch(sig, key_type)
         if problem:
             reasons.append(problem)
             continue
         try:
+            if not verifier.body_matches(sig):  # from the per-message cache: no body work per signature
+                reasons.append("signature did not verify: body hash mismatch: the body was changed after signing")
+                broken = True
+                continue
             ok = verifier.verify(idx=idx, dnsfunc=dnsfunc)
         except dkim.KeyFormatError as exc:
             reasons.append(f"key not acceptable: {exc}")
@@ -290,17 +300,30 @@ class _HopVerifier(dkim.DKIM):
             self.body_hashes[key] = hashlib.new(hash_name, policy.canonicalize_body(self.body)).digest()
         return self.body_hashes[key]
 
+    def body_matches(self, sig: dict[bytes, bytes]) -> bool:
+        try:
+            expected = base64.b64decode(re.sub(rb"\s+", b"", sig.get(b"bh", b"")))
+        except (TypeError, ValueError) as exc:
+            raise dkim.MessageFormatError(f"bh= is not base64: {exc}") from None
+        return self.body_hash(sig) == expected
+
     def verify_sig_process(self, sig, include_headers, sig_header, dnsfunc):
         if b"l" in sig:  # never reached: check_tags refuses l=; dkimpy handles it the slow way
             return super().verify_sig_process(sig, include_headers, sig_header, dnsfunc)
-        try:
-            expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
-        except (TypeError, ValueError) as exc:
-            raise dkim.MessageFormatError(str(exc)) from None
-        if self.body_hash(sig) != expected:
+        if not self.body_matches(sig):
             raise dkim.ValidationError("body hash mismatch")
         without_bh = {k: v for k, v in sig.items() if k != b"bh"}
-        return super().verify_sig_process(without_bh, include_headers, sig_header, dnsfunc)
+        # dkimpy canonicalizes every header field for every signature, though it hashes
+        # only the fields named in h= (picked by name, bottom up) and the signature field
+        # itself (passed separately): with many signatures that is quadratic. Hand it only
+        # the named fields; their order among themselves is kept, so it picks the same ones.
+        named = set(include_headers)
+        everything = self.headers
+        self.headers = [h for h in everything if h[0].lower() in named]
+        try:
+            return super().verify_sig_process(without_bh, include_headers, sig_header, dnsfunc)
+        finally:
+            self.headers = everything
 
 
 class _QuietLogger(logging.LoggerAdapter):
