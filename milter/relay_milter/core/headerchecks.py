@@ -16,6 +16,7 @@ from relay_milter.core.addresses import AddressError, decode_local
 
 _GETADDRESSES_STRICT = "strict" in inspect.signature(email.utils.getaddresses).parameters
 _DOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
+_EMPTY_GROUP = re.compile(r"\s*[^:;<>@,\"]*:\s*;\s*")
 
 
 class Refusal(NamedTuple):
@@ -34,7 +35,7 @@ def mailboxes(value: str) -> list[str] | None:
     out = []
     for _name, addr in pairs:
         if not addr:
-            if pairs == [("", "")]:
+            if pairs == [("", "")] and not _EMPTY_GROUP.fullmatch(flat):
                 return None  # nothing parsed at all
             continue  # an empty group ("undisclosed-recipients:;")
         local, sep, domain = addr.rpartition("@")
