@@ -197,8 +197,13 @@ class Tenant(_Strict):
     # Without one the key is looked up in DNS at <selector>._domainkey.<signing_domain>.
     public_key: str | None = None
     required_signed_headers: tuple[str, ...] = defaults.REQUIRED_SIGNED_HEADERS
+    # Headers the signature must cover whenever the message has them (every instance).
+    signed_headers_if_present: tuple[str, ...] = defaults.SIGNED_HEADERS_IF_PRESENT
     # Reject signatures older than this many seconds (by t=); 0 disables the check.
-    max_signature_age: int = Field(0, ge=0)
+    max_signature_age: int = Field(defaults.MAX_SIGNATURE_AGE, ge=0)
+    # Signed ingress: every decoded envelope recipient must be in the signed To/Cc, so a
+    # captured message cannot be replayed to new recipients. true allows Bcc-style sending.
+    allow_bcc: bool = False
     allowed_sender_domains: tuple[Domain, ...] = Field(min_length=1)
     # Optional exact sender addresses (header From). Empty means any address in the domains.
     allowed_senders: tuple[Address, ...] = ()
@@ -247,6 +252,11 @@ class Tenant(_Strict):
         if "from" not in names:
             names = ("from",) + names
         return names
+
+    @field_validator("signed_headers_if_present")
+    @classmethod
+    def _signed_if_present(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(_header_name(h).lower() for h in v))
 
     @field_validator("public_key")
     @classmethod
@@ -408,9 +418,18 @@ class Settings(_Strict):
     milter_content_timeout: str = defaults.MILTER_CONTENT_TIMEOUT
     maximal_queue_lifetime: str = defaults.MAXIMAL_QUEUE_LIFETIME
     message_size_limit: int = Field(defaults.MESSAGE_SIZE_LIMIT, ge=1024)
+    # Hop signatures (tenant's d= and s=) examined per message; more get 550 5.7.21.
+    max_hop_signatures: int = Field(defaults.MAX_HOP_SIGNATURES, ge=1, le=1000)
     dns: DnsSettings = DnsSettings()
     tracking: TrackingSettings = TrackingSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("authserv_id")
+    @classmethod
+    def _authserv(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[!#$%&'*+\-.0-9A-Za-z^_`{|}~]{1,255}$", v):
+            raise ValueError("not an RFC 8601 authserv-id (a domain name, or a token without spaces or ()<>@,;:\\\"/[]?=)")
+        return v
 
     @field_validator("milter_socket")
     @classmethod

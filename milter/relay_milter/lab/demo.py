@@ -49,12 +49,13 @@ def run_demo(keep: bool = False) -> int:
                     "headers": {"strip": ["X-Platform-Trace"], "reply_to": "replies@acme.example", "envelope_sender": "bounces@acme.example"},
                     "submission_users": ["crm-app"],
                 },
+                allow_bcc=None,  # the default: recipients bound to the signed To/Cc
             ),
             Sink("acme-smarthost", tls=lab.smarthost_cert("mx.acme.demo.test")),
             tls="verify", ca_file=str(lab.ca_file), tls_match="mx.acme.demo.test",
         )
         lab.add_tenant(
-            TenantSpec("globex", "globex.relay.demo.test", "hop.globex.demo.test", "s1", globex_key, ["globex.example"], pin_key=False),
+            TenantSpec("globex", "globex.relay.demo.test", "hop.globex.demo.test", "s1", globex_key, ["globex.example"], pin_key=False, allow_bcc=None),
             Sink("globex-smarthost"),
         )
         click.echo("  acme:   RSA-2048 key pinned in the tenant file; smarthost " f"127.0.0.1:{lab.sinks['acme'].port} (TLS, verified against a demo CA)")

@@ -123,12 +123,19 @@ def ed25519_key() -> DkimKey:
     return DkimKey(base64.b64encode(raw_priv), f"v=DKIM1; k=ed25519; p={base64.b64encode(raw_pub).decode()}", "ed25519-sha256")
 
 
+# What the lab signs, as docs/security.md recommends: every header the relay requires
+# whenever present, each listed twice (oversigned), so a field added after signing, or a
+# second instance of one, breaks the signature.
+SIGNED_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "reply-to", "mime-version", "content-type")
+OVERSIGNED = SIGNED_HEADERS * 2
+
+
 def sign(
     message: bytes,
     key: DkimKey,
     domain: str,
     selector: str,
-    headers: tuple[str, ...] = ("from", "to", "subject", "date", "message-id"),
+    headers: tuple[str, ...] = OVERSIGNED,
     canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
     **kwargs,
 ) -> bytes:
@@ -339,6 +346,11 @@ class TenantSpec:
     sender_domains: list[str]
     pin_key: bool = True
     extra: dict = field(default_factory=dict)
+    # The tenant file's allow_bcc; None leaves it out (the product default, false: every
+    # decoded recipient must be in the signed To/Cc). Lab tenants allow Bcc-style sending
+    # unless told otherwise, because older end-to-end tests send one signed message to
+    # many envelope recipients; tests of the binding and the demo use None or False.
+    allow_bcc: bool | None = True
 
 
 class Lab:
@@ -402,6 +414,8 @@ class Lab:
         }
         if spec.pin_key:
             doc["public_key"] = spec.key.txt
+        if spec.allow_bcc is not None:
+            doc["allow_bcc"] = spec.allow_bcc
         doc.update(spec.extra)
         (self.tenants_dir / f"{spec.id}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
