@@ -114,13 +114,18 @@ def tenants(obj: Context, as_json: bool) -> None:
 @click.option("--templates", type=click.Path(path_type=Path, file_okay=False), default=None, help="Template directory.")
 @click.pass_obj
 def render(obj: Context, out: Path, templates: Path | None) -> None:
-    """Render main.cf, master.cf and the lookup tables into OUT (no checks, no install)."""
-    from relay_milter.postfix.render import render_files, write_files
+    """Render main.cf, master.cf and the lookup tables into OUT (no checks, no install).
+
+    OUT must be new or empty, and owned by you (root) without group or other write
+    permission: the smarthost password tables are written there."""
+    from relay_milter.postfix.render import UnsafeDirectory, render_files, write_files
 
     ts, settings = obj.load()
     try:
-        for path in write_files(render_files(ts, settings, templates), out):
+        for path in write_files(render_files(ts, settings, templates), out, require_empty=True):
             click.echo(str(path))
+    except UnsafeDirectory as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
     except ConfigError as exc:
         click.echo(f"relayctl: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
