@@ -179,7 +179,11 @@ def apply(obj: Context, templates: Path | None, reload: bool) -> None:
             click.echo(f"check failed: {p}", err=True)
         click.echo("nothing was installed", err=True)
         sys.exit(EXIT_CHECK)
-    changed = install(files, settings)
+    try:
+        changed = install(files, settings)
+    except ConfigError as exc:  # an unsafe config directory: nothing written there
+        click.echo(f"relayctl: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     for name in changed:
         if name.endswith(" (removed)"):
             click.echo(f"removed {settings.config_directory / name.removesuffix(' (removed)')}")

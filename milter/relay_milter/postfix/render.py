@@ -286,6 +286,14 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
     The previous versions are kept in <config>/relay/previous/ for rollback.
     """
     live = settings.config_directory
+    # Nothing is written (backups included) unless root alone controls the directories.
+    for path in (live, live / "relay", live / "relay" / "previous"):
+        if path == live or path.exists() or path.is_symlink():
+            fd = _open_dir(path, create=False)
+            try:
+                _check_dir(fd, path)
+            finally:
+                os.close(fd)
     changed = [name for name, text in files.items() if _read(live / name) != text]
     stale = [
         str(p.relative_to(live))

@@ -219,3 +219,13 @@ def test_main_cf_restricts_queue_access_and_limits_auth(relay, tmp_path):
     main2 = render_files(load_tenants(tenants), s2)["main.cf"]
     assert "\nauthorized_mailq_users = root, relay-tracker\n" in main2 and "\nauthorized_flush_users = root\n" in main2
     assert "\nsmtpd_client_auth_rate_limit = 5\n" in main2
+
+
+@needs_root
+def test_apply_refuses_a_config_directory_others_can_write(relay):
+    tenants, settings, config = relay
+    config.chmod(0o777)
+    r = relayctl("--tenants", str(tenants), "--settings", str(settings), "apply", "--no-reload")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"relayctl: {config}: mode 0777: group or others can write there" in r.stderr
+    assert list(config.iterdir()) == []
