@@ -229,3 +229,9 @@ def test_apply_refuses_a_config_directory_others_can_write(relay):
     assert r.returncode == 3, r.stdout + r.stderr
     assert f"relayctl: {config}: mode 0777: group or others can write there" in r.stderr
     assert list(config.iterdir()) == []
+
+
+def test_render_needs_an_existing_parent(relay, tmp_path):
+    r = render(relay, tmp_path / "missing" / "out")
+    assert r.returncode == 2 and "its parent directory must exist" in r.stderr
+    assert not (tmp_path / "missing").exists()
