@@ -25,6 +25,8 @@ SECRETS_FILE = "/etc/tenant-relay/secrets.yaml"
 # Temporary failures are retried for 48 h, then the message bounces.
 MAXIMAL_QUEUE_LIFETIME = "48h"
 MESSAGE_SIZE_LIMIT = 25 * 1024 * 1024
+# AUTH commands per client per minute (Postfix anvil); password guessing slows to this.
+SMTPD_CLIENT_AUTH_RATE_LIMIT = 30
 
 # DKIM key lookups when a tenant has no pinned key.
 DNS_TIMEOUT = 5.0

@@ -150,7 +150,7 @@ def run_demo(keep: bool = False) -> int:
         click.echo("      " + (out.strip() or "(empty)").replace("\n", "\n      "))
 
         if keep:
-            click.secho(f"\nThe lab keeps running under {lab.base}. Try:", bold=True)
+            click.secho(f"\nThe lab keeps running under {lab.base} (root only) and {lab.instance} (Postfix). Try:", bold=True)
             click.echo(f"  postqueue -c {lab.config_dir} -p")
             click.echo(f"  swaks --server 127.0.0.1:{lab.smtp_port} --to x=example.org@acme.relay.demo.test   # unsigned: 550")
             click.echo(f"  tail -f {lab.maillog} {lab.milter_log}")

@@ -11,6 +11,7 @@ Everything listens on 127.0.0.1 only. Needs root (Postfix starts as root).
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
@@ -85,6 +86,13 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeo
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout)
+
+
+def _remove_orphan(base: Path, instance: Path) -> None:
+    """At exit: a caller that removed the lab's base directory itself (not ``destroy``)
+    leaves the Postfix instance next to it; remove that too."""
+    if not base.exists() and instance.exists():
+        shutil.rmtree(instance, ignore_errors=True)
 
 
 # -- keys ----------------------------------------------------------------------
@@ -357,18 +365,26 @@ class Lab:
     """A private relay: Postfix + milter + DNS + sinks, all under one /var/tmp directory."""
 
     def __init__(self, base: Path | None = None):
-        # Under /var so maillog_file is accepted (maillog_file_prefixes), and
-        # world-traversable so Postfix's unprivileged daemons reach the milter socket.
+        # Under /var so maillog_file is accepted (maillog_file_prefixes). Root only (0700):
+        # the event store, the logs, the settings, the secrets and the TLS key are in here.
         self.base = Path(base or tempfile.mkdtemp(prefix="relay-lab-", dir="/var/tmp"))
-        os.chmod(self.base, 0o755)
-        self.config_dir = self.base / "postfix"
-        self.queue_dir = self.base / "queue"
-        self.data_dir = self.base / "data"
+        self.base.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base, 0o700)
+        # The Postfix instance lives next to it, laid out like /etc/postfix, /var/spool/postfix
+        # and /var/lib/postfix on a host: Postfix's unprivileged daemons must reach their data
+        # directory, the sasldb and the milter socket, which a 0700 base would hide.
+        self.instance = self.base.with_name(self.base.name + ".postfix")
+        self.instance.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(self.instance, 0o755)
+        atexit.register(_remove_orphan, self.base, self.instance)
+        self.config_dir = self.instance / "postfix"
+        self.queue_dir = self.instance / "queue"
+        self.data_dir = self.instance / "data"
         self.tenants_dir = self.base / "tenants"
         self.settings_file = self.base / "relay.yaml"
         self.maillog = self.base / "maillog"
         self.milter_log = self.base / "milter.log"
-        self.milter_socket = self.base / "run" / "milter.sock"
+        self.milter_socket = self.instance / "run" / "milter.sock"
         self.smtp_port = free_port()
         self.submission_port = free_port()
         self.sasl_db = self.config_dir / "sasl" / "sasldb2"  # the default location
@@ -444,6 +460,8 @@ class Lab:
                 "record_wait": 5,
                 "webhook_backoff_base": 1,
                 "webhook_backoff_max": 4,
+                # The lab's webhook receivers listen on loopback, which webhooks reach only when allowed.
+                "webhook_allow_networks": ["127.0.0.0/8"],
             },
         }
 
@@ -551,6 +569,7 @@ class Lab:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+        shutil.rmtree(self.instance, ignore_errors=True)
 
     # mail ------------------------------------------------------------------------
 

@@ -24,14 +24,15 @@ import hashlib
 import hmac
 import json
 import logging
+import http.client
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlsplit
 
 from relay_milter import defaults
 from relay_milter.config import TenantSecrets, TenantSet, TrackingSettings
+from relay_milter.tracking.egress import DeadlineExceeded, EgressRefused, IPNetwork, http_post
 from relay_milter.tracking.events import Event, Kind, iso
 from relay_milter.logs import event as log_event
 
@@ -194,34 +195,31 @@ def backoff(attempts: int, base: float = defaults.WEBHOOK_BACKOFF_BASE, cap: flo
 # -- sending --------------------------------------------------------------------------
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is a failure: urllib would turn the POST into a body-less GET."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect)
+def _where(url: str) -> str:
+    """The URL without user info, path or query (which may carry a token), for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int | None, str]:
-    """POST and return (HTTP status or None, error text; "" on 2xx)."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
+         allow: tuple[IPNetwork, ...] = ()) -> tuple[int | None, str]:
+    """POST and return (HTTP status or None, error text; "" on 2xx). The error text is the
+    status alone ("HTTP 500"): the receiver's answer is not stored. ``timeout`` bounds the
+    whole request; only the addresses egress allows (public, or in ``allow``) are used."""
+    where = _where(url)
     try:
-        with _opener.open(request, timeout=timeout) as response:
-            response.read(65536)
-            return response.status, ""
-    except urllib.error.HTTPError as exc:
-        detail = exc.read(300).decode("utf-8", "replace").strip() if exc.fp else ""
-        location = exc.headers.get("Location") if 300 <= exc.code < 400 else None
-        text = f"HTTP {exc.code} {exc.reason}" + (f" (redirect to {location} not followed)" if location else "")
-        return exc.code, text + (f": {detail}" if detail else "")
-    except urllib.error.URLError as exc:
-        return None, f"{url}: {exc.reason}"
-    except TimeoutError:
-        return None, f"{url}: no answer within {timeout:g}s"
-    except OSError as exc:  # connection reset mid-response, ...
-        return None, f"{url}: {exc}"
+        status = http_post(url, body, headers, timeout, allow)
+    except EgressRefused as exc:
+        return None, f"{where}: {exc}"
+    except DeadlineExceeded as exc:
+        return None, f"{where}: {exc}"
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset, bad reply, ...
+        return None, f"{where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__}"
+    if 200 <= status < 300:
+        return status, ""
+    return status, f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
 
 
 class WebhookSender:
@@ -273,7 +271,7 @@ class WebhookSender:
             "X-Relay-Event-Id": str(row.event_id),
             defaults.WEBHOOK_SIGNATURE_HEADER: sign(secret, body, self.clock()),
         }
-        status, error = post(url, body, headers, timeout)
+        status, error = post(url, body, headers, timeout, self.settings.webhook_allow_networks)
         if status is not None and 200 <= status < 300:
             return ""
         return error or f"HTTP {status}"

@@ -158,7 +158,9 @@ def receiver():
         yield r
 
 
-SETTINGS = TrackingSettings(poll_interval=0.05, webhook_backoff_base=30, webhook_backoff_max=3600)
+# The receiver is on loopback, which webhooks may only reach when allowed explicitly.
+LOOPBACK = ["127.0.0.0/8"]
+SETTINGS = TrackingSettings(poll_interval=0.05, webhook_backoff_base=30, webhook_backoff_max=3600, webhook_allow_networks=LOOPBACK)
 
 
 def sender(store: Store, receiver: WebhookReceiver, clock: Clock, settings: TrackingSettings = SETTINGS, **urls: str | None) -> WebhookSender:
@@ -213,7 +215,7 @@ def test_failure_then_redelivery_with_same_event_id(store, receiver):
     row = head(store, "acme")
     assert (row.event_id, row.attempts, row.next_attempt) == (first, 1, clock.t + 30)
     [error] = store._query("SELECT last_error FROM outbox WHERE id = ?", [row.id])[0].values()
-    assert "HTTP 500" in error and "receiver says no" in error
+    assert error == "HTTP 500"  # the status, never the receiver's body
     clock.t += 30
     assert s.run_once() == 2
     assert [(r.event_id, r.status) for r in receiver.requests] == [(first, 500), (first, 200), (second, 200)]
@@ -254,7 +256,7 @@ def test_backoff_grows_between_attempts(store, receiver, cap, expected):
     record(store, "acme", 1)
     receiver.default_status = 503
     clock = Clock(T0 + 100)
-    settings = TrackingSettings(webhook_backoff_base=30, webhook_backoff_max=cap)
+    settings = TrackingSettings(webhook_backoff_base=30, webhook_backoff_max=cap, webhook_allow_networks=LOOPBACK)
     s = sender(store, receiver, clock, settings)
     waits = []
     for attempt in range(1, len(expected) + 1):
