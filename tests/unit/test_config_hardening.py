@@ -17,7 +17,7 @@ import yaml
 from relay_milter.config import ConfigError, Settings, load_secrets, load_settings, load_tenants
 from support.factories import tenant_doc, write_tenants
 
-PASSWORD = "Zq7-hunter2-PASSWORD-4711"
+PASSWORD = "Zq7-hunter2-PASSWORD-4711"  # pragma: allowlist secret (a fake password the test plants)
 
 
 def relayctl(*args: str) -> subprocess.CompletedProcess:
@@ -49,10 +49,10 @@ def relay_setup(tmp_path: Path, secrets_text: str, settings_extra: str = "") -> 
 # Broken in ways whose PyYAML message quotes the line holding the password (the snippet),
 # or names the password itself (an undefined alias, a tag).
 MALFORMED_SECRETS = {
-    "snippet": f"acme:\n  smarthost_password: {PASSWORD}: oops\n  webhook_secret: 'webhook-secret-0123456789'\n",
+    "snippet": f"acme:\n  smarthost_password: {PASSWORD}: oops\n  webhook_secret: 'webhook-secret-0123456789'\n",  # pragma: allowlist secret (fake)
     "unclosed quote": f"acme:\n  smarthost_password: '{PASSWORD}\n",
     "tab indent": f"acme:\n\tsmarthost_password: {PASSWORD}\n",
-    "alias": f"acme: {{smarthost_password: *{PASSWORD}, webhook_secret: 'webhook-secret-0123456789'}}\n",
+    "alias": f"acme: {{smarthost_password: *{PASSWORD}, webhook_secret: 'webhook-secret-0123456789'}}\n",  # pragma: allowlist secret (fake)
     "tag": f"acme: {{smarthost_password: !{PASSWORD} x}}\n",
     "flow": f"acme: [{PASSWORD}\n",
 }
@@ -118,7 +118,7 @@ def test_secrets_file_must_be_root_only(tmp_path, uid, mode, problem):
     if os.geteuid() != 0:
         pytest.skip("needs root to chown the file")
     tenants, _, secrets = relay_setup(
-        tmp_path, f"acme: {{smarthost_password: '{PASSWORD}', webhook_secret: 'webhook-secret-0123456789'}}\n")
+        tmp_path, f"acme: {{smarthost_password: '{PASSWORD}', webhook_secret: 'webhook-secret-0123456789'}}\n")  # pragma: allowlist secret (fake)
     os.chown(secrets, uid, 0)
     secrets.chmod(mode)
     ts = load_tenants(tenants)

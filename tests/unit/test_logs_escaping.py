@@ -112,3 +112,15 @@ def test_any_text_round_trips_escaped(value):
     assert rec.rcpts == ["alice@example.org", "bob@example.org", "carol@example.org"]
     if value:
         assert rec.fields["message_id"] == logs.escape_controls(value)
+
+
+def test_a_record_with_the_most_recipients_the_relay_accepts_keeps_every_one():
+    """1,000 recipients (smtpd_recipient_limit), decoded and as they arrived: the line is
+    far past a Postfix line's length, and the tracker must still read every recipient."""
+    rcpts = [f"user{i:04d}.with.a.longer.name@example.org" for i in range(1000)]
+    orig = [f"user{i:04d}.with.a.longer.name=example.org@acme.relay.test" for i in range(1000)]
+    line = _line(rcpts=",".join(f"<{r}>" for r in rcpts), orig_rcpts=",".join(f"<{r}>" for r in orig))
+    assert len(line) > 16384
+    record = parse_milter(line)
+    assert record is not None
+    assert record.rcpts == rcpts and record.orig_rcpts == orig

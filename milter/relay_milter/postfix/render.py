@@ -115,8 +115,8 @@ def _open_dir(path: Path, create: bool, mode: int = 0o755) -> int:
             os.mkdir(path, mode)
         except FileExistsError:
             pass
-        except OSError as exc:
-            raise UnsafeDirectory(f"{path}: cannot create ({exc.strerror}); its parent directory must exist") from None
+        # Any other failure to create is I/O, not a safety refusal: the caller reports it
+        # as "cannot write" (exit 4), with the OS's reason.
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as exc:

@@ -48,8 +48,12 @@ __all__ = [
 
 _MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
 
-# A line longer than this is not something Postfix or the milter wrote (both cap far below).
+# A Postfix line longer than this is not something Postfix wrote (it caps far below).
 MAX_LINE = 16384
+# The milter's own record keeps every recipient uncut (logs.UNCUT_FIELDS, up to 1,000 of
+# them, twice: decoded and as they arrived), so its lines may be far longer. The follower
+# reads at most 1 MiB at a time; a line longer than that is skipped there.
+MAX_MILTER_LINE = 1 << 20
 
 # Short queue ids are hex; long ones (enable_long_queue_ids) use digits and consonants only,
 # so words like "warning" never look like a queue id.
@@ -355,8 +359,8 @@ def addresses(value: str) -> list[str]:
     return [a for a in _ADDRESS_LIST.findall(value or "")]
 
 
-def _clean(line: str) -> str | None:
-    if not isinstance(line, str) or len(line) > MAX_LINE:
+def _clean(line: str, limit: int = MAX_LINE) -> str | None:
+    if not isinstance(line, str) or len(line) > limit:
         return None
     line = line.rstrip("\r\n")
     if not line or _CONTROL.search(line.replace("\t", " ")):
@@ -530,7 +534,7 @@ def parse_milter(line: str) -> MilterRecord | None:
     """Parse one structured milter line (``event=...``); None for anything else
     (tracebacks, foreign lines, garbage)."""
     try:
-        clean = _clean(line)
+        clean = _clean(line, MAX_MILTER_LINE)
         if clean is None:
             return None
         m = _MILTER_LINE.match(clean)

@@ -16,7 +16,7 @@ from relay_milter.config import ConfigError, Settings, TenantSecrets, TrackingSe
 from relay_milter.tracking.egress import address_problem
 from relay_milter.tracking.events import Event, Kind
 from relay_milter.tracking.store import open_store
-from relay_milter.tracking.webhooks import WebhookSender, post
+from relay_milter.tracking.webhooks import WebhookSender, post, record_event
 from support.factories import tenant, tenant_set
 from support.webhook_receiver import WebhookReceiver
 
@@ -180,8 +180,8 @@ def test_sender_records_refusals_and_statuses_in_the_outbox(tmp_path, receiver):
         tenants = tenant_set(tenant("acme", webhook={"url": receiver.url, "timeout": 5}))
         secrets = {"acme": TenantSecrets(webhook_secret="acme-webhook-secret-0123")}
         with store.transaction() as tx:
-            tx.add_event(Event(Kind.RECEIVED, 1_795_000_000.0, "relay1", tenant="acme", queue_id="Q1",
-                               recipient="r@example.org"), webhook=True)
+            record_event(tx, Event(Kind.RECEIVED, 1_795_000_000.0, "relay1", tenant="acme", queue_id="Q1",
+                                   recipient="r@example.org"), webhook=True)
         closed = WebhookSender(store, tenants, secrets, TrackingSettings(), clock=lambda: 1_795_000_100.0)
         assert closed.run_once() == 0
         [error] = store._query("SELECT last_error FROM outbox", [])[0].values()
