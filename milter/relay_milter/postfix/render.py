@@ -63,7 +63,12 @@ def template_dir(explicit: Path | None = None) -> Path:
 def source_addresses(tenants: TenantSet, settings: Settings, reputation_state: dict | None = None) -> dict:
     """tenant id -> the pool address its transport binds to (None: the host's default),
     with the failovers of the reputation state (read from its file unless given)."""
-    state = reputation_state if reputation_state is not None else reputation.load_state(settings.reputation.state_file)
+    if reputation_state is not None:
+        state = reputation_state
+    elif settings.reputation.pool:
+        state = reputation.load_state(settings.reputation.state_file)
+    else:  # no pool: no failovers to read
+        state = reputation.empty_state()
     return reputation.assignments(tenants, settings.reputation, state)
 
 
