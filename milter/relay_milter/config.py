@@ -174,6 +174,8 @@ class ReputationSettings(_Strict):
     metrics_file: Path | None = None
     # How often `relayctl reputation watch` checks.
     interval: float = Field(defaults.REPUTATION_INTERVAL, ge=10, le=86400)
+    # How often the milter refreshes its per-tenant queue summary (tenant limits.max_queued, max_queue_age).
+    queue_refresh: float = Field(defaults.QUEUE_SUMMARY_INTERVAL, ge=0.2, le=300)
 
     @model_validator(mode="after")
     def _unique(self) -> "ReputationSettings":
