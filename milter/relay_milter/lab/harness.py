@@ -180,6 +180,7 @@ class Received:
     tls: tuple | None = None  # (cipher, protocol, bits) when the session was under STARTTLS
     login: str | None = None  # the SMTP AUTH user the relay logged in as
     helo: str | None = None  # the name the relay gave in EHLO/HELO
+    at: float = field(default_factory=time.monotonic)  # when the sink took the message
 
     def header(self, name: str) -> list[str]:
         import email
