@@ -172,6 +172,8 @@ class ReputationSettings(_Strict):
     state_file: Path = Path(defaults.REPUTATION_STATE_FILE)
     # Prometheus textfile written by `relayctl reputation check` (None: off).
     metrics_file: Path | None = None
+    # POST each reputation event here as JSON (an operator alert; none: log lines and metrics only).
+    alert_webhook: str | None = None
     # How often `relayctl reputation watch` checks.
     interval: float = Field(defaults.REPUTATION_INTERVAL, ge=10, le=86400)
     # How often the milter refreshes its per-tenant queue summary (tenant limits.max_queued, max_queue_age).
@@ -189,6 +191,11 @@ class ReputationSettings(_Strict):
                 if owners.setdefault(t, a.address) != a.address:
                     raise ValueError(f"pool: tenant {t} is dedicated to both {owners[t]} and {a.address}")
         return self
+
+    @field_validator("alert_webhook")
+    @classmethod
+    def _alert_url(cls, v: str | None) -> str | None:
+        return None if v is None else Webhook._url(v)
 
     def entry(self, address: str) -> SourceAddress | None:
         try:

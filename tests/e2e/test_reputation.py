@@ -20,6 +20,7 @@ import yaml
 from conftest import Mailer
 from relay_milter.lab import Lab, Sink, TenantSpec, rsa_key, wait_for
 from relay_milter.lab.harness import DnsServer
+from support.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.e2e
 
@@ -63,6 +64,7 @@ class ReputationLab(Lab):
 @pytest.fixture(scope="module")
 def rlab():
     lab = ReputationLab()
+    lab.alerts = WebhookReceiver().up()
     lab.add_tenant(spec("acme", source_address=A), Sink("acme"))
     lab.add_tenant(spec("globex", source_address=B), Sink("globex"))
     lab.overrides = {
@@ -76,12 +78,14 @@ def rlab():
             "failover": "auto",
             "state_file": str(lab.base / "reputation.json"),
             "metrics_file": str(lab.base / "reputation.prom"),
+            "alert_webhook": lab.alerts.url,
         }
     }
     try:
         lab.start()
         yield lab
     finally:
+        lab.alerts.down()
         lab.destroy()
 
 
@@ -201,6 +205,10 @@ def test_listing_fails_over_to_standby_and_delisting_is_detected(lab):
     assert (source(back), back.helo) == (A, HELO[A])
     events = [e["event"] for e in json.loads((lab.base / "reputation.json").read_text())["events"]]
     assert events == ["IP_LISTED", "IP_FAILOVER", "IP_DELISTED", "IP_RESTORED"]
+    # The same events reached the operator's alert webhook, in order, with who moved where.
+    alerted = [e for r in lab.alerts.delivered() for e in r.json["events"]]
+    assert [e["event"] for e in alerted] == events
+    assert alerted[1] | {"at": 0} == {"at": 0, "event": "IP_FAILOVER", "subject": A, "detail": f"{A} -> {STANDBY}", "to": STANDBY, "helo": HELO[STANDBY], "tenants": "acme"}
     # Nothing lost: every message sent to acme in this test arrived, none is left queued.
     subjects = sorted(x.header("Subject")[0] for x in acme.messages)
     assert subjects == ["after-failover", "queued-before-failover", "restored", "still-on-standby"]

@@ -48,10 +48,24 @@ def _reconfigure(ts: TenantSet, settings: Settings, state: dict) -> list[str]:
     return changed
 
 
-def _announce(changes: list[rep.Change]) -> None:
+def _announce(changes: list[rep.Change], settings: Settings | None = None) -> None:
+    """Alert: a log line (WARNING) and a line on stdout per change, and a POST to
+    reputation.alert_webhook if set (a failed POST is a warning; the state is kept)."""
     for c in changes:
         logs.event(log, logging.WARNING, None, c.event, subject=c.subject, detail=c.detail, **c.fields)
         click.echo(f"{c.event} {c.subject}: {c.detail}" + "".join(f" {k}={v}" for k, v in c.fields.items()))
+    url = settings.reputation.alert_webhook if settings else None
+    if url and changes:
+        import urllib.request
+
+        body = json.dumps({"node": settings.node, "events": [c.record(time.time()) for c in changes]}).encode()
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                resp.read()
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, never fatal
+            logs.event(log, logging.ERROR, None, "alert_failed", url=url, reason=str(exc))
+            warn(f"alert webhook {url} failed: {exc}")
 
 
 def _metrics(settings: Settings, state: dict) -> None:
@@ -133,15 +147,19 @@ def run_check(obj: Context, as_json: bool) -> int:
     state = _state(settings)
     now = time.time()
     changes, errors = check_once(ts, settings, state, now)
+    # Listing changes are recorded and alerted before any failover is tried.
+    rep.log_events(state, changes, now)
+    rep.save_state(settings.reputation.state_file, state)
+    _announce(changes, settings)
     stuck: list[str] = []
     if settings.reputation.failover == "auto":
         moves, stuck = rep.auto_failovers(state, settings.reputation, ts, now)
         if moves:
-            _reconfigure(ts, settings, state)  # exits 4 before anything is recorded if Postfix refuses
+            _reconfigure(ts, settings, state)  # exits 4, recording no failover, if Postfix refuses
+            rep.log_events(state, moves, time.time())
+            rep.save_state(settings.reputation.state_file, state)
+            _announce(moves, settings)
             changes += moves
-    rep.log_events(state, changes, now)
-    rep.save_state(settings.reputation.state_file, state)
-    _announce(changes)
     for line in stuck:
         logs.event(log, logging.ERROR, None, "failover_impossible", detail=line)
         warn(f"failover impossible: {line}")
@@ -183,13 +201,13 @@ def _rows(ts: TenantSet, settings: Settings, state: dict) -> list[dict]:
 
 
 def _print_rows(rows: list[dict]) -> None:
-    click.echo(f"{'ADDRESS':<26} {'ROLE':<8} {'HELO':<28} {'LISTING':<8} {'FCRDNS':<9} TENANTS")
+    click.echo(f"{'ADDRESS':<26} {'ROLE':<8} {'HELO':<28} {'LISTING':<18} {'FCRDNS':<9} TENANTS")
     for r in rows:
         tenants = ",".join(r["tenants"]) or "-"
         if r["failed_over_to"]:
             tenants = f"-> {r['failed_over_to']} (was {','.join(r['dedicated_to']) or '-'})"
         listing = r["listing"] + (f" ({','.join(r['lists'])})" if r["lists"] else "")
-        click.echo(f"{r['address']:<26} {r['role']:<8} {r['helo']:<28} {listing:<8} {r['fcrdns']:<9} {tenants}")
+        click.echo(f"{r['address']:<26} {r['role']:<8} {r['helo']:<28} {listing:<18} {r['fcrdns']:<9} {tenants}")
 
 
 @click.group()
@@ -236,7 +254,7 @@ def ip_failover(obj: Context, address: str) -> None:
     _reconfigure(ts, settings, state)
     rep.log_events(state, [change], now)
     rep.save_state(settings.reputation.state_file, state)
-    _announce([change])
+    _announce([change], settings)
     _metrics(settings, state)
 
 
@@ -262,7 +280,7 @@ def ip_restore(obj: Context, address: str) -> None:
     _reconfigure(ts, settings, state)
     rep.log_events(state, [change], now)
     rep.save_state(settings.reputation.state_file, state)
-    _announce([change])
+    _announce([change], settings)
     _metrics(settings, state)
 
 
