@@ -46,6 +46,8 @@ class ReputationLab(Lab):
             f"--host-record={HELO[A]},{A}", f"--host-record={HELO[B]},{B}",
             # globex's address: the list refuses to answer (an error, never a listing).
             "--address=/3.0.0.127.bl.test/127.255.255.254",
+            # A domain blocklist that lists globex's signing domain.
+            "--local=/dbl.test/", "--address=/hop.globex.test.dbl.test/127.0.1.2",
         ]
         args += [f"--address=/{'.'.join(reversed(ip.split('.')))}.bl.test/127.0.0.2" for ip in sorted(self.listed)]
         return tuple(args)
@@ -224,3 +226,29 @@ def test_manual_failover_without_healthy_standby_exits_1(lab):
     assert r.returncode == 1 and "no healthy standby IPv4 address" in r.stderr
     lab.relayctl("ip", "restore", B)
     assert source(deliver(lab, "globex", "globex-back")) == B
+
+
+def test_domain_lists_and_the_watch_service(lab, tmp_path):
+    """A domain list run by `reputation watch` (twice, then it stops): globex's signing
+    domain is listed, once (no second event for the same state); nothing else is."""
+    settings = yaml.safe_load(lab.settings_file.read_text())
+    settings["reputation"] |= {
+        "domain_lists": [{"zone": "dbl.test", "listed": ["127.0.1.2"]}], "dnsbls": [], "failover": "manual",
+        "state_file": str(tmp_path / "state.json"), "metrics_file": str(tmp_path / "m.prom"),
+    }
+    del settings["reputation"]["alert_webhook"]
+    other = tmp_path / "relay.yaml"
+    other.write_text(yaml.safe_dump(settings))
+    r = subprocess.run(
+        [sys.executable, "-m", "relay_milter.cli", "--tenants", str(lab.tenants_dir), "--settings", str(other),
+         "reputation", "watch", "--interval", "1", "--count", "2"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("DOMAIN_LISTED hop.globex.test: dbl.test: listed (127.0.1.2) lists=dbl.test") == 1
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert {d: e["state"] for d, e in state["domains"].items()} == {
+        "acme.relay.test": "clean", "hop.acme.test": "clean", "globex.relay.test": "clean", "hop.globex.test": "listed",
+        HELO[A]: "clean", HELO[B]: "clean", HELO[STANDBY]: "clean",
+    }
+    assert 'relay_domain_listed{domain="hop.globex.test"} 1' in (tmp_path / "m.prom").read_text()
