@@ -24,6 +24,13 @@ from relay_milter.core import reputation as rep
 log = logging.getLogger("relay.reputation")
 
 
+def _save(settings: Settings, state: dict) -> None:
+    try:
+        rep.save_state(settings.reputation.state_file, state)
+    except OSError as exc:
+        fail(ExitCode.UNAVAILABLE, f"cannot write the reputation state {settings.reputation.state_file}: {exc}")
+
+
 def _state(settings: Settings) -> dict:
     try:
         return rep.load_state(settings.reputation.state_file)
@@ -149,7 +156,7 @@ def run_check(obj: Context, as_json: bool) -> int:
     changes, errors = check_once(ts, settings, state, now)
     # Listing changes are recorded and alerted before any failover is tried.
     rep.log_events(state, changes, now)
-    rep.save_state(settings.reputation.state_file, state)
+    _save(settings, state)
     _announce(changes, settings)
     stuck: list[str] = []
     if settings.reputation.failover == "auto":
@@ -157,7 +164,7 @@ def run_check(obj: Context, as_json: bool) -> int:
         if moves:
             _reconfigure(ts, settings, state)  # exits 4, recording no failover, if Postfix refuses
             rep.log_events(state, moves, time.time())
-            rep.save_state(settings.reputation.state_file, state)
+            _save(settings, state)
             _announce(moves, settings)
             changes += moves
     for line in stuck:
@@ -253,7 +260,7 @@ def ip_failover(obj: Context, address: str) -> None:
         fail(ExitCode.FAILED, f"cannot fail over: {exc}")
     _reconfigure(ts, settings, state)
     rep.log_events(state, [change], now)
-    rep.save_state(settings.reputation.state_file, state)
+    _save(settings, state)
     _announce([change], settings)
     _metrics(settings, state)
 
@@ -279,7 +286,7 @@ def ip_restore(obj: Context, address: str) -> None:
         warn(f"{entry.address} is still listed at the last check")
     _reconfigure(ts, settings, state)
     rep.log_events(state, [change], now)
-    rep.save_state(settings.reputation.state_file, state)
+    _save(settings, state)
     _announce([change], settings)
     _metrics(settings, state)
 
