@@ -298,7 +298,7 @@ def reputation() -> None:
 
 @reputation.command("check")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Also log events here.")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the log lines here instead of standard error.")
 @click.pass_obj
 def reputation_check(obj: Context, as_json: bool, log_file: Path | None) -> None:
     """Look up every pool address in the DNSBLs (settings reputation.dnsbls) and every relay,
