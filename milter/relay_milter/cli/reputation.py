@@ -306,7 +306,8 @@ def reputation_check(obj: Context, as_json: bool, log_file: Path | None) -> None
     `failover: auto` move the tenants of a listed active address to a standby.
 
     State changes (IP_LISTED, IP_DELISTED, DOMAIN_LISTED, DOMAIN_DELISTED, IP_FAILOVER) are
-    logged, printed, kept in the state file and counted in the metrics file. A lookup that
+    logged, printed, kept in the state file, counted in the metrics file and POSTed to
+    reputation.alert_webhook if set. A lookup that
     fails or that the list refuses is a warning and keeps the last known state.
     Exit 1 if anything is listed now."""
     logs.setup(obj.load_settings().log_level, str(log_file) if log_file else None)
