@@ -127,6 +127,132 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
+# -- sender reputation: source addresses, blocklists, pacing, ingress limits (issue 14) --------
+
+
+def _ip(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ValueError(f"not an IPv4 or IPv6 address: {value!r}") from None
+
+
+IPAddress = Annotated[str, PlainValidator(_ip)]
+
+
+class SmarthostRate(_Strict):
+    """Outbound pacing towards the smarthost: ``"10/s"``, ``"300/m"`` or ``"3600/h"``."""
+
+    messages: int = Field(ge=1, le=100000)
+    per: Literal["s", "m", "h"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = re.match(r"^\s*(\d+)\s*/\s*(s|m|h)\s*$", v)
+            if not m:
+                raise ValueError(f"not a rate (N/s, N/m or N/h): {v!r}")
+            return {"messages": int(m.group(1)), "per": m.group(2)}
+        return v
+
+    @property
+    def per_second(self) -> float:
+        return self.messages / {"s": 1, "m": 60, "h": 3600}[self.per]
+
+    @property
+    def delay(self) -> str:
+        """Postfix destination_rate_delay: the pause between two deliveries, in whole seconds
+        (Postfix takes no fractions), rounded up so the rate is never exceeded. Faster than
+        1/s cannot be written as a delay: 0s, and concurrency caps the pace instead."""
+        import math
+
+        return f"{math.ceil(1 / self.per_second)}s" if self.per_second < 1 else "0s"
+
+
+class TenantLimits(_Strict):
+    """Ingress limits and backpressure, enforced by the milter per node (452, mail kept by the platform)."""
+
+    messages_per_minute: int | None = Field(None, ge=1)
+    messages_per_day: int | None = Field(None, ge=1)
+    recipients_per_message: int | None = Field(None, ge=1, le=1000)
+    # Backpressure: the tenant's queue (messages) or its oldest deferred message (seconds).
+    max_queued: int | None = Field(None, ge=1)
+    max_queue_age: float | None = Field(None, gt=0)
+
+
+class SourceAddress(_Strict):
+    """One outbound address of the pool: the tenants bound to it leave from it and say HELO as ``helo``."""
+
+    address: IPAddress
+    helo: Domain
+    role: Literal["active", "standby"] = "active"
+    # Tenants this address is dedicated to (a tenant may also name it in its source_address).
+    tenants: tuple[str, ...] = ()
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+
+class BlocklistZone(_Strict):
+    """A DNS blocklist: ``zone`` is queried as ``<reversed address>.<zone>`` (or ``<domain>.<zone>``)."""
+
+    zone: Domain
+    # Answers (127.x.y.z) that mean "listed". Empty: every answer except the error codes.
+    listed: tuple[IPAddress, ...] = ()
+    # Answers that mean "the list refused the query" (open/public resolver, over quota):
+    # an error, never a listing. Default: Spamhaus' 127.255.255.252/254/255.
+    errors: tuple[IPAddress, ...] = ("127.255.255.252", "127.255.255.254", "127.255.255.255")
+
+
+class ReputationSettings(_Strict):
+    """The source address pool and its blocklist monitoring (relayctl ip, relayctl reputation)."""
+
+    pool: tuple[SourceAddress, ...] = ()
+    # IP blocklists for the pool addresses; domain blocklists for relay, signing and HELO domains.
+    dnsbls: tuple[BlocklistZone, ...] = ()
+    domain_lists: tuple[BlocklistZone, ...] = ()
+    # auto: a listed active address is replaced by a healthy standby at once;
+    # manual: only `relayctl ip failover ADDR` does it.
+    failover: Literal["auto", "manual"] = "manual"
+    # Listing states, FCrDNS results and failovers in force (JSON, written by relayctl).
+    state_file: Path = Path(defaults.REPUTATION_STATE_FILE)
+    # Prometheus textfile written by `relayctl reputation check` (None: off).
+    metrics_file: Path | None = None
+    # POST each reputation event here as JSON (an operator alert; none: log lines and metrics only).
+    alert_webhook: str | None = None
+    # How often `relayctl reputation watch` checks.
+    interval: float = Field(defaults.REPUTATION_INTERVAL, ge=10, le=86400)
+    # How often the milter refreshes its per-tenant queue summary (tenant limits.max_queued, max_queue_age).
+    queue_refresh: float = Field(defaults.QUEUE_SUMMARY_INTERVAL, ge=0.2, le=300)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ReputationSettings":
+        seen = [a.address for a in self.pool]
+        dup = sorted({a for a in seen if seen.count(a) > 1})
+        if dup:
+            raise ValueError(f"pool: address {', '.join(dup)} listed twice")
+        owners: dict[str, str] = {}
+        for a in self.pool:
+            for t in a.tenants:
+                if owners.setdefault(t, a.address) != a.address:
+                    raise ValueError(f"pool: tenant {t} is dedicated to both {owners[t]} and {a.address}")
+        return self
+
+    @field_validator("alert_webhook")
+    @classmethod
+    def _alert_url(cls, v: str | None) -> str | None:
+        return None if v is None else Webhook._url(v)
+
+    def entry(self, address: str) -> SourceAddress | None:
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            return None
+        return next((a for a in self.pool if a.address == address), None)
+
+
 class SmarthostAuth(_Strict):
     """SMTP AUTH towards the smarthost. The password is not here: it is the tenant's
     ``smarthost_password`` in the secrets file (settings ``secrets_file``, mode 0600)."""
@@ -157,6 +283,8 @@ class Smarthost(_Strict):
     auth: SmarthostAuth | None = None
     # Parallel deliveries to this smarthost (Postfix destination concurrency and maxproc).
     concurrency: int = Field(defaults.SMARTHOST_CONCURRENCY, ge=1, le=100)
+    # Pace deliveries: "10/s", "300/m", "3600/h" (Postfix destination_rate_delay per transport).
+    rate: SmarthostRate | None = None
 
     @field_validator("host")
     @classmethod
@@ -267,6 +395,9 @@ class Tenant(_Strict):
     headers: HeaderRules = HeaderRules()
     # Push delivery events to this tenant (relayctl track): RECEIVED, RELAYED, DEFERRED, ...
     webhook: Webhook | None = None
+    # Sender reputation (issue 14): the pool address this tenant leaves from, and its ingress limits.
+    source_address: IPAddress | None = None
+    limits: TenantLimits = TenantLimits()
 
     @field_validator("id")
     @classmethod
@@ -487,6 +618,7 @@ class Settings(_Strict):
     queue_readers: tuple[str, ...] = ()
     dns: DnsSettings = DnsSettings()
     tracking: TrackingSettings = TrackingSettings()
+    reputation: ReputationSettings = ReputationSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("authserv_id")

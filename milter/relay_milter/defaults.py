@@ -76,3 +76,9 @@ WEBHOOK_BACKOFF_BASE = 30.0
 WEBHOOK_BACKOFF_MAX = 3600.0
 WEBHOOK_SIGNATURE_HEADER = "X-Relay-Signature"
 WEBHOOK_SIGNATURE_TOLERANCE = 300
+
+# Sender reputation (relayctl ip, relayctl reputation).
+REPUTATION_STATE_FILE = "/var/lib/tenant-relay/reputation.json"
+REPUTATION_INTERVAL = 300.0
+# How often the milter refreshes its per-tenant queue summary (backpressure).
+QUEUE_SUMMARY_INTERVAL = 5.0

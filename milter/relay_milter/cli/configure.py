@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from relay_milter.cli.context import Context
-from relay_milter.cli.errors import ExitCode, fail
+from relay_milter.cli.errors import ExitCode, fail, warn
 from relay_milter.config import ConfigError
 
 _TEMPLATES = click.option(
@@ -70,6 +70,8 @@ def check(obj: Context, templates: Path | None) -> None:
     ts, settings = obj.load()
     click.echo(f"tenants: {len(ts)} valid ({', '.join(t.id for t in ts)})")
     _, result = render_and_check(ts, settings, templates)
+    for line in result.warnings:
+        warn(line)
     if not result.ok:
         fail(ExitCode.CHECK_FAILED, "check failed: the staged configuration failed Postfix's checks", result.problems)
     click.echo("postfix: staged configuration passed postconf, route lookups and postfix check")

@@ -45,7 +45,8 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "success",
     ExitCode.FAILED: (
         "done, with a negative answer: nothing found or matched (trace; requeue, hold, release), "
-        "a request refused (user add/remove, cert selfsigned over an existing file), "
+        "a request refused (user add/remove, cert selfsigned over an existing file; ip failover "
+        "without a healthy standby), an address or domain listed (reputation check), "
         "no at a confirmation prompt, or the demo saw a wrong result"
     ),
     ExitCode.USAGE: "usage error: unknown command or option, bad argument or option value",

@@ -29,6 +29,7 @@ def run_milter(obj: Context, log_file: Path | None) -> None:
     """
     from relay_milter import logs
     from relay_milter.milter.adapter import serve
+    from relay_milter.milter.backpressure import start_queue_watch
     from relay_milter.milter.reloader import ReloadingPolicy
 
     ts, settings = obj.load()  # exits 3 on an invalid configuration
@@ -36,6 +37,7 @@ def run_milter(obj: Context, log_file: Path | None) -> None:
     logging.getLogger("relay.milter").info("NOQUEUE: event=config tenants=%s", ",".join(t.id for t in ts))
     source = ReloadingPolicy(obj.tenants_dir, settings)
     source.watch()
+    start_queue_watch(source, settings)  # backpressure: tenant limits.max_queued / max_queue_age
     serve(source, settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
 
 

@@ -25,6 +25,7 @@ from relay_milter.core.addresses import (
 )
 from relay_milter.config import Settings, Tenant, TenantSet
 from relay_milter.core.dkimverify import DkimResult, KeyResolver, verify_hop_signature
+from relay_milter.core.quota import IngressGate
 
 
 # Python 3.11.4+ parses addresses strictly (CVE-2023-27043) when asked to.
@@ -150,10 +151,12 @@ class Message:
 class Policy:
     """Stateless across transactions; safe to share between milter threads."""
 
-    def __init__(self, tenants: TenantSet, settings: Settings, keys: KeyResolver | None = None):
+    def __init__(self, tenants: TenantSet, settings: Settings, keys: KeyResolver | None = None, gate: IngressGate | None = None):
         self.tenants = tenants
         self.settings = settings
         self.keys = keys or KeyResolver(settings.dns)
+        # Ingress limits and backpressure (core/quota.py); shared across reloads by the reloader.
+        self.gate = gate or IngressGate()
         self._relay_domains = frozenset(t.relay_domain for t in tenants)
         self._relay_suffixes = tuple("." + d for d in self._relay_domains)
         self._signing_domains = frozenset(t.signing_domain for t in tenants)
@@ -183,6 +186,8 @@ class Policy:
             return Verdict.reject("550", "5.7.1", "the null sender is not accepted by this relay")
         if not tenant.sender_allowed(addr):
             return Verdict.reject("550", "5.7.1", f"envelope sender {addr} is not allowed for user {tx.auth_user}")
+        if refusal := self.gate.admit(tenant):
+            return Verdict.tempfail(*refusal)
         tx.tenant = tenant
         return CONTINUE
 
@@ -214,6 +219,8 @@ class Policy:
             return Verdict.reject("550", "5.7.1", "the null sender is not accepted by this relay")
         if not tenant.envelope_sender_allowed(tx.mail_from):
             return Verdict.reject("550", "5.7.1", f"envelope sender {tx.mail_from} is not allowed for this tenant")
+        if refusal := (self.gate.admit(tenant) if tx.tenant is None else None) or self.gate.recipients(tenant, len(tx.recipients)):
+            return Verdict.tempfail(*refusal)
         tx.tenant = tenant
         tx.recipients.append((rcpt, decoded))
         return CONTINUE
@@ -237,6 +244,8 @@ class Policy:
             # Encoded relay addresses belong to the signed ingress; here they could
             # only be an attempt to reach another tenant's route.
             return Verdict.reject("550", "5.7.1", "relay-domain recipients are not accepted on submission")
+        if refusal := self.gate.recipients(tx.tenant, len(tx.recipients)):
+            return Verdict.tempfail(*refusal)
         tx.recipients.append((rcpt, Decoded("", address)))
         return CONTINUE
 
@@ -307,6 +316,7 @@ class Policy:
             return Disposition(
                 Verdict.reject(*refusal), tenant, dkim=dkim, header_from=author, message_id=message_id
             )
+        self.gate.accepted(tenant)  # counted once the message is ours
         return Disposition(
             Verdict(Action.ACCEPT),
             tenant,

@@ -194,6 +194,8 @@ class Received:
     peer: str
     tls: tuple | None = None  # (cipher, protocol, bits) when the session was under STARTTLS
     login: str | None = None  # the SMTP AUTH user the relay logged in as
+    helo: str | None = None  # the name the relay gave in EHLO/HELO
+    at: float = field(default_factory=time.monotonic)  # when the sink took the message
 
     def header(self, name: str) -> list[str]:
         import email
@@ -218,6 +220,7 @@ class SinkHandler:
                         str(session.peer),
                         tls=(session.ssl or {}).get("cipher"),
                         login=session.auth_data if session.authenticated else None,
+                        helo=session.host_name,
                     )
                 )
         return reply
@@ -305,10 +308,11 @@ def _exchange(smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpts: list[st
 class DnsServer:
     """dnsmasq on a loopback port, authoritative for nothing but the TXT records we give it."""
 
-    def __init__(self, workdir: Path, records: dict[str, str], port: int | None = None):
+    def __init__(self, workdir: Path, records: dict[str, str], port: int | None = None, extra_args: tuple[str, ...] = ()):
         self.port = port or free_port()
         self.workdir = workdir
         self.records = records
+        self.extra_args = tuple(extra_args)  # more dnsmasq options: --host-record, --address, --local
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "DnsServer":
@@ -321,6 +325,7 @@ class DnsServer:
         for name, text in self.records.items():
             chunks = [text[i : i + 250] for i in range(0, len(text), 250)]
             args.append(f"--txt-record={name}," + ",".join(f'"{c}"' if "," in c else c for c in chunks))
+        args += self.extra_args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "dnsmasq.log", "ab"))
         wait_for(self._answers, 10, what="dnsmasq")
         return self

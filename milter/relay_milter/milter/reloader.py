@@ -16,6 +16,7 @@ from relay_milter import logs
 from relay_milter.config import ConfigError, Settings, load_tenants, tenant_files
 from relay_milter.core.dkimverify import KeyResolver
 from relay_milter.core.policy import Policy
+from relay_milter.core.quota import IngressGate
 
 log = logging.getLogger("relay.milter")
 
@@ -35,8 +36,9 @@ class ReloadingPolicy:
         self.settings = settings
         self.interval = interval
         self.keys = KeyResolver(settings.dns)
+        self.gate = IngressGate()  # rate counters and queue summary outlive a reload
         self._seen = fingerprint(self.tenants_dir)
-        self._policy = Policy(load_tenants(self.tenants_dir), settings, self.keys)
+        self._policy = Policy(load_tenants(self.tenants_dir), settings, self.keys, self.gate)
         self._stop = threading.Event()
 
     def current(self) -> Policy:
@@ -69,5 +71,5 @@ class ReloadingPolicy:
         except ConfigError as exc:
             logs.event(log, logging.ERROR, None, "reload_failed", reason=str(exc).replace("\n", "; "), kept=",".join(t.id for t in self._policy.tenants))
             return
-        self._policy = Policy(tenants, self.settings, self.keys)
+        self._policy = Policy(tenants, self.settings, self.keys, self.gate)
         logs.event(log, logging.INFO, None, "reload", tenants=",".join(t.id for t in tenants))

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -33,6 +33,7 @@ import jinja2
 from relay_milter import defaults
 from relay_milter.postfix.runner import run_postfix
 from relay_milter.config import ConfigError, Settings, TenantSet, load_secrets
+from relay_milter.core import reputation
 
 OUTPUTS = {
     "main.cf": "main.cf.j2",
@@ -63,7 +64,21 @@ def template_dir(explicit: Path | None = None) -> Path:
     raise ConfigError("cannot find the Postfix templates (set --templates or RELAY_TEMPLATES)")
 
 
-def render_files(tenants: TenantSet, settings: Settings, templates: Path | None = None) -> dict[str, str]:
+def source_addresses(tenants: TenantSet, settings: Settings, reputation_state: dict | None = None) -> dict:
+    """tenant id -> the pool address its transport binds to (None: the host's default),
+    with the failovers of the reputation state (read from its file unless given)."""
+    if reputation_state is not None:
+        state = reputation_state
+    elif settings.reputation.pool:
+        state = reputation.load_state(settings.reputation.state_file)
+    else:  # no pool: no failovers to read
+        state = reputation.empty_state()
+    return reputation.assignments(tenants, settings.reputation, state)
+
+
+def render_files(
+    tenants: TenantSet, settings: Settings, templates: Path | None = None, reputation_state: dict | None = None
+) -> dict[str, str]:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir(templates))),
         undefined=jinja2.StrictUndefined,
@@ -76,6 +91,7 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
         "tenants": sorted(tenants, key=lambda t: t.id),
         "route_header": defaults.ROUTE_HEADER,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
+        "sources": source_addresses(tenants, settings, reputation_state),
     }
     files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
     secrets = load_secrets(settings.secrets_file, tenants)
@@ -206,6 +222,7 @@ def write_files(files: dict[str, str], out: Path, require_empty: bool = False) -
 class CheckResult:
     ok: bool
     problems: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 _DIAGNOSTIC = re.compile(r"^\S+: (warning|fatal|error|panic): ")
@@ -272,14 +289,54 @@ def _cleanup_on_signals():
                 signal.signal(sig, old)
 
 
-def render_and_check(tenants: TenantSet, settings: Settings, templates: Path | None = None) -> tuple[dict[str, str], CheckResult]:
-    files = render_files(tenants, settings, templates)
+def render_and_check(
+    tenants: TenantSet, settings: Settings, templates: Path | None = None, reputation_state: dict | None = None
+) -> tuple[dict[str, str], CheckResult]:
+    files = render_files(tenants, settings, templates, reputation_state)
     with _cleanup_on_signals(), tempfile.TemporaryDirectory(prefix="relay-staging-") as tmp:
         staging = Path(tmp)
         write_files(files, staging, require_empty=True)
         # postfix check inspects the queue directory; it must exist to be checked.
         result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
+    result.problems += [f"source address {a}: not configured on this host ({why})" for a, why in unbound_addresses(settings)]
+    result.warnings += fcrdns_warnings(settings)
+    result.ok = not result.problems
     return files, result
+
+
+def address_is_local(address: str) -> str | None:
+    """None if this host has ``address`` (a socket can bind to it), else why not."""
+    import ipaddress
+    import socket
+
+    family = socket.AF_INET if ipaddress.ip_address(address).version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((address, 0))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def unbound_addresses(settings: Settings) -> list[tuple[str, str]]:
+    """Pool addresses this host cannot send from (an error for check and apply)."""
+    return [(a.address, why) for a in settings.reputation.pool if (why := address_is_local(a.address))]
+
+
+def fcrdns_warnings(settings: Settings) -> list[str]:
+    """Pool addresses whose PTR and HELO name do not confirm each other (a warning only:
+    receivers score it, Postfix does not care)."""
+    from relay_milter.core.dnsbl import fcrdns, resolver
+
+    if not settings.reputation.pool:
+        return []
+    res = resolver(settings.dns)
+    out = []
+    for a in settings.reputation.pool:
+        status, detail = fcrdns(res, a.address, a.helo)
+        if status != "ok":
+            out.append(f"source address {a.address}: FCrDNS {status}: {detail}")
+    return out
 
 
 def install(files: dict[str, str], settings: Settings) -> list[str]:

@@ -162,3 +162,36 @@ def test_help_lists_the_commands_and_exit_codes():
     assert r.returncode == 0
     for word in ("check", "apply", "render", "milter", "demo", "tenants", "user", "cert", "Exit codes"):
         assert word in r.stdout
+
+
+def test_source_address_and_rate_render_per_tenant(tmp_path):
+    """A tenant bound to a pool address gets its bind address and HELO name on its own
+    transport; smarthost.rate becomes the transport's destination_rate_delay; a failover in
+    the reputation state moves the tenant to the standby."""
+    from relay_milter.config import ReputationSettings, TenantSet
+    from support.factories import tenant
+
+    ts = TenantSet(
+        (tenant("acme", source_address="127.0.0.2", smarthost={"host": "127.0.0.1", "rate": "20/m"}), tenant("globex"),
+         tenant("hooli", source_address="2001:db8::25")),
+        {},
+    )
+    rep = ReputationSettings.model_validate({"state_file": str(tmp_path / "state.json"), "pool": [
+        {"address": "127.0.0.2", "helo": "out-a.relay.test"},
+        {"address": "127.0.0.4", "helo": "out-c.relay.test", "role": "standby"},
+        {"address": "2001:db8::25", "helo": "out6.relay.test"},
+    ]})
+    settings = Settings(reputation=rep, secrets_file=tmp_path / "none.yaml")
+    files = render_files(ts, settings)
+    master = files["master.cf"]
+    acme = master.split("relay_acme unix", 1)[1].split("# Tenant", 1)[0]
+    assert "-o smtp_bind_address=127.0.0.2\n" in acme and "-o smtp_helo_name=out-a.relay.test\n" in acme
+    globex = master.split("relay_globex unix", 1)[1].split("# Tenant", 1)[0]
+    assert "smtp_bind_address" not in globex and "smtp_helo_name" not in globex
+    hooli = master.split("relay_hooli unix", 1)[1].split("# Tenant", 1)[0]
+    assert "-o smtp_bind_address6=2001:db8::25\n" in hooli and "smtp_bind_address=" not in hooli
+    assert "\nrelay_acme_destination_rate_delay = 3s\n" in files["main.cf"]
+    assert "relay_globex_destination_rate_delay" not in files["main.cf"]
+    failed_over = render_files(ts, settings, reputation_state={"failovers": {"127.0.0.2": {"to": "127.0.0.4"}}})
+    acme = failed_over["master.cf"].split("relay_acme unix", 1)[1].split("# Tenant", 1)[0]
+    assert "-o smtp_bind_address=127.0.0.4\n" in acme and "-o smtp_helo_name=out-c.relay.test\n" in acme

@@ -1,0 +1,126 @@
+"""Per-tenant ingress limits and backpressure (tenant ``limits``): pure decisions the
+milter's policy asks at the moment the tenant of a transaction is known.
+
+- ``messages_per_minute`` / ``messages_per_day``: fixed windows (the UTC minute, the UTC
+  day) counted in memory when a message is accepted: O(1) per message, no database. The
+  counters are per milter process, so per node; they survive tenant reloads (the gate is
+  shared) but not a milter restart.
+- ``recipients_per_message``: the recipient past the limit gets 452 (RFC 5321 clients send
+  the rest in a further transaction).
+- ``max_queued`` / ``max_queue_age``: read from a queue summary that a background thread
+  refreshes (``milter/backpressure.py``); never a ``postqueue`` run per message.
+
+Every refusal is a 452, so the platform keeps the mail and retries.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from relay_milter.config import Tenant
+
+RATE_DSN = "4.7.0"
+BACKPRESSURE_DSN = "4.3.1"
+
+
+@dataclass(frozen=True)
+class TenantQueue:
+    """One tenant's share of the Postfix queue at the last refresh."""
+
+    queued: int = 0
+    oldest_deferred: float | None = None  # arrival time (epoch) of the oldest deferred message
+
+
+@dataclass
+class _Counter:
+    minute: int = -1
+    per_minute: int = 0
+    day: int = -1
+    per_day: int = 0
+
+
+@dataclass
+class IngressGate:
+    """Shared by every Policy of one milter process (thread-safe)."""
+
+    clock: Callable[[], float] = time.time
+    _counters: dict[str, _Counter] = field(default_factory=dict)
+    _queues: dict[str, TenantQueue] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- queue summary (written by the background refresher) --------------------------
+
+    def set_queues(self, queues: dict[str, TenantQueue]) -> None:
+        with self._lock:
+            self._queues = dict(queues)
+
+    def queue(self, tenant_id: str) -> TenantQueue:
+        with self._lock:
+            return self._queues.get(tenant_id, TenantQueue())
+
+    # -- decisions --------------------------------------------------------------------
+
+    def backpressure(self, tenant: Tenant) -> tuple[str, str, str] | None:
+        """(code, dsn, reason) if the tenant's queue is past its limits."""
+        limits = tenant.limits
+        if limits.max_queued is None and limits.max_queue_age is None:
+            return None
+        q = self.queue(tenant.id)
+        if limits.max_queued is not None and q.queued >= limits.max_queued:
+            return ("452", BACKPRESSURE_DSN, f"tenant {tenant.id}: {q.queued} messages queued (limit max_queued {limits.max_queued}), try again later")
+        if limits.max_queue_age is not None and q.oldest_deferred is not None:
+            age = self.clock() - q.oldest_deferred
+            if age >= limits.max_queue_age:
+                return ("452", BACKPRESSURE_DSN, f"tenant {tenant.id}: oldest deferred message is {int(age)}s old (limit max_queue_age {int(limits.max_queue_age)}s), try again later")
+        return None
+
+    def rate(self, tenant: Tenant) -> tuple[str, str, str] | None:
+        """(code, dsn, reason) if another message now would pass a message limit."""
+        limits = tenant.limits
+        if limits.messages_per_minute is None and limits.messages_per_day is None:
+            return None
+        now = self.clock()
+        with self._lock:
+            c = self._roll(tenant.id, now)
+            if limits.messages_per_minute is not None and c.per_minute >= limits.messages_per_minute:
+                return ("452", RATE_DSN, f"tenant {tenant.id}: limit messages_per_minute ({limits.messages_per_minute}) reached, try again later")
+            if limits.messages_per_day is not None and c.per_day >= limits.messages_per_day:
+                return ("452", RATE_DSN, f"tenant {tenant.id}: limit messages_per_day ({limits.messages_per_day}) reached, try again later")
+        return None
+
+    def admit(self, tenant: Tenant) -> tuple[str, str, str] | None:
+        """At the moment the transaction's tenant is known: backpressure first, then rates."""
+        return self.backpressure(tenant) or self.rate(tenant)
+
+    def recipients(self, tenant: Tenant, accepted: int) -> tuple[str, str, str] | None:
+        """Before accepting one more recipient, ``accepted`` being those already accepted."""
+        limit = tenant.limits.recipients_per_message
+        if limit is not None and accepted >= limit:
+            return ("452", RATE_DSN, f"tenant {tenant.id}: limit recipients_per_message ({limit}) reached, send the rest in another transaction")
+        return None
+
+    def accepted(self, tenant: Tenant) -> None:
+        """Count one accepted message."""
+        if tenant.limits.messages_per_minute is None and tenant.limits.messages_per_day is None:
+            return
+        with self._lock:
+            c = self._roll(tenant.id, self.clock())
+            c.per_minute += 1
+            c.per_day += 1
+
+    def counts(self, tenant_id: str) -> tuple[int, int]:
+        with self._lock:
+            c = self._roll(tenant_id, self.clock())
+            return c.per_minute, c.per_day
+
+    def _roll(self, tenant_id: str, now: float) -> _Counter:
+        c = self._counters.setdefault(tenant_id, _Counter())
+        minute, day = int(now // 60), int(now // 86400)
+        if c.minute != minute:
+            c.minute, c.per_minute = minute, 0
+        if c.day != day:
+            c.day, c.per_day = day, 0
+        return c
