@@ -42,14 +42,14 @@ class ReputationLab(Lab):
 
     def dns_args(self) -> tuple[str, ...]:
         args = [
-            "--local=/bl.test/", "--local=/relay.test/", "--local=/127.in-addr.arpa/",
+            "--local=/bl.test/", "--local=/relay.test/", "--local=/127.in-addr.arpa/",  # hygiene: not a path (dnsmasq /domain/ syntax)
             f"--host-record={HELO[A]},{A}", f"--host-record={HELO[B]},{B}",
             # globex's address: the list refuses to answer (an error, never a listing).
-            "--address=/3.0.0.127.bl.test/127.255.255.254",
+            "--address=/3.0.0.127.bl.test/127.255.255.254",  # hygiene: not a path (dnsmasq /domain/ syntax)
             # A domain blocklist that lists globex's signing domain.
-            "--local=/dbl.test/", "--address=/hop.globex.test.dbl.test/127.0.1.2",
+            "--local=/dbl.test/", "--address=/hop.globex.test.dbl.test/127.0.1.2",  # hygiene: not a path (dnsmasq /domain/ syntax)
         ]
-        args += [f"--address=/{'.'.join(reversed(ip.split('.')))}.bl.test/127.0.0.2" for ip in sorted(self.listed)]
+        args += [f"--address=/{'.'.join(reversed(ip.split('.')))}.bl.test/127.0.0.2" for ip in sorted(self.listed)]  # hygiene: not a path (dnsmasq /domain/ syntax)
         return tuple(args)
 
     def start_dns(self) -> None:

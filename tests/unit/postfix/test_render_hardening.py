@@ -200,7 +200,17 @@ def test_killed_check_removes_its_staging_directory(relay, tmp_path, sig):
             proc.wait()
     assert proc.returncode == -sig  # died of the signal, as a caller expects
     assert list(tmpdir.iterdir()) == []  # the staging directory and the password table are gone
-    assert not Path(f"/proc/{tool_pid}").exists()  # the Postfix tool was stopped too
+    # The Postfix tool was stopped too. It was relayctl's child: once relayctl is gone it may
+    # linger a moment as a zombie until its new parent reaps it, which counts as stopped.
+    wait_for(lambda: _stopped(tool_pid), 30, what=f"the Postfix tool (pid {tool_pid}) to stop")
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 # -- main.cf ---------------------------------------------------------------------------------
