@@ -116,9 +116,11 @@ def rewrite_address_header(value: str, relay_domain: str) -> str | None:
     for name, addr in pairs:
         if not addr.isascii() or not _PRINTABLE.match(addr or "x"):
             return None  # not something we can re-serialise faithfully: leave the header alone
-        if addr.lower().endswith(suffix):
+        # A fully qualified domain may end in a dot (acme.relay.example.): the same domain.
+        bare = addr[:-1] if addr.endswith(".") else addr
+        if bare.lower().endswith(suffix):
             try:
-                addr = decode_local(addr[: -len(suffix)])
+                addr = decode_local(bare[: -len(suffix)])
                 changed = True
             except AddressError:
                 pass
@@ -127,3 +129,27 @@ def rewrite_address_header(value: str, relay_domain: str) -> str | None:
         return None
     result = ", ".join(out)
     return None if "\r" in result or "\n" in result else result
+
+
+_NOTIFY = re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I)
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 section 4: '+', '=' and characters outside '!'..'~' as +XX."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in text)
+
+
+def dsn_params(esmtp_args: list[str] | tuple[str, ...], decoded_address: str) -> str:
+    """The ESMTP parameters for a decoded recipient that replaces an encoded one.
+
+    NOTIFY= is carried over as the client gave it (when it is valid RFC 3461 syntax);
+    ORCPT= is the decoded address, so a delivery status notification names the
+    recipient the platform meant, not the relay's encoding of it.
+    """
+    params = []
+    for arg in esmtp_args:
+        name, _, value = str(arg).partition("=")
+        if name.upper() == "NOTIFY" and _NOTIFY.match(value):
+            params.append(f"NOTIFY={value.upper()}")
+    params.append(f"ORCPT=rfc822;{xtext(decoded_address)}")
+    return " ".join(params)

@@ -9,21 +9,38 @@ that is gone or too slow.
 from __future__ import annotations
 
 import grp
+import hashlib
 import logging
 import os
 import re
+import tempfile
+from pathlib import Path
 
 import Milter
 import milter as _milter
 
 from relay_milter import logs
-from relay_milter.core.addresses import strip_brackets
+from relay_milter import defaults
+from relay_milter.core import route
+from relay_milter.core.addresses import dsn_params, strip_brackets
 from relay_milter.defaults import UPSTREAM_ID_HEADER
 from relay_milter.core.policy import Action, Disposition, Message, Policy, Transaction, Verdict
 
 log = logging.getLogger("relay.milter")
 
-FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM
+FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR | Milter.DELRCPT | Milter.CHGFROM
+# A body up to this size stays in memory; a larger one is spooled to a temporary file as it
+# arrives (the milter's memory per transaction stays bounded while the body is received).
+SPOOL_MEMORY = 1024 * 1024
+
+
+def load_route_key(config_directory: Path) -> bytes | None:
+    """The route-seal key `relayctl apply` created (postfix.render.ensure_route_key)."""
+    try:
+        key = (Path(config_directory) / defaults.ROUTE_KEY_FILE).read_bytes()
+    except OSError:
+        return None
+    return key if len(key) >= 32 else None
 
 
 def _reply_text(text: str) -> str:
@@ -37,12 +54,23 @@ class RelayMilter(Milter.Base):
     # Set by serve() (or a test) before any connection: a Policy, or a
     # ReloadingPolicy; either way .current() gives the policy for a transaction.
     source: Policy
+    # The route-seal key (core/route.py). serve() loads it; without one (tests) a key for
+    # this process only: mail accepted now is routed, and after a restart a requeued
+    # message has no route (it waits on "unrouted"), never another tenant's.
+    route_key: bytes = os.urandom(32)
 
     def __init__(self) -> None:
         self.policy = self.source.current()
         self.tx = Transaction()
         self._headers: list[tuple[str, str]] = []
-        self._body = bytearray()
+        self._new_body()
+        self._rcpt_args: dict[str, tuple[str, ...]] = {}
+        self._requeue = False
+        self._sender = ""
+
+    def _new_body(self) -> None:
+        self._body = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, prefix="relay-milter-body-")
+        self._body_sha256 = hashlib.sha256()
 
     # -- helpers --------------------------------------------------------------
 
@@ -74,6 +102,9 @@ class RelayMilter(Milter.Base):
     def connect(self, hostname, family, hostaddr):
         ip = hostaddr[0] if isinstance(hostaddr, tuple) else None
         self.tx = Transaction(client_ip=ip, client_name=hostname or "")
+        # master.cf's cleanup_requeue (postsuper -r, pickup) names itself here; no SMTP
+        # client can set this macro.
+        self._requeue = self._macro("{daemon_name}") == defaults.REQUEUE_DAEMON_NAME
         return Milter.CONTINUE
 
     def hello(self, heloname):
@@ -83,14 +114,22 @@ class RelayMilter(Milter.Base):
     def envfrom(self, mailfrom, *params):
         self.policy = self.source.current()  # one policy for the whole transaction
         self._headers = []
-        self._body = bytearray()
+        self._new_body()
+        self._rcpt_args = {}
+        self._sender = strip_brackets(mailfrom)
         self.tx.queue_id = self._macro("i")
+        if self._requeue:
+            return Milter.CONTINUE  # checked at end of message (_requeue_eom)
         self.tx.auth_user = self._macro("{auth_authen}")
+        self.tx.tls_version = self._macro("{tls_version}")
         return self._answer(self.policy.on_mail(self.tx, mailfrom), "mail", sender=mailfrom)
 
     def envrcpt(self, to, *params):
         if self.tx.queue_id is None:
             self.tx.queue_id = self._macro("i")
+        if self._requeue:
+            return Milter.CONTINUE
+        self._rcpt_args[to] = tuple(params)  # NOTIFY=, ORCPT=: carried to the decoded recipient
         return self._answer(self.policy.on_rcpt(self.tx, to), "rcpt", sender=self.tx.mail_from, rcpt=to)
 
     def header(self, name, value):
@@ -105,13 +144,20 @@ class RelayMilter(Milter.Base):
         return bool(getattr(self, "_protocol", 0) & Milter.P_HDR_LEADSPC)
 
     def body(self, chunk):
-        self._body += chunk
+        self._body.write(chunk)
+        self._body_sha256.update(chunk)
         return Milter.CONTINUE
+
+    def _body_bytes(self) -> bytes:
+        self._body.seek(0)
+        return self._body.read()
 
     def eom(self):
         self.tx.queue_id = self._macro("i") or self.tx.queue_id
+        if self._requeue:
+            return self._requeue_eom()
         try:
-            disposition = self.policy.on_eom(self.tx, Message(tuple(self._headers), bytes(self._body)))
+            disposition = self.policy.on_eom(self.tx, Message(tuple(self._headers), self._body_bytes()))
             if not disposition.verdict.ok:
                 return self._answer(
                     disposition.verdict,
@@ -128,7 +174,35 @@ class RelayMilter(Milter.Base):
                 "eom",
             )
         finally:
-            self._body = bytearray()
+            self._body.close()
+        return Milter.CONTINUE
+
+    def _requeue_eom(self) -> int:
+        """A message an operator requeued: route it again only by a marker we sealed."""
+        try:
+            decision = route.requeue_decision(
+                self.route_key,
+                frozenset(t.id for t in self.policy.tenants),
+                self._sender,
+                self._headers,
+                self._body_sha256.digest(),
+            )
+            for name, index in decision.deletes:
+                self.chgheader(name, index, "")
+            if decision.tenant is not None:
+                self.addheader(defaults.ROUTE_HEADER, f" {decision.tenant}")
+                self.addheader(defaults.ROUTE_SEAL_HEADER, f" {decision.seal}")
+                logs.event(log, logging.INFO, self.tx.queue_id, "requeued", tenant=decision.tenant, sender=self._sender)
+            else:
+                # No route: the message waits on the deferred "unrouted" transport.
+                logs.event(log, logging.WARNING, self.tx.queue_id, "requeued_unrouted", reason=decision.reason, sender=self._sender)
+        except Exception as exc:
+            log.exception("%s: event=error stage=requeue", self.tx.queue_id or "NOQUEUE")
+            return self._answer(
+                Verdict.tempfail("451", "4.3.0", f"relay requeue error ({exc.__class__.__name__}), try again later"), "requeue"
+            )
+        finally:
+            self._body.close()
         return Milter.CONTINUE
 
     def _apply(self, d: Disposition) -> None:
@@ -143,9 +217,14 @@ class RelayMilter(Milter.Base):
                 self.addheader(edit.name, edit.value)
         for old, new in d.recipient_changes:
             self.delrcpt(old)
-            self.addrcpt(new)
+            self.addrcpt(new, dsn_params(self._rcpt_args.get(old, ()), strip_brackets(new)))
         if d.new_sender:
             self.chgfrom(d.new_sender)
+        # Bind the route marker (the last header edit) to this message: see core/route.py.
+        sender = strip_brackets(d.new_sender) if d.new_sender else (self.tx.mail_from or "")
+        self.addheader(
+            defaults.ROUTE_SEAL_HEADER, " " + route.seal(self.route_key, d.tenant.id, sender, self._body_sha256.digest())
+        )
         logs.event(
             log,
             logging.INFO,
@@ -176,7 +255,7 @@ class RelayMilter(Milter.Base):
 
     def abort(self):
         self._headers = []
-        self._body = bytearray()
+        self._body.close()
         return Milter.CONTINUE
 
     def close(self):
@@ -189,6 +268,16 @@ def serve(source, socket: str, socket_group: str | None, socket_mode: int, timeo
     ``source`` is a Policy or a ReloadingPolicy (anything with ``.current()``).
     """
     RelayMilter.source = source
+    settings = source.current().settings
+    key = load_route_key(settings.config_directory)
+    if key is None:
+        logs.event(
+            log, logging.ERROR, None, "route_key_missing",
+            path=str(settings.config_directory / defaults.ROUTE_KEY_FILE),
+            effect="requeued mail (postsuper -r) accepted before a restart will wait unrouted; run relayctl apply",
+        )
+    else:
+        RelayMilter.route_key = key
     Milter.factory = RelayMilter
     _milter.set_flags(FLAGS)
     _milter.set_exception_policy(Milter.TEMPFAIL)

@@ -8,6 +8,8 @@ Files rendered (relative to the Postfix config directory):
     relay/bounce_transport        transport_maps (texthash) for relay-generated mail
     relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
     relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
+    relay/route.key               the milter's route-seal key: created once by install(), never
+                                  rendered or replaced (mode 0640, group milter_socket_group)
     sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
 
 No table needs postmap (regexp and texthash are read as text), so a reload is
@@ -41,6 +43,13 @@ OUTPUTS = {
 # Per-tenant tables live in these directories; files of removed tenants are deleted on install.
 PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
 SECRET_DIR = "relay/smtp_auth"
+# Signed-ingress listeners: every RCPT for another tenant gets a 452 and Postfix counts it as
+# an error. Postfix's defaults (soft 10, hard 20) would slow the session down after ten and end
+# it with 421 after twenty, losing the accepted recipients of the transaction with it. A
+# transaction may draw up to smtpd_recipient_limit (1000) such refusals; the usual allowance
+# for real errors comes on top. Postfix resets the count after each delivered message, and
+# under stress (anvil/overload) the limit stays 1, as Postfix has it.
+ERROR_LIMITS = {"soft": 1010, "hard": "${stress?{1}:{1020}}"}
 
 
 def is_secret(name: str) -> bool:
@@ -71,6 +80,9 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
         "s": settings,
         "tenants": sorted(tenants, key=lambda t: t.id),
         "route_header": defaults.ROUTE_HEADER,
+        "route_seal_header": defaults.ROUTE_SEAL_HEADER,
+        "requeue_daemon_name": defaults.REQUEUE_DAEMON_NAME,
+        "error_limits": ERROR_LIMITS,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
     }
     files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
@@ -156,6 +168,7 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
     The previous versions are kept in <config>/relay/previous/ for rollback.
     """
     live = settings.config_directory
+    created_key = ensure_route_key(settings)
     changed = [name for name, text in files.items() if _read(live / name) != text]
     stale = [
         str(p.relative_to(live))
@@ -165,7 +178,7 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
         if str(p.relative_to(live)) not in files
     ]
     if not changed and not stale:
-        return []
+        return [defaults.ROUTE_KEY_FILE + " (created)"] if created_key else []
     backup = live / "relay" / "previous"
     backup.mkdir(parents=True, exist_ok=True)
     for name in changed:
@@ -176,7 +189,40 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
     write_files({n: files[n] for n in changed}, live)
     for name in stale:
         (live / name).unlink()
-    return changed + [f"{name} (removed)" for name in stale]
+    return changed + [f"{name} (removed)" for name in stale] + ([defaults.ROUTE_KEY_FILE + " (created)"] if created_key else [])
+
+
+def route_key_path(settings: Settings) -> Path:
+    return settings.config_directory / defaults.ROUTE_KEY_FILE
+
+
+def ensure_route_key(settings: Settings) -> bool:
+    """Create the route-seal key (32 random bytes) if there is none; True if created.
+
+    An existing key is never replaced: messages in the queue carry seals made with it,
+    and a new key would leave them without a route after ``postsuper -r``.
+    """
+    path = route_key_path(settings)
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    if os.geteuid() == 0:
+        try:
+            shutil.chown(tmp, group=settings.milter_socket_group)
+            os.chmod(tmp, 0o640)  # the milter runs in this group (the Postfix group)
+        except (LookupError, OSError):
+            pass  # no such group here: root-only, the milter then runs as root
+    try:
+        os.link(tmp, path)  # never overwrite a key another apply created meanwhile
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    return True
 
 
 def _read(path: Path) -> str | None:
