@@ -31,12 +31,10 @@ DNS_TIMEOUT = 5.0
 
 # Headers the relay always removes on the way through (the route marker is ours).
 ROUTE_HEADER = "X-Relay-Route"
-# The route marker's seal: an HMAC that binds the marker to the message (core/route.py).
+# The route marker's seal: routes requeued mail (postsuper -r); an HMAC of the tenant (core/route.py).
 ROUTE_SEAL_HEADER = "X-Relay-Route-Seal"
 # The route key (32 random bytes, created by `relayctl apply` if missing; never rotated by it).
 ROUTE_KEY_FILE = "relay/route.key"  # relative to the Postfix config directory
-# milter_macro_daemon_name of master.cf's cleanup_requeue: the milter's "requeue" mode.
-REQUEUE_DAEMON_NAME = "relay-requeue"
 # Headers a tenant's hop signature must cover unless the tenant says otherwise.
 REQUIRED_SIGNED_HEADERS = ("from", "to", "subject")
 # RFC 5322 section 3.6: at most one of each. Duplicates are a display-spoofing trick.

@@ -9,7 +9,6 @@ that is gone or too slow.
 from __future__ import annotations
 
 import grp
-import hashlib
 import logging
 import os
 import re
@@ -35,12 +34,11 @@ SPOOL_MEMORY = 1024 * 1024
 
 
 def load_route_key(config_directory: Path) -> bytes | None:
-    """The route-seal key `relayctl apply` created (postfix.render.ensure_route_key)."""
+    """The route-seal key `relayctl apply` installed (postfix.render, core.route)."""
     try:
-        key = (Path(config_directory) / defaults.ROUTE_KEY_FILE).read_bytes()
-    except OSError:
+        return route.parse_route_key((Path(config_directory) / defaults.ROUTE_KEY_FILE).read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError):
         return None
-    return key if len(key) >= 32 else None
 
 
 def _reply_text(text: str) -> str:
@@ -54,9 +52,10 @@ class RelayMilter(Milter.Base):
     # Set by serve() (or a test) before any connection: a Policy, or a
     # ReloadingPolicy; either way .current() gives the policy for a transaction.
     source: Policy
-    # The route-seal key (core/route.py). serve() loads it; without one (tests) a key for
-    # this process only: mail accepted now is routed, and after a restart a requeued
-    # message has no route (it waits on "unrouted"), never another tenant's.
+    # The route-seal key (core/route.py), the one `relayctl apply` rendered the requeue
+    # table with. serve() loads it. Without it (tests, or a milter started before the first
+    # apply) a key of this process: new mail is routed as always, but a requeued message
+    # finds no route and waits on "unrouted" (never another tenant's smarthost).
     route_key: bytes = os.urandom(32)
 
     def __init__(self) -> None:
@@ -65,12 +64,9 @@ class RelayMilter(Milter.Base):
         self._headers: list[tuple[str, str]] = []
         self._new_body()
         self._rcpt_args: dict[str, tuple[str, ...]] = {}
-        self._requeue = False
-        self._sender = ""
 
     def _new_body(self) -> None:
         self._body = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, prefix="relay-milter-body-")
-        self._body_sha256 = hashlib.sha256()
 
     # -- helpers --------------------------------------------------------------
 
@@ -102,9 +98,6 @@ class RelayMilter(Milter.Base):
     def connect(self, hostname, family, hostaddr):
         ip = hostaddr[0] if isinstance(hostaddr, tuple) else None
         self.tx = Transaction(client_ip=ip, client_name=hostname or "")
-        # master.cf's cleanup_requeue (postsuper -r, pickup) names itself here; no SMTP
-        # client can set this macro.
-        self._requeue = self._macro("{daemon_name}") == defaults.REQUEUE_DAEMON_NAME
         return Milter.CONTINUE
 
     def hello(self, heloname):
@@ -116,10 +109,7 @@ class RelayMilter(Milter.Base):
         self._headers = []
         self._new_body()
         self._rcpt_args = {}
-        self._sender = strip_brackets(mailfrom)
         self.tx.queue_id = self._macro("i")
-        if self._requeue:
-            return Milter.CONTINUE  # checked at end of message (_requeue_eom)
         self.tx.auth_user = self._macro("{auth_authen}")
         self.tx.tls_version = self._macro("{tls_version}")
         return self._answer(self.policy.on_mail(self.tx, mailfrom), "mail", sender=mailfrom)
@@ -127,8 +117,6 @@ class RelayMilter(Milter.Base):
     def envrcpt(self, to, *params):
         if self.tx.queue_id is None:
             self.tx.queue_id = self._macro("i")
-        if self._requeue:
-            return Milter.CONTINUE
         self._rcpt_args[to] = tuple(params)  # NOTIFY=, ORCPT=: carried to the decoded recipient
         return self._answer(self.policy.on_rcpt(self.tx, to), "rcpt", sender=self.tx.mail_from, rcpt=to)
 
@@ -145,7 +133,6 @@ class RelayMilter(Milter.Base):
 
     def body(self, chunk):
         self._body.write(chunk)
-        self._body_sha256.update(chunk)
         return Milter.CONTINUE
 
     def _body_bytes(self) -> bytes:
@@ -154,8 +141,6 @@ class RelayMilter(Milter.Base):
 
     def eom(self):
         self.tx.queue_id = self._macro("i") or self.tx.queue_id
-        if self._requeue:
-            return self._requeue_eom()
         try:
             disposition = self.policy.on_eom(self.tx, Message(tuple(self._headers), self._body_bytes()))
             if not disposition.verdict.ok:
@@ -177,34 +162,6 @@ class RelayMilter(Milter.Base):
             self._body.close()
         return Milter.CONTINUE
 
-    def _requeue_eom(self) -> int:
-        """A message an operator requeued: route it again only by a marker we sealed."""
-        try:
-            decision = route.requeue_decision(
-                self.route_key,
-                frozenset(t.id for t in self.policy.tenants),
-                self._sender,
-                self._headers,
-                self._body_sha256.digest(),
-            )
-            for name, index in decision.deletes:
-                self.chgheader(name, index, "")
-            if decision.tenant is not None:
-                self.addheader(defaults.ROUTE_HEADER, f" {decision.tenant}")
-                self.addheader(defaults.ROUTE_SEAL_HEADER, f" {decision.seal}")
-                logs.event(log, logging.INFO, self.tx.queue_id, "requeued", tenant=decision.tenant, sender=self._sender)
-            else:
-                # No route: the message waits on the deferred "unrouted" transport.
-                logs.event(log, logging.WARNING, self.tx.queue_id, "requeued_unrouted", reason=decision.reason, sender=self._sender)
-        except Exception as exc:
-            log.exception("%s: event=error stage=requeue", self.tx.queue_id or "NOQUEUE")
-            return self._answer(
-                Verdict.tempfail("451", "4.3.0", f"relay requeue error ({exc.__class__.__name__}), try again later"), "requeue"
-            )
-        finally:
-            self._body.close()
-        return Milter.CONTINUE
-
     def _apply(self, d: Disposition) -> None:
         for edit in d.header_edits:
             if edit.op == "delete":
@@ -220,11 +177,9 @@ class RelayMilter(Milter.Base):
             self.addrcpt(new, dsn_params(self._rcpt_args.get(old, ()), strip_brackets(new)))
         if d.new_sender:
             self.chgfrom(d.new_sender)
-        # Bind the route marker (the last header edit) to this message: see core/route.py.
-        sender = strip_brackets(d.new_sender) if d.new_sender else (self.tx.mail_from or "")
-        self.addheader(
-            defaults.ROUTE_SEAL_HEADER, " " + route.seal(self.route_key, d.tenant.id, sender, self._body_sha256.digest())
-        )
+        # The seal next to the route marker (the last header edit): it routes the message
+        # again if an operator requeues it with postsuper -r (core/route.py).
+        self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self.route_key, d.tenant.id))
         logs.event(
             log,
             logging.INFO,

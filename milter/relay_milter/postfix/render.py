@@ -8,8 +8,10 @@ Files rendered (relative to the Postfix config directory):
     relay/bounce_transport        transport_maps (texthash) for relay-generated mail
     relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
     relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
-    relay/route.key               the milter's route-seal key: created once by install(), never
-                                  rendered or replaced (mode 0640, group milter_socket_group)
+    relay/requeue/route.regexp    header_checks of cleanup_requeue: route seal -> FILTER, for
+                                  mail requeued with postsuper -r (mode 0600: the seals)
+    relay/route.key               the route-seal key (core/route.py): a new one only when there is
+                                  none, else the live one as it is (mode 0640, group milter_socket_group)
     sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
 
 No table needs postmap (regexp and texthash are read as text), so a reload is
@@ -29,6 +31,7 @@ from pathlib import Path
 import jinja2
 
 from relay_milter import defaults
+from relay_milter.core import route
 from relay_milter.postfix.runner import run_postfix
 from relay_milter.config import ConfigError, Settings, TenantSet, load_secrets
 
@@ -43,6 +46,7 @@ OUTPUTS = {
 # Per-tenant tables live in these directories; files of removed tenants are deleted on install.
 PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
 SECRET_DIR = "relay/smtp_auth"
+REQUEUE_TABLE = "relay/requeue/route.regexp"
 # Signed-ingress listeners: every RCPT for another tenant gets a 452 and Postfix counts it as
 # an error. Postfix's defaults (soft 10, hard 20) would slow the session down after ten and end
 # it with 421 after twenty, losing the accepted recipients of the transaction with it. A
@@ -54,7 +58,7 @@ ERROR_LIMITS = {"soft": 1010, "hard": "${stress?{1}:{1020}}"}
 
 def is_secret(name: str) -> bool:
     """Rendered files holding credentials: written mode 0600, never printed."""
-    return name.startswith(SECRET_DIR + "/")
+    return name.startswith((SECRET_DIR + "/", "relay/requeue/")) or name == defaults.ROUTE_KEY_FILE
 
 
 def template_dir(explicit: Path | None = None) -> Path:
@@ -81,11 +85,18 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
         "tenants": sorted(tenants, key=lambda t: t.id),
         "route_header": defaults.ROUTE_HEADER,
         "route_seal_header": defaults.ROUTE_SEAL_HEADER,
-        "requeue_daemon_name": defaults.REQUEUE_DAEMON_NAME,
+        "requeue_table": REQUEUE_TABLE,
         "error_limits": ERROR_LIMITS,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
     }
     files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
+    key_text = _read(settings.config_directory / defaults.ROUTE_KEY_FILE)
+    if key_text is None or route.parse_route_key(key_text) is None:
+        key_text = route.new_route_key()  # installed with the rest; an existing key is kept
+    files[defaults.ROUTE_KEY_FILE] = key_text
+    key = route.parse_route_key(key_text)
+    seals = {t.id: route.tenant_seal(key, t.id) for t in tenants}
+    files[REQUEUE_TABLE] = env.get_template("requeue_route.regexp.j2").render(**context, seals=seals)
     secrets = load_secrets(settings.secrets_file, tenants)
     for t in context["tenants"]:
         files[f"relay/tls/{t.id}.policy"] = env.get_template("tls_policy.j2").render(t=t)
@@ -95,13 +106,26 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
     return files
 
 
-def write_files(files: dict[str, str], out: Path) -> list[Path]:
+def write_files(files: dict[str, str], out: Path, key_group: str | None = None) -> list[Path]:
+    """Write the rendered files; the route key is mode 0640 in ``key_group`` (the milter's
+    group), or 0600 when that group does not exist here."""
     written = []
     for name, text in files.items():
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        if is_secret(name):
+        if name == defaults.ROUTE_KEY_FILE:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(text)
+            if key_group and os.geteuid() == 0:
+                try:
+                    shutil.chown(tmp, group=key_group)
+                    os.chmod(tmp, 0o640)
+                except (LookupError, OSError):
+                    pass
+        elif is_secret(name):
             os.chmod(path.parent, 0o700)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)  # an old tmp file may have had another mode
@@ -124,7 +148,9 @@ class CheckResult:
 _DIAGNOSTIC = re.compile(r"^\S+: (warning|fatal|error|panic): ")
 
 
-def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = True) -> CheckResult:
+def check_staged(
+    staging: Path, tenants: TenantSet, run_postfix_check: bool = True, seals: dict[str, str] | None = None
+) -> CheckResult:
     """postconf (any warning is a failure), master.cf parse, route table lookups, postfix check."""
     problems: list[str] = []
     for argv, what in (
@@ -145,6 +171,19 @@ def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = Tr
     r = run_postfix(["postmap", "-c", str(staging), "-q", f"{defaults.ROUTE_HEADER}: no-such-tenant", f"regexp:{route_table}"])
     if r.stdout.strip():
         problems.append(f"route table: an unknown tenant resolves to {r.stdout.strip()!r}")
+    requeue_table = staging / REQUEUE_TABLE
+    for t in tenants:
+        want = f"FILTER {t.transport}:{t.smarthost.nexthop}"
+        probes = [
+            (f"{defaults.ROUTE_HEADER}: {t.id}", ""),  # the plain marker never routes a requeued message
+            (f"{defaults.ROUTE_SEAL_HEADER}: {t.id}.{'0' * 40}", ""),  # nor a seal made without the key
+        ]
+        if seals:
+            probes.append((f"{defaults.ROUTE_SEAL_HEADER}: {seals[t.id]}", want))
+        for probe, expect in probes:
+            r = run_postfix(["postmap", "-c", str(staging), "-q", probe, f"regexp:{requeue_table}"])
+            if r.stdout.strip() != expect:
+                problems.append(f"requeue table: tenant {t.id} resolves to {r.stdout.strip()!r}, expected {expect!r}")
     if run_postfix_check:
         r = run_postfix(["postfix", "-c", str(staging), "check"])
         if r.returncode != 0 or "fatal:" in r.stdout:
@@ -158,7 +197,10 @@ def render_and_check(tenants: TenantSet, settings: Settings, templates: Path | N
         staging = Path(tmp)
         write_files(files, staging)
         # postfix check inspects the queue directory; it must exist to be checked.
-        result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
+        key = route.parse_route_key(files[defaults.ROUTE_KEY_FILE])
+        result = check_staged(
+            staging, tenants, run_postfix_check=settings.queue_directory.is_dir(), seals={t.id: route.tenant_seal(key, t.id) for t in tenants}
+        )
     return files, result
 
 
@@ -168,7 +210,6 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
     The previous versions are kept in <config>/relay/previous/ for rollback.
     """
     live = settings.config_directory
-    created_key = ensure_route_key(settings)
     changed = [name for name, text in files.items() if _read(live / name) != text]
     stale = [
         str(p.relative_to(live))
@@ -178,7 +219,7 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
         if str(p.relative_to(live)) not in files
     ]
     if not changed and not stale:
-        return [defaults.ROUTE_KEY_FILE + " (created)"] if created_key else []
+        return []
     backup = live / "relay" / "previous"
     backup.mkdir(parents=True, exist_ok=True)
     for name in changed:
@@ -186,43 +227,10 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
         if (live / name).exists() and not is_secret(name):
             dst = backup / name.replace("/", "_")
             shutil.copy2(live / name, dst)
-    write_files({n: files[n] for n in changed}, live)
+    write_files({n: files[n] for n in changed}, live, key_group=settings.milter_socket_group)
     for name in stale:
         (live / name).unlink()
-    return changed + [f"{name} (removed)" for name in stale] + ([defaults.ROUTE_KEY_FILE + " (created)"] if created_key else [])
-
-
-def route_key_path(settings: Settings) -> Path:
-    return settings.config_directory / defaults.ROUTE_KEY_FILE
-
-
-def ensure_route_key(settings: Settings) -> bool:
-    """Create the route-seal key (32 random bytes) if there is none; True if created.
-
-    An existing key is never replaced: messages in the queue carry seals made with it,
-    and a new key would leave them without a route after ``postsuper -r``.
-    """
-    path = route_key_path(settings)
-    if path.exists():
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(32))
-    if os.geteuid() == 0:
-        try:
-            shutil.chown(tmp, group=settings.milter_socket_group)
-            os.chmod(tmp, 0o640)  # the milter runs in this group (the Postfix group)
-        except (LookupError, OSError):
-            pass  # no such group here: root-only, the milter then runs as root
-    try:
-        os.link(tmp, path)  # never overwrite a key another apply created meanwhile
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
-    return True
+    return changed + [f"{name} (removed)" for name in stale]
 
 
 def _read(path: Path) -> str | None:
