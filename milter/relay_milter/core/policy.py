@@ -137,8 +137,7 @@ class Message:
         body = self.body
         if body.count(b"\n") != body.count(b"\r\n"):  # Postfix sends CRLF; skip the regex then
             body = re.sub(rb"(?<!\r)\n", b"\r\n", body)
-        out += body
-        return bytes(out)
+        return b"".join((out, body))  # one copy of the body (a large one is most of the message)
 
 
 class Policy:
