@@ -53,10 +53,12 @@ class RelayMilter(Milter.Base):
     # ReloadingPolicy; either way .current() gives the policy for a transaction.
     source: Policy
     # The route-seal key (core/route.py), the one `relayctl apply` rendered the requeue
-    # table with. serve() loads it. Without it (tests, or a milter started before the first
-    # apply) a key of this process: new mail is routed as always, but a requeued message
-    # finds no route and waits on "unrouted" (never another tenant's smarthost).
+    # table with. serve() loads it, or sets route_key_dir so that a key `relayctl apply`
+    # creates later is picked up. Until then (and in tests) a key of this process: new mail
+    # is routed as always, but if requeued it finds no route and waits on "unrouted"
+    # (never another tenant's smarthost).
     route_key: bytes = os.urandom(32)
+    route_key_dir: Path | None = None
 
     def __init__(self) -> None:
         self.policy = self.source.current()
@@ -179,7 +181,7 @@ class RelayMilter(Milter.Base):
             self.chgfrom(d.new_sender)
         # The seal next to the route marker (the last header edit): it routes the message
         # again if an operator requeues it with postsuper -r (core/route.py).
-        self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self.route_key, d.tenant.id))
+        self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self._route_key(), d.tenant.id))
         logs.event(
             log,
             logging.INFO,
@@ -199,6 +201,15 @@ class RelayMilter(Milter.Base):
             dkim=f"pass d={d.dkim.domain} s={d.dkim.selector} a={d.dkim.algorithm} key={d.dkim.key_source}" if d.dkim else None,
             auth=self.tx.auth_user,
         )
+
+    @classmethod
+    def _route_key(cls) -> bytes:
+        if cls.route_key_dir is not None:  # serve() found no key at start: look again
+            key = load_route_key(cls.route_key_dir)
+            if key is not None:
+                logs.event(log, logging.INFO, None, "route_key_loaded", path=str(cls.route_key_dir / defaults.ROUTE_KEY_FILE))
+                cls.route_key, cls.route_key_dir = key, None
+        return cls.route_key
 
     def _upstream_id(self) -> str | None:
         """The platform's own reference for the message (header X-Upstream-ID), for tracking."""
@@ -229,8 +240,9 @@ def serve(source, socket: str, socket_group: str | None, socket_mode: int, timeo
         logs.event(
             log, logging.ERROR, None, "route_key_missing",
             path=str(settings.config_directory / defaults.ROUTE_KEY_FILE),
-            effect="requeued mail (postsuper -r) accepted before a restart will wait unrouted; run relayctl apply",
+            effect="until relayctl apply creates it, mail accepted now waits unrouted if requeued with postsuper -r",
         )
+        RelayMilter.route_key_dir = settings.config_directory
     else:
         RelayMilter.route_key = key
     Milter.factory = RelayMilter
