@@ -34,7 +34,7 @@ ROUTE_HEADER = "X-Relay-Route"
 # The route marker's seal: routes requeued mail (postsuper -r); an HMAC of the tenant (core/route.py).
 ROUTE_SEAL_HEADER = "X-Relay-Route-Seal"
 # The route key (32 random bytes, created by `relayctl apply` if missing; never rotated by it).
-ROUTE_KEY_FILE = "relay/route.key"  # relative to the Postfix config directory
+ROUTE_KEY_FILE = "relay/requeue/route.key"  # relative to the Postfix config directory
 # Headers a tenant's hop signature must cover unless the tenant says otherwise.
 REQUIRED_SIGNED_HEADERS = ("from", "to", "subject")
 # RFC 5322 section 3.6: at most one of each. Duplicates are a display-spoofing trick.

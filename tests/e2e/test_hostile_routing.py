@@ -142,7 +142,7 @@ def requeue_all(lab: Lab) -> None:
 
 def globex_seal(lab: Lab) -> str:
     """globex's real seal, as if it had leaked: computed from the lab relay's own key."""
-    key = route.parse_route_key((lab.config_dir / "relay" / "route.key").read_text())
+    key = route.parse_route_key((lab.config_dir / "relay" / "requeue" / "route.key").read_text())
     return route.tenant_seal(key, "globex")
 
 
@@ -194,7 +194,7 @@ def test_hidden_route_marker_never_routes_even_after_postsuper_requeue(rlab, whe
     # Accepted for acme and deferred by acme's smarthost (451): the hidden marker did nothing.
     wait_for(lambda: re.search(rf"{qid}: to=<alice@example.org>, relay=127.0.0.1\[127.0.0.1\]:{lab.sinks['acme'].port}, .*status=deferred", maillog_after(lab, mark)), 60, what="deferral by acme's smarthost")
     queued = postcat_headers(lab, qid)
-    assert re.findall(r"^X-Relay-Route(?:-Seal)?: .*$", queued, re.M) == ["X-Relay-Route: acme", f"X-Relay-Route-Seal: {route.tenant_seal(route.parse_route_key((lab.config_dir / 'relay' / 'route.key').read_text()), 'acme')}"]
+    assert re.findall(r"^X-Relay-Route(?:-Seal)?: .*$", queued, re.M) == ["X-Relay-Route: acme", f"X-Relay-Route-Seal: {route.tenant_seal(route.parse_route_key((lab.config_dir / 'relay' / 'requeue' / 'route.key').read_text()), 'acme')}"]
     lab.sinks["acme"].reply = "250 2.0.0 Ok: queued"
     requeue_all(lab)
     [got] = wait_for(lambda: arrived(lab, "acme", mid), 60, what="requeued message at acme")

@@ -15,7 +15,7 @@ and on top-level header fields only (``mime_header_checks`` and
 message is never matched).
 
 The seal is an HMAC of the tenant id under a key only this relay holds
-(``<config_directory>/relay/route.key``, created by ``relayctl apply``). Postfix can
+(``<config_directory>/relay/requeue/route.key``, created by ``relayctl apply``). Postfix can
 only compare a header with a fixed string, so the seal is per tenant, not per
 message: without the key nobody can write a seal that routes, and the milter
 deletes every seal and marker a client sends. The seal never leaves the relay

@@ -10,8 +10,9 @@ Files rendered (relative to the Postfix config directory):
     relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
     relay/requeue/route.regexp    header_checks of cleanup_requeue: route seal -> FILTER, for
                                   mail requeued with postsuper -r (mode 0600: the seals)
-    relay/route.key               the route-seal key (core/route.py): a new one only when there is
-                                  none, else the live one as it is (mode 0640, group milter_socket_group)
+    relay/requeue/route.key       the route-seal key (core/route.py): a new one only when there is
+                                  none, else the live one as it is (install() makes it 0640 and its
+                                  directory 0750, group milter_socket_group, for the milter)
     sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
 
 No table needs postmap (regexp and texthash are read as text), so a reload is
@@ -20,6 +21,7 @@ all it takes to pick up a change.
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import shutil
@@ -46,7 +48,8 @@ OUTPUTS = {
 # Per-tenant tables live in these directories; files of removed tenants are deleted on install.
 PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
 SECRET_DIR = "relay/smtp_auth"
-REQUEUE_TABLE = "relay/requeue/route.regexp"
+REQUEUE_DIR = "relay/requeue"
+REQUEUE_TABLE = REQUEUE_DIR + "/route.regexp"
 # Signed-ingress listeners: every RCPT for another tenant gets a 452 and Postfix counts it as
 # an error. Postfix's defaults (soft 10, hard 20) would slow the session down after ten and end
 # it with 421 after twenty, losing the accepted recipients of the transaction with it. A
@@ -58,7 +61,7 @@ ERROR_LIMITS = {"soft": 1010, "hard": "${stress?{1}:{1020}}"}
 
 def is_secret(name: str) -> bool:
     """Rendered files holding credentials: written mode 0600, never printed."""
-    return name.startswith((SECRET_DIR + "/", "relay/requeue/")) or name == defaults.ROUTE_KEY_FILE
+    return name.startswith((SECRET_DIR + "/", REQUEUE_DIR + "/"))
 
 
 def template_dir(explicit: Path | None = None) -> Path:
@@ -106,26 +109,13 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
     return files
 
 
-def write_files(files: dict[str, str], out: Path, key_group: str | None = None) -> list[Path]:
-    """Write the rendered files; the route key is mode 0640 in ``key_group`` (the milter's
-    group), or 0600 when that group does not exist here."""
+def write_files(files: dict[str, str], out: Path) -> list[Path]:
     written = []
     for name, text in files.items():
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        if name == defaults.ROUTE_KEY_FILE:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(text)
-            if key_group and os.geteuid() == 0:
-                try:
-                    shutil.chown(tmp, group=key_group)
-                    os.chmod(tmp, 0o640)
-                except (LookupError, OSError):
-                    pass
-        elif is_secret(name):
+        if is_secret(name):
             os.chmod(path.parent, 0o700)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)  # an old tmp file may have had another mode
@@ -148,9 +138,7 @@ class CheckResult:
 _DIAGNOSTIC = re.compile(r"^\S+: (warning|fatal|error|panic): ")
 
 
-def check_staged(
-    staging: Path, tenants: TenantSet, run_postfix_check: bool = True, seals: dict[str, str] | None = None
-) -> CheckResult:
+def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = True) -> CheckResult:
     """postconf (any warning is a failure), master.cf parse, route table lookups, postfix check."""
     problems: list[str] = []
     for argv, what in (
@@ -172,14 +160,17 @@ def check_staged(
     if r.stdout.strip():
         problems.append(f"route table: an unknown tenant resolves to {r.stdout.strip()!r}")
     requeue_table = staging / REQUEUE_TABLE
+    key = route.parse_route_key(_read(staging / defaults.ROUTE_KEY_FILE) or "")
+    if key is None:
+        problems.append(f"{defaults.ROUTE_KEY_FILE}: missing or not a 256-bit hex key")
     for t in tenants:
         want = f"FILTER {t.transport}:{t.smarthost.nexthop}"
         probes = [
             (f"{defaults.ROUTE_HEADER}: {t.id}", ""),  # the plain marker never routes a requeued message
             (f"{defaults.ROUTE_SEAL_HEADER}: {t.id}.{'0' * 40}", ""),  # nor a seal made without the key
         ]
-        if seals:
-            probes.append((f"{defaults.ROUTE_SEAL_HEADER}: {seals[t.id]}", want))
+        if key is not None:
+            probes.append((f"{defaults.ROUTE_SEAL_HEADER}: {route.tenant_seal(key, t.id)}", want))
         for probe, expect in probes:
             r = run_postfix(["postmap", "-c", str(staging), "-q", probe, f"regexp:{requeue_table}"])
             if r.stdout.strip() != expect:
@@ -197,10 +188,7 @@ def render_and_check(tenants: TenantSet, settings: Settings, templates: Path | N
         staging = Path(tmp)
         write_files(files, staging)
         # postfix check inspects the queue directory; it must exist to be checked.
-        key = route.parse_route_key(files[defaults.ROUTE_KEY_FILE])
-        result = check_staged(
-            staging, tenants, run_postfix_check=settings.queue_directory.is_dir(), seals={t.id: route.tenant_seal(key, t.id) for t in tenants}
-        )
+        result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
     return files, result
 
 
@@ -227,10 +215,27 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
         if (live / name).exists() and not is_secret(name):
             dst = backup / name.replace("/", "_")
             shutil.copy2(live / name, dst)
-    write_files({n: files[n] for n in changed}, live, key_group=settings.milter_socket_group)
+    write_files({n: files[n] for n in changed}, live)
     for name in stale:
         (live / name).unlink()
+    share_route_key(live, settings.milter_socket_group)
     return changed + [f"{name} (removed)" for name in stale]
+
+
+def share_route_key(config_directory: Path, group: str) -> None:
+    """Let the milter (it runs in ``group``) read the route key, and nothing else there:
+    relay/requeue/ 0750 and route.key 0640 in that group; the requeue table stays 0600.
+    Root only; without such a group the key stays root-only (a milter running as root)."""
+    directory, key = config_directory / REQUEUE_DIR, config_directory / defaults.ROUTE_KEY_FILE
+    if os.geteuid() != 0 or not key.is_file() or key.is_symlink():
+        return
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return
+    for path, mode in ((directory, 0o750), (key, 0o640)):
+        os.chown(path, -1, gid, follow_symlinks=False)
+        os.chmod(path, mode)
 
 
 def _read(path: Path) -> str | None:

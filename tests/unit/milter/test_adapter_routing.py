@@ -49,8 +49,8 @@ def test_the_seal_follows_the_marker_and_the_clients_copy_is_gone(ctx, key):
 def test_a_key_created_after_the_start_is_picked_up(ctx, key, tmp_path):
     RelayMilter.route_key_dir = tmp_path  # serve() found none
     assert load_route_key(tmp_path) is None
-    (tmp_path / "relay").mkdir()
-    (tmp_path / "relay" / "route.key").write_text(route.new_route_key())
+    (tmp_path / "relay" / "requeue").mkdir(parents=True)
+    (tmp_path / "relay" / "requeue" / "route.key").write_text(route.new_route_key())
     assert feed(ctx, key) == Milter.CONTINUE
     want = load_route_key(tmp_path)
     assert RelayMilter.route_key == want and RelayMilter.route_key_dir is None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import grp
+import os
+
 import pytest
 
 from relay_milter.config import Settings, load_tenants
@@ -27,7 +30,7 @@ def test_no_header_checks_anywhere_but_the_requeue_seal_table(files):
 
 
 def test_requeue_table_routes_only_the_seal(files):
-    key = route.parse_route_key(files["relay/route.key"])
+    key = route.parse_route_key(files["relay/requeue/route.key"])
     table = files[REQUEUE_TABLE]
     seal = route.tenant_seal(key, "acme")
     assert f"/^X-Relay-Route-Seal:[[:space:]]*{seal.replace('.', chr(92) + '.')}[[:space:]]*$/ FILTER relay_acme:" in table
@@ -56,10 +59,14 @@ def test_apply_creates_the_key_once_and_keeps_it(tmp_path):
     first, result = render_and_check(tenants, settings)
     assert result.ok, result.problems
     install(first, settings)
-    key_file = live / "relay" / "route.key"
-    assert key_file.stat().st_mode & 0o077 in (0, 0o040)
+    key_file = live / "relay" / "requeue" / "route.key"
+    if os.geteuid() == 0:  # install() shares the key with the milter's group (postfix) only
+        assert (key_file.stat().st_mode & 0o777, key_file.parent.stat().st_mode & 0o777) == (0o640, 0o750)
+        assert key_file.stat().st_gid == key_file.parent.stat().st_gid == grp.getgrnam("postfix").gr_gid
+    else:
+        assert key_file.stat().st_mode & 0o777 == 0o600
     assert (live / REQUEUE_TABLE).stat().st_mode & 0o777 == 0o600
     again, _ = render_and_check(tenants, settings)
-    assert again["relay/route.key"] == key_file.read_text() == first["relay/route.key"]
+    assert again["relay/requeue/route.key"] == key_file.read_text() == first["relay/requeue/route.key"]
     assert again[REQUEUE_TABLE] == first[REQUEUE_TABLE]
-    assert "relay/route.key" not in install(again, settings)
+    assert "relay/requeue/route.key" not in install(again, settings)
