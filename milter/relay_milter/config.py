@@ -197,9 +197,6 @@ class Tenant(_Strict):
     # Without one the key is looked up in DNS at <selector>._domainkey.<signing_domain>.
     public_key: str | None = None
     required_signed_headers: tuple[str, ...] = defaults.REQUIRED_SIGNED_HEADERS
-    # Signed ingress (port 25) only under STARTTLS: RCPT without TLS gets 530 5.7.0.
-    # Submission always requires TLS.
-    require_tls: bool = False
     # Reject signatures older than this many seconds (by t=); 0 disables the check.
     max_signature_age: int = Field(0, ge=0)
     allowed_sender_domains: tuple[Domain, ...] = Field(min_length=1)
@@ -210,6 +207,9 @@ class Tenant(_Strict):
     # SASL user names that submit for this tenant on the submission port (SMTP AUTH
     # under STARTTLS). Passwords live in the SASL database: `relayctl user add`.
     submission_users: tuple[str, ...] = ()
+    # Signed ingress (port 25) only under STARTTLS: RCPT without TLS gets 530 5.7.0.
+    # Submission always requires TLS.
+    require_tls: bool = False
     smarthost: Smarthost
     headers: HeaderRules = HeaderRules()
     # Push delivery events to this tenant (relayctl track): RECEIVED, RELAYED, DEFERRED, ...
