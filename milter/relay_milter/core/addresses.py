@@ -100,6 +100,19 @@ def encode_recipient(address: str, relay_domain: str) -> str:
     return f"{local}={domain}@{relay_domain}"
 
 
+def decode_header_address(addr: str, relay_domain: str) -> str | None:
+    """``alice=example.org@relay_domain`` (any case, with or without the trailing dot of a
+    fully qualified domain) -> ``alice@example.org``; None for any other address."""
+    bare = addr[:-1] if addr.endswith(".") else addr
+    suffix = "@" + relay_domain
+    if not bare.lower().endswith(suffix):
+        return None
+    try:
+        return decode_local(bare[: -len(suffix)])
+    except AddressError:
+        return None
+
+
 def rewrite_address_header(value: str, relay_domain: str) -> str | None:
     """Decode addresses under ``relay_domain`` in a To/Cc header value.
 
@@ -116,14 +129,9 @@ def rewrite_address_header(value: str, relay_domain: str) -> str | None:
     for name, addr in pairs:
         if not addr.isascii() or not _PRINTABLE.match(addr or "x"):
             return None  # not something we can re-serialise faithfully: leave the header alone
-        # A fully qualified domain may end in a dot (acme.relay.example.): the same domain.
-        bare = addr[:-1] if addr.endswith(".") else addr
-        if bare.lower().endswith(suffix):
-            try:
-                addr = decode_local(bare[: -len(suffix)])
-                changed = True
-            except AddressError:
-                pass
+        decoded = decode_header_address(addr, relay_domain)
+        if decoded is not None:
+            addr, changed = decoded, True
         out.append(email.utils.formataddr((name, addr)) if name else addr)
     if not changed:
         return None

@@ -99,3 +99,19 @@ def test_client_seals_and_markers_are_deleted(policy, key):
     deleted = {(e.name.lower(), e.index) for e in d.header_edits if e.op == "delete"}
     assert {("x-relay-route-seal", 1), ("x-relay-route", 1)} <= deleted
     assert [(e.op, e.name, e.value) for e in d.header_edits][-1] == ("add", "X-Relay-Route", " acme")
+
+
+@pytest.mark.parametrize(
+    "addr, want",
+    [
+        ("alice=example.org@acme.relay.test", "alice@example.org"),
+        ("alice=example.org@ACME.relay.test.", "alice@example.org"),
+        ("alice=example.org@x.acme.relay.test", None),
+        ("alice@example.org", None),
+        ("alice=exa_mple.org@acme.relay.test", None),
+    ],
+)
+def test_decode_header_address(addr, want):
+    from relay_milter.core.addresses import decode_header_address
+
+    assert decode_header_address(addr, "acme.relay.test") == want
