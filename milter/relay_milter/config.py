@@ -391,6 +391,9 @@ class Tenant(_Strict):
     # SASL user names that submit for this tenant on the submission port (SMTP AUTH
     # under STARTTLS). Passwords live in the SASL database: `relayctl user add`.
     submission_users: tuple[str, ...] = ()
+    # Signed ingress (port 25) only under STARTTLS: RCPT without TLS gets 530 5.7.0.
+    # Submission always requires TLS.
+    require_tls: bool = False
     smarthost: Smarthost
     headers: HeaderRules = HeaderRules()
     # Push delivery events to this tenant (relayctl track): RECEIVED, RELAYED, DEFERRED, ...

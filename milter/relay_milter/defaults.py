@@ -33,6 +33,10 @@ DNS_TIMEOUT = 5.0
 
 # Headers the relay always removes on the way through (the route marker is ours).
 ROUTE_HEADER = "X-Relay-Route"
+# The route marker's seal: routes requeued mail (postsuper -r); an HMAC of the tenant (core/route.py).
+ROUTE_SEAL_HEADER = "X-Relay-Route-Seal"
+# The route key (32 random bytes, created by `relayctl apply` if missing; never rotated by it).
+ROUTE_KEY_FILE = "relay/requeue/route.key"  # relative to the Postfix config directory
 # Headers a tenant's hop signature must cover unless the tenant says otherwise.
 REQUIRED_SIGNED_HEADERS = ("from", "to", "subject")
 # ... and these too whenever the message has them (every instance): they change what the

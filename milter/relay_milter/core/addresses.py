@@ -100,6 +100,19 @@ def encode_recipient(address: str, relay_domain: str) -> str:
     return f"{local}={domain}@{relay_domain}"
 
 
+def decode_header_address(addr: str, relay_domain: str) -> str | None:
+    """``alice=example.org@relay_domain`` (any case, with or without the trailing dot of a
+    fully qualified domain) -> ``alice@example.org``; None for any other address."""
+    bare = addr[:-1] if addr.endswith(".") else addr
+    suffix = "@" + relay_domain
+    if not bare.lower().endswith(suffix):
+        return None
+    try:
+        return decode_local(bare[: -len(suffix)])
+    except AddressError:
+        return None
+
+
 def rewrite_address_header(value: str, relay_domain: str) -> str | None:
     """Decode addresses under ``relay_domain`` in a To/Cc header value.
 
@@ -116,14 +129,35 @@ def rewrite_address_header(value: str, relay_domain: str) -> str | None:
     for name, addr in pairs:
         if not addr.isascii() or not _PRINTABLE.match(addr or "x"):
             return None  # not something we can re-serialise faithfully: leave the header alone
-        if addr.lower().endswith(suffix):
-            try:
-                addr = decode_local(addr[: -len(suffix)])
-                changed = True
-            except AddressError:
-                pass
+        decoded = decode_header_address(addr, relay_domain)
+        if decoded is not None:
+            addr, changed = decoded, True
         out.append(email.utils.formataddr((name, addr)) if name else addr)
     if not changed:
         return None
     result = ", ".join(out)
     return None if "\r" in result or "\n" in result else result
+
+
+_NOTIFY = re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I)
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 section 4: '+', '=' and characters outside '!'..'~' as +XX."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in text)
+
+
+def dsn_params(esmtp_args: list[str] | tuple[str, ...], decoded_address: str) -> str:
+    """The ESMTP parameters for a decoded recipient that replaces an encoded one.
+
+    NOTIFY= is carried over as the client gave it (when it is valid RFC 3461 syntax);
+    ORCPT= is the decoded address, so a delivery status notification names the
+    recipient the platform meant, not the relay's encoding of it.
+    """
+    params = []
+    for arg in esmtp_args:
+        name, _, value = str(arg).partition("=")
+        if name.upper() == "NOTIFY" and _NOTIFY.match(value):
+            params.append(f"NOTIFY={value.upper()}")
+    params.append(f"ORCPT=rfc822;{xtext(decoded_address)}")
+    return " ".join(params)

@@ -12,7 +12,7 @@ from typing import Iterable, NamedTuple
 
 from relay_milter import defaults
 from relay_milter.config import Tenant
-from relay_milter.core.addresses import AddressError, decode_local
+from relay_milter.core.addresses import AddressError, decode_header_address, decode_local
 
 _GETADDRESSES_STRICT = "strict" in inspect.signature(email.utils.getaddresses).parameters
 _DOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")
@@ -70,11 +70,11 @@ def _listed(headers: Iterable[tuple[str, str]], signed: frozenset[str], relay_do
         if lname not in ("to", "cc") or lname not in signed:
             continue
         for addr in mailboxes(value) or ():
-            if addr.lower().endswith(suffix):
-                try:
-                    addr = decode_local(addr[: -len(suffix)])
-                except AddressError:
+            if addr.rstrip(".").lower().endswith(suffix):  # a relay address, trailing dot or not
+                decoded = decode_header_address(addr, relay_domain)
+                if decoded is None:
                     continue
+                addr = decoded
             out.add(addr.lower())
     return out
 

@@ -76,6 +76,8 @@ class Transaction:
     helo: str = ""
     # SASL login name ({auth_authen}); set only on the submission listeners.
     auth_user: str | None = None
+    # TLS protocol of the session ({tls_version}), None without STARTTLS.
+    tls_version: str | None = None
     queue_id: str | None = None
     mail_from: str | None = None  # envelope sender without brackets; "" is the null sender
     recipients: list[tuple[str, Decoded]] = field(default_factory=list)
@@ -144,8 +146,7 @@ class Message:
         body = self.body
         if body.count(b"\n") != body.count(b"\r\n"):  # Postfix sends CRLF; skip the regex then
             body = re.sub(rb"(?<!\r)\n", b"\r\n", body)
-        out += body
-        return bytes(out)
+        return b"".join((out, body))  # one copy of the body (a large one is most of the message)
 
 
 class Policy:
@@ -199,6 +200,9 @@ class Policy:
         except AddressError as exc:
             return Verdict.reject("550", "5.1.3", f"bad recipient address syntax: {exc.reason}")
         tenant = self.tenants.by_relay_domain(decoded.relay_domain)
+        if tenant is None and decoded.relay_domain.endswith(self._relay_suffixes):
+            # Postfix refuses these first (parent_domain_matches_subdomains has no relay_domains).
+            return Verdict.reject("550", "5.1.2", f"{decoded.relay_domain} is not a relay domain (a relay domain covers no subdomains)")
         if tenant is None:
             # Postfix only lets relay domains through (reject_unauth_destination), so a
             # domain the milter does not know means the two configurations are out of
@@ -213,6 +217,9 @@ class Policy:
             )
         if not tenant.client_allowed(tx.client_ip):
             return Verdict.reject("550", "5.7.1", f"client {tx.client_ip} is not allowed to relay for this tenant")
+        if tenant.require_tls and not tx.tls_version:
+            # RFC 3207's reply for a command that needs TLS first; permanent, like Postfix's own.
+            return Verdict.reject("530", "5.7.0", "Must issue a STARTTLS command first (this tenant requires TLS)")
         if tx.mail_from is None:
             return Verdict.reject("503", "5.5.1", "MAIL FROM first")
         if tx.mail_from == "":
@@ -330,7 +337,7 @@ class Policy:
         )
 
     def _header_edits(self, tenant: Tenant, msg: Message, auth_results: str):
-        strip = {h.lower() for h in tenant.headers.strip} | {defaults.ROUTE_HEADER.lower()}
+        strip = {h.lower() for h in tenant.headers.strip} | {defaults.ROUTE_HEADER.lower(), defaults.ROUTE_SEAL_HEADER.lower()}
         occurrence: dict[str, int] = {}
         deletes: list[HeaderEdit] = []
         changes: list[HeaderEdit] = []

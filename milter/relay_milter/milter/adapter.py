@@ -12,19 +12,34 @@ import grp
 import logging
 import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import Milter
 import milter as _milter
 
 from relay_milter import logs
-from relay_milter.core.addresses import strip_brackets
+from relay_milter import defaults
+from relay_milter.core import route
+from relay_milter.core.addresses import dsn_params, strip_brackets
 from relay_milter.defaults import UPSTREAM_ID_HEADER
 from relay_milter.core.policy import Action, Disposition, EditOp, HeaderEdit, Message, Policy, Transaction, Verdict
 
 log = logging.getLogger("relay.milter")
 
-FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM
+FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR | Milter.DELRCPT | Milter.CHGFROM
+# A body up to this size stays in memory; a larger one is spooled to a temporary file as it
+# arrives (the milter's memory per transaction stays bounded while the body is received).
+SPOOL_MEMORY = 1024 * 1024
+
+
+def load_route_key(config_directory: Path) -> bytes | None:
+    """The route-seal key `relayctl apply` installed (postfix.render, core.route)."""
+    try:
+        return route.parse_route_key((Path(config_directory) / defaults.ROUTE_KEY_FILE).read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _reply_text(text: str) -> str:
@@ -38,12 +53,23 @@ class RelayMilter(Milter.Base):
     # Set by serve() (or a test) before any connection: a Policy, or a
     # ReloadingPolicy; either way .current() gives the policy for a transaction.
     source: Policy
+    # The route-seal key (core/route.py), the one `relayctl apply` rendered the requeue
+    # table with. serve() loads it, or sets route_key_dir so that a key `relayctl apply`
+    # creates later is picked up. Until then (and in tests) a key of this process: new mail
+    # is routed as always, but if requeued it finds no route and waits on "unrouted"
+    # (never another tenant's smarthost).
+    route_key: bytes = os.urandom(32)
+    route_key_dir: Path | None = None
 
     def __init__(self) -> None:
         self.policy = self.source.current()
         self.tx = Transaction()
         self._headers: list[tuple[str, str]] = []
-        self._body = bytearray()
+        self._new_body()
+        self._rcpt_args: dict[str, tuple[str, ...]] = {}
+
+    def _new_body(self) -> None:
+        self._body = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, prefix="relay-milter-body-")
 
     # -- helpers --------------------------------------------------------------
 
@@ -84,14 +110,17 @@ class RelayMilter(Milter.Base):
     def envfrom(self, mailfrom, *params):
         self.policy = self.source.current()  # one policy for the whole transaction
         self._headers = []
-        self._body = bytearray()
+        self._new_body()
+        self._rcpt_args = {}
         self.tx.queue_id = self._macro("i")
         self.tx.auth_user = self._macro("{auth_authen}")
+        self.tx.tls_version = self._macro("{tls_version}")
         return self._answer(self.policy.on_mail(self.tx, mailfrom), "mail", sender=mailfrom)
 
     def envrcpt(self, to, *params):
         if self.tx.queue_id is None:
             self.tx.queue_id = self._macro("i")
+        self._rcpt_args[to] = tuple(params)  # NOTIFY=, ORCPT=: carried to the decoded recipient
         return self._answer(self.policy.on_rcpt(self.tx, to), "rcpt", sender=self.tx.mail_from, rcpt=to)
 
     def header(self, name, value):
@@ -106,13 +135,17 @@ class RelayMilter(Milter.Base):
         return bool(getattr(self, "_protocol", 0) & Milter.P_HDR_LEADSPC)
 
     def body(self, chunk):
-        self._body += chunk
+        self._body.write(chunk)
         return Milter.CONTINUE
+
+    def _body_bytes(self) -> bytes:
+        self._body.seek(0)
+        return self._body.read()
 
     def eom(self):
         self.tx.queue_id = self._macro("i") or self.tx.queue_id
         try:
-            disposition = self.policy.on_eom(self.tx, Message(tuple(self._headers), bytes(self._body)))
+            disposition = self.policy.on_eom(self.tx, Message(tuple(self._headers), self._body_bytes()))
             if not disposition.verdict.ok:
                 return self._answer(
                     disposition.verdict,
@@ -129,7 +162,7 @@ class RelayMilter(Milter.Base):
                 "eom",
             )
         finally:
-            self._body = bytearray()
+            self._body.close()
         return Milter.CONTINUE
 
     def _header_edit(self, edit: HeaderEdit) -> Callable[[], object]:
@@ -152,9 +185,12 @@ class RelayMilter(Milter.Base):
             apply()
         for old, new in d.recipient_changes:
             self.delrcpt(old)
-            self.addrcpt(new)
+            self.addrcpt(new, dsn_params(self._rcpt_args.get(old, ()), strip_brackets(new)))
         if d.new_sender:
             self.chgfrom(d.new_sender)
+        # The seal next to the route marker (the last header edit): it routes the message
+        # again if an operator requeues it with postsuper -r (core/route.py).
+        self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self._route_key(), d.tenant.id))
         logs.event(
             log,
             logging.INFO,
@@ -175,6 +211,15 @@ class RelayMilter(Milter.Base):
             auth=self.tx.auth_user,
         )
 
+    @classmethod
+    def _route_key(cls) -> bytes:
+        if cls.route_key_dir is not None:  # serve() found no key at start: look again
+            key = load_route_key(cls.route_key_dir)
+            if key is not None:
+                logs.event(log, logging.INFO, None, "route_key_loaded", path=str(cls.route_key_dir / defaults.ROUTE_KEY_FILE))
+                cls.route_key, cls.route_key_dir = key, None
+        return cls.route_key
+
     def _upstream_id(self) -> str | None:
         """The platform's own reference for the message (header X-Upstream-ID), for tracking."""
         wanted = UPSTREAM_ID_HEADER.lower()
@@ -185,7 +230,7 @@ class RelayMilter(Milter.Base):
 
     def abort(self):
         self._headers = []
-        self._body = bytearray()
+        self._body.close()
         return Milter.CONTINUE
 
     def close(self):
@@ -198,6 +243,17 @@ def serve(source, socket: str, socket_group: str | None, socket_mode: int, timeo
     ``source`` is a Policy or a ReloadingPolicy (anything with ``.current()``).
     """
     RelayMilter.source = source
+    settings = source.current().settings
+    key = load_route_key(settings.config_directory)
+    if key is None:
+        logs.event(
+            log, logging.ERROR, None, "route_key_missing",
+            path=str(settings.config_directory / defaults.ROUTE_KEY_FILE),
+            effect="until relayctl apply creates it, mail accepted now waits unrouted if requeued with postsuper -r",
+        )
+        RelayMilter.route_key_dir = settings.config_directory
+    else:
+        RelayMilter.route_key = key
     Milter.factory = RelayMilter
     _milter.set_flags(FLAGS)
     _milter.set_exception_policy(Milter.TEMPFAIL)

@@ -38,7 +38,8 @@ UNATTRIBUTED = "-"
 # postsuper options per action, and the line it prints with the number of messages changed.
 # "requeue" is ``schedule_retry`` (postqueue -i), not postsuper -r: it keeps the queue id and
 # skips a second pass through cleanup. (postsuper -r is safe too: master.cf routes mail that
-# comes back through pickup by the route marker the milter added.)
+# comes back through pickup by the route seal the milter added, an HMAC under the relay's key
+# on a top-level header only; see core/route.py.)
 ACTIONS: dict[str, tuple[str, str]] = {
     "hold": ("-h", "Placed on hold"),
     "release": ("-H", "Released from hold"),

@@ -8,6 +8,11 @@ Files rendered (relative to the Postfix config directory):
     relay/bounce_transport        transport_maps (texthash) for relay-generated mail
     relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
     relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
+    relay/requeue/route.regexp    header_checks of cleanup_requeue: route seal -> FILTER, for
+                                  mail requeued with postsuper -r (mode 0600: the seals)
+    relay/requeue/route.key       the route-seal key (core/route.py): a new one only when there is
+                                  none, else the live one as it is (install() makes it 0640 and its
+                                  directory 0750, group milter_socket_group, for the milter)
     sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
 
 No table needs postmap (regexp and texthash are read as text), so a reload is
@@ -16,6 +21,7 @@ all it takes to pick up a change.
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import secrets
@@ -31,6 +37,7 @@ from pathlib import Path
 import jinja2
 
 from relay_milter import defaults
+from relay_milter.core import route
 from relay_milter.postfix.runner import run_postfix
 from relay_milter.config import ConfigError, Settings, TenantSet, load_secrets
 from relay_milter.core import reputation
@@ -46,11 +53,20 @@ OUTPUTS = {
 # Per-tenant tables live in these directories; files of removed tenants are deleted on install.
 PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
 SECRET_DIR = "relay/smtp_auth"
+REQUEUE_DIR = "relay/requeue"
+REQUEUE_TABLE = REQUEUE_DIR + "/route.regexp"
+# Signed-ingress listeners: every RCPT for another tenant gets a 452 and Postfix counts it as
+# an error. Postfix's defaults (soft 10, hard 20) would slow the session down after ten and end
+# it with 421 after twenty, losing the accepted recipients of the transaction with it. A
+# transaction may draw up to smtpd_recipient_limit (1000) such refusals; the usual allowance
+# for real errors comes on top. Postfix resets the count after each delivered message, and
+# under stress (anvil/overload) the limit stays 1, as Postfix has it.
+ERROR_LIMITS = {"soft": 1010, "hard": "${stress?{1}:{1020}}"}
 
 
 def is_secret(name: str) -> bool:
     """Rendered files holding credentials: written mode 0600, never printed."""
-    return name.startswith(SECRET_DIR + "/")
+    return name.startswith((SECRET_DIR + "/", REQUEUE_DIR + "/"))
 
 
 def template_dir(explicit: Path | None = None) -> Path:
@@ -90,10 +106,20 @@ def render_files(
         "s": settings,
         "tenants": sorted(tenants, key=lambda t: t.id),
         "route_header": defaults.ROUTE_HEADER,
+        "route_seal_header": defaults.ROUTE_SEAL_HEADER,
+        "requeue_table": REQUEUE_TABLE,
+        "error_limits": ERROR_LIMITS,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
         "sources": source_addresses(tenants, settings, reputation_state),
     }
     files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
+    key_text = _read(settings.config_directory / defaults.ROUTE_KEY_FILE)
+    if key_text is None or route.parse_route_key(key_text) is None:
+        key_text = route.new_route_key()  # installed with the rest; an existing key is kept
+    files[defaults.ROUTE_KEY_FILE] = key_text
+    key = route.parse_route_key(key_text)
+    seals = {t.id: route.tenant_seal(key, t.id) for t in tenants}
+    files[REQUEUE_TABLE] = env.get_template("requeue_route.regexp.j2").render(**context, seals=seals)
     secrets = load_secrets(settings.secrets_file, tenants)
     for t in context["tenants"]:
         files[f"relay/tls/{t.id}.policy"] = env.get_template("tls_policy.j2").render(t=t)
@@ -249,6 +275,22 @@ def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = Tr
     r = run_postfix(["postmap", "-c", str(staging), "-q", f"{defaults.ROUTE_HEADER}: no-such-tenant", f"regexp:{route_table}"])
     if r.stdout.strip():
         problems.append(f"route table: an unknown tenant resolves to {r.stdout.strip()!r}")
+    requeue_table = staging / REQUEUE_TABLE
+    key = route.parse_route_key(_read(staging / defaults.ROUTE_KEY_FILE) or "")
+    if key is None:
+        problems.append(f"{defaults.ROUTE_KEY_FILE}: missing or not a 256-bit hex key")
+    for t in tenants:
+        want = f"FILTER {t.transport}:{t.smarthost.nexthop}"
+        probes = [
+            (f"{defaults.ROUTE_HEADER}: {t.id}", ""),  # the plain marker never routes a requeued message
+            (f"{defaults.ROUTE_SEAL_HEADER}: {t.id}.{'0' * 40}", ""),  # nor a seal made without the key
+        ]
+        if key is not None:
+            probes.append((f"{defaults.ROUTE_SEAL_HEADER}: {route.tenant_seal(key, t.id)}", want))
+        for probe, expect in probes:
+            r = run_postfix(["postmap", "-c", str(staging), "-q", probe, f"regexp:{requeue_table}"])
+            if r.stdout.strip() != expect:
+                problems.append(f"requeue table: tenant {t.id} resolves to {r.stdout.strip()!r}, expected {expect!r}")
     if run_postfix_check:
         r = run_postfix(["postfix", "-c", str(staging), "check"])
         if r.returncode != 0 or "fatal:" in r.stdout:
@@ -373,7 +415,24 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
     write_files({n: files[n] for n in changed}, live)
     for name in stale:
         (live / name).unlink()
+    share_route_key(live, settings.milter_socket_group)
     return changed + [f"{name} (removed)" for name in stale]
+
+
+def share_route_key(config_directory: Path, group: str) -> None:
+    """Let the milter (it runs in ``group``) read the route key, and nothing else there:
+    relay/requeue/ 0750 and route.key 0640 in that group; the requeue table stays 0600.
+    Root only; without such a group the key stays root-only (a milter running as root)."""
+    directory, key = config_directory / REQUEUE_DIR, config_directory / defaults.ROUTE_KEY_FILE
+    if os.geteuid() != 0 or not key.is_file() or key.is_symlink():
+        return
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return
+    for path, mode in ((directory, 0o750), (key, 0o640)):
+        os.chown(path, -1, gid, follow_symlinks=False)
+        os.chmod(path, mode)
 
 
 def _read(path: Path) -> str | None:

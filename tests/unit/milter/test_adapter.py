@@ -58,7 +58,7 @@ def test_good_message_is_rewritten_and_routed(ctx, key, caplog):
     assert rc == Milter.CONTINUE
     assert ctx._reply is None
     assert ctx._delrcpt == [f"<{RCPT}>"]
-    assert ctx._addrcpt == [("<alice@example.org>", None)]
+    assert ctx._addrcpt == [("<alice@example.org>", "ORCPT=rfc822;alice@example.org")]
     assert ctx._envfromchanged and ctx._sender == "<bounces@acme.example>"
     msg = ctx._msg
     assert msg.get_all("DKIM-Signature") is None

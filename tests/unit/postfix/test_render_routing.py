@@ -1,0 +1,72 @@
+"""The rendered defaults of issue 11: requeue routing by seal, bare newlines, error limits, subdomains."""
+
+from __future__ import annotations
+
+import re
+import grp
+import os
+
+import pytest
+
+from relay_milter.config import Settings, load_tenants
+from relay_milter.core import route
+from relay_milter.postfix.render import REQUEUE_TABLE, render_and_check, render_files
+from support.paths import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def files():
+    return render_files(load_tenants(EXAMPLES), Settings())
+
+
+def test_no_header_checks_anywhere_but_the_requeue_seal_table(files):
+    main, master = files["main.cf"], files["master.cf"]
+    for name in ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks"):
+        assert f"\n{name} =\n" in main
+    requeue = master.split("cleanup_requeue unix", 1)[1].split("\nqmgr", 1)[0] + "\n"
+    assert f"-o header_checks=regexp:/etc/postfix/{REQUEUE_TABLE}" in requeue
+    assert "-o mime_header_checks=\n" in requeue and "-o nested_header_checks=\n" in requeue
+    assert "route.regexp\n" not in requeue.replace(REQUEUE_TABLE, "")
+
+
+def test_requeue_table_routes_only_the_seal(files):
+    key = route.parse_route_key(files["relay/requeue/route.key"])
+    table = files[REQUEUE_TABLE]
+    seal = route.tenant_seal(key, "acme")
+    assert f"/^X-Relay-Route-Seal:[[:space:]]*{seal.replace('.', chr(92) + '.')}[[:space:]]*$/ FILTER relay_acme:" in table
+    assert not re.search(r"^/\^X-Relay-Route:", table, re.M)
+
+
+def test_smtp_edge_defaults(files):
+    main, master = files["main.cf"], files["master.cf"]
+    assert "\nsmtpd_forbid_bare_newline = yes\nsmtpd_forbid_bare_newline_exclusions =\n" in main
+    assert "relay_domains" not in main.split("parent_domain_matches_subdomains =", 1)[1].split("\n", 1)[0]
+    assert "\nlocal_header_rewrite_clients =\n" in main
+    assert "{tls_version}" in main.split("milter_mail_macros =", 1)[1].split("\n", 1)[0]
+    port25 = re.split(r"\n\S", master.split("      inet  n       -       n       -       -       smtpd\n", 1)[1], maxsplit=1)[0]
+    assert "-o smtpd_hard_error_limit=${stress?{1}:{1020}}" in port25
+    assert "-o smtpd_soft_error_limit=1010" in port25
+    assert "-o smtp_header_checks=regexp:/etc/postfix/relay/strip_route.regexp" in master
+    assert files["relay/strip_route.regexp"].count("IGNORE") == 2
+
+
+def test_apply_creates_the_key_once_and_keeps_it(tmp_path):
+    live = tmp_path / "etc"
+    settings = Settings(config_directory=live, queue_directory=tmp_path / "q", data_directory=tmp_path / "d")
+    tenants = load_tenants(EXAMPLES)
+    from relay_milter.postfix.render import install
+
+    first, result = render_and_check(tenants, settings)
+    assert result.ok, result.problems
+    install(first, settings)
+    key_file = live / "relay" / "requeue" / "route.key"
+    if os.geteuid() == 0:  # install() shares the key with the milter's group (postfix) only
+        assert (key_file.stat().st_mode & 0o777, key_file.parent.stat().st_mode & 0o777) == (0o640, 0o750)
+        assert key_file.stat().st_gid == key_file.parent.stat().st_gid == grp.getgrnam("postfix").gr_gid
+    else:
+        assert key_file.stat().st_mode & 0o777 == 0o600
+    assert (live / REQUEUE_TABLE).stat().st_mode & 0o777 == 0o600
+    again, _ = render_and_check(tenants, settings)
+    assert again["relay/requeue/route.key"] == key_file.read_text() == first["relay/requeue/route.key"]
+    assert again[REQUEUE_TABLE] == first[REQUEUE_TABLE]
+    assert "relay/requeue/route.key" not in install(again, settings)
