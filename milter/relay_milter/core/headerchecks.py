@@ -12,7 +12,7 @@ from typing import Iterable, NamedTuple
 
 from relay_milter import defaults
 from relay_milter.config import Tenant
-from relay_milter.core.addresses import AddressError, decode_header_address, decode_local
+from relay_milter.core.addresses import decode_header_address
 
 _GETADDRESSES_STRICT = "strict" in inspect.signature(email.utils.getaddresses).parameters
 _DOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$")

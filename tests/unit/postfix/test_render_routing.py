@@ -52,6 +52,7 @@ def test_smtp_edge_defaults(files):
 
 def test_apply_creates_the_key_once_and_keeps_it(tmp_path):
     live = tmp_path / "etc"
+    live.mkdir()  # a live config directory exists (install refuses to create /etc/postfix itself)
     settings = Settings(config_directory=live, queue_directory=tmp_path / "q", data_directory=tmp_path / "d")
     tenants = load_tenants(EXAMPLES)
     from relay_milter.postfix.render import install
