@@ -315,7 +315,7 @@ def dkim_txt_record(key: str) -> str:
             raise ValueError(f"PEM body is not valid base64: {exc}") from None
         if "RSA PUBLIC KEY" in text:
             raise ValueError("PKCS#1 'RSA PUBLIC KEY' PEM is not supported; use SubjectPublicKeyInfo ('PUBLIC KEY')")
-        return f"v=DKIM1; k=rsa; p={der}"
+        return _pem_record(der)
     flat = re.sub(r"\s+", "", text)
     if "p=" in flat:
         tags = dict(t.split("=", 1) for t in flat.split(";") if "=" in t)
@@ -325,12 +325,68 @@ def dkim_txt_record(key: str) -> str:
             base64.b64decode(tags["p"], validate=True)
         except ValueError as exc:
             raise ValueError(f"p= is not valid base64: {exc}") from None
-        return "; ".join(f"{k}={v}" for k, v in tags.items())
+        record = "; ".join(f"{k}={v}" for k, v in tags.items())
+        public_key_info(record)
+        return record
     try:
         base64.b64decode(flat, validate=True)
     except ValueError:
         raise ValueError("public_key must be PEM, a DKIM TXT record, or base64 p= data") from None
-    return f"v=DKIM1; k=rsa; p={flat}"
+    record = f"v=DKIM1; k=rsa; p={flat}"
+    public_key_info(record)
+    return record
+
+
+def _pem_record(der_b64: str) -> str:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    try:
+        key = serialization.load_der_public_key(base64.b64decode(der_b64))
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError("PEM body is valid base64 but not a public key") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"v=DKIM1; k=rsa; p={der_b64}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+    raise ValueError(f"PEM holds a {type(key).__name__} key; DKIM keys are RSA or Ed25519")
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a DKIM key record really holds: its type and size, checked by parsing it."""
+
+    type: str  # rsa | ed25519
+    bits: int
+
+
+def public_key_info(record: str) -> KeyInfo:
+    """Parse the key in a DKIM TXT record; ValueError (phrased for the operator) if ``p=``
+    is not a key of the declared type ``k=`` (default rsa). Valid base64 that is not a key
+    must never go live: every message of the tenant would then be refused."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    tags = dict(t.strip().split("=", 1) for t in record.split(";") if "=" in t)
+    k = tags.get("k", "rsa").strip().lower()
+    data = base64.b64decode(re.sub(r"\s+", "", tags.get("p", "")))
+    if k == "rsa":
+        try:
+            key = load_der_public_key(data)
+        except (ValueError, UnsupportedAlgorithm):
+            raise ValueError("p= is valid base64 but not a public key (DER SubjectPublicKeyInfo)") from None
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError(f"k=rsa but p= holds a {type(key).__name__.removesuffix('PublicKey').lstrip('_')} key")
+        return KeyInfo("rsa", key.key_size)
+    if k == "ed25519":
+        if len(data) != 32:
+            raise ValueError(f"k=ed25519 but p= holds {len(data)} bytes, not a 32-byte Ed25519 key")
+        ed25519.Ed25519PublicKey.from_public_bytes(data)
+        return KeyInfo("ed25519", 256)
+    raise ValueError(f"unsupported key type k={k} (rsa or ed25519)")
 
 
 class DnsSettings(_Strict):
@@ -677,3 +733,46 @@ def load_settings(path: Path | str | None) -> Settings:
                 for e in exc.errors()
             )
         ) from None
+
+
+# -- the applied tenant set ----------------------------------------------------------------
+#
+# Tenant changes take effect in two phases: an operator edits the tenant files, then
+# `relayctl apply` checks everything and, only if every check passed, writes this snapshot
+# next to the Postfix configuration it installs. The milter serves the snapshot, never the
+# files being edited, and the operator commands fall back to it when a tenant file is broken.
+
+APPLIED_TENANTS = "relay/tenants.applied.json"
+
+
+def applied_tenants_path(settings: "Settings") -> Path:
+    return settings.config_directory / APPLIED_TENANTS
+
+
+def dump_tenant_set(tenants: TenantSet) -> str:
+    """The checked tenant set as stable JSON (same set, same text: apply stays idempotent)."""
+    import json
+
+    entries = [
+        {"source": str(tenants.sources.get(t.id, "")), "tenant": t.model_dump(mode="json")}
+        for t in sorted(tenants, key=lambda t: t.id)
+    ]
+    return json.dumps({"format": 1, "tenants": entries}, indent=1, sort_keys=True) + "\n"
+
+
+def load_applied_tenants(path: Path) -> TenantSet:
+    """Read a snapshot written by ``dump_tenant_set``; ConfigError names the file."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        entries = data["tenants"]
+        tenants = tuple(Tenant.model_validate(e["tenant"]) for e in entries)
+        sources = {t.id: Path(e["source"]) for t, e in zip(tenants, entries)}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no applied tenant set (run `relayctl apply`)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable applied tenant set: {exc}") from None
+    if not tenants:
+        raise ConfigError(f"{path}: the applied tenant set is empty")
+    return TenantSet(tenants, sources)

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from relay_milter import __version__
-from relay_milter.config import ConfigError, Settings, TenantSet, load_settings, load_tenants
+from relay_milter.config import APPLIED_TENANTS, ConfigError, Settings, TenantSet, load_settings, load_tenants
 
 EXIT_CONFIG = 3
 EXIT_CHECK = 4
@@ -50,13 +50,22 @@ class Context:
 
         return open_store(settings, create=True)
 
-    def load(self) -> tuple[TenantSet, Settings]:
+    def load(self, last_good: bool = False) -> tuple[TenantSet, Settings]:
+        """Tenants and settings; exits 3 if invalid. ``last_good``: with broken tenant
+        files, warn and use the last applied set (operator commands, cli/lastgood.py)."""
+        settings = self.load_settings()
         try:
-            settings = load_settings(self.settings_file)
             tenants = load_tenants(self.tenants_dir)
         except ConfigError as exc:
-            click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
-            sys.exit(EXIT_CONFIG)
+            try:
+                if not last_good:
+                    raise
+                from relay_milter.cli.lastgood import fallback
+
+                tenants = fallback(settings, exc)
+            except ConfigError as exc:
+                click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
+                sys.exit(EXIT_CONFIG)
         return tenants, settings
 
 
@@ -128,48 +137,74 @@ def render(obj: Context, out: Path, templates: Path | None) -> None:
 
 @main.command()
 @click.option("--templates", type=click.Path(path_type=Path, file_okay=False), default=None, help="Template directory.")
+@click.option("--strict", is_flag=True, help="A smarthost name that does not resolve is an error, not a warning.")
+@click.option("--probe", is_flag=True, help="Also connect to every smarthost: banner, STARTTLS, certificate under the tenant's TLS policy, AUTH.")
 @click.pass_obj
-def check(obj: Context, templates: Path | None) -> None:
-    """Validate tenants and settings, render into a staging directory and check it with Postfix.
+def check(obj: Context, templates: Path | None, strict: bool, probe: bool) -> None:
+    """Validate tenants and settings, everything they point to, and the rendered Postfix config.
 
-    Runs `postconf -n` (any warning fails), `postconf -M`, a lookup of every
-    tenant's route, and `postfix check`. Nothing live is touched.
+    Checks the relay's TLS certificate and key (exist, readable, belong together,
+    not expired), each smarthost.ca_file, each pinned key (type and size; and that
+    it agrees with the key published in DNS, a warning), that every smarthost name
+    resolves (a warning; an error with --strict), then renders into a staging
+    directory and runs `postconf -n` (any warning fails), `postconf -M`, a lookup of
+    every tenant's route, and `postfix check`. Nothing live is touched.
+    With --probe, connects to each smarthost (see `relayctl check --probe`).
     """
+    from relay_milter.cli.operator import run_preflight
     from relay_milter.postfix.render import render_and_check
 
     ts, settings = obj.load()
     click.echo(f"tenants: {len(ts)} valid ({', '.join(t.id for t in ts)})")
+    pf = run_preflight(ts, settings, strict=strict)
     try:
         _, result = render_and_check(ts, settings, templates)
     except ConfigError as exc:
         click.echo(f"relayctl: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+    failed = bool(pf.errors)
     if not result.ok:
         for p in result.problems:
             click.echo(f"check failed: {p}", err=True)
+        failed = True
+    else:
+        click.echo("postfix: staged configuration passed postconf, route lookups and postfix check")
+    if probe:
+        from relay_milter.cli.probe import probe_all
+
+        failed = not probe_all(ts, settings) or failed
+    if failed:
         sys.exit(EXIT_CHECK)
-    click.echo("postfix: staged configuration passed postconf, route lookups and postfix check")
 
 
 @main.command()
 @click.option("--templates", type=click.Path(path_type=Path, file_okay=False), default=None, help="Template directory.")
 @click.option("--reload/--no-reload", default=True, show_default=True, help="Reload Postfix if it is running.")
+@click.option("--reroute/--no-reroute", default=True, show_default=True,
+              help="Re-route deferred mail that still carries a tenant's old smarthost (postsuper -r); "
+                   "with --no-reroute, only report it and print the command.")
 @click.pass_obj
-def apply(obj: Context, templates: Path | None, reload: bool) -> None:
-    """Check the configuration in staging, then install it into the config directory and reload.
+def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool) -> None:
+    """Run every `relayctl check`, then install the configuration, reload, and activate it.
 
-    If any check fails, nothing live changes (exit 4). Queued mail is kept:
-    `postfix reload` re-reads the configuration without dropping the queue.
+    If any check fails, nothing live changes (exit 4): not Postfix, and not the
+    milter, which serves only the tenant set apply last activated
+    (<config_directory>/relay/tenants.applied.json). Queued mail is kept:
+    `postfix reload` re-reads the configuration without dropping the queue. Then
+    apply counts queued messages that still carry a tenant's old next hop (Postfix
+    stores it in the queue file) and re-routes the deferred ones.
     """
+    from relay_milter.cli.operator import reroute_after_apply, run_preflight
     from relay_milter.postfix.render import install, postfix_running, reload_postfix, render_and_check
 
     ts, settings = obj.load()
+    pf = run_preflight(ts, settings)
     try:
         files, result = render_and_check(ts, settings, templates)
     except ConfigError as exc:
         click.echo(f"relayctl: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    if not result.ok:
+    if not result.ok or pf.errors:
         for p in result.problems:
             click.echo(f"check failed: {p}", err=True)
         click.echo("nothing was installed", err=True)
@@ -182,9 +217,12 @@ def apply(obj: Context, templates: Path | None, reload: bool) -> None:
             click.echo(f"installed {settings.config_directory / name}")
     if not changed:
         click.echo("configuration unchanged")
-    elif reload and postfix_running(settings):
+    running = reload and postfix_running(settings)
+    if running and [n for n in changed if n != APPLIED_TENANTS]:
         reload_postfix(settings)
         click.echo("postfix reloaded")
+    if running:
+        reroute_after_apply(settings, ts, reroute)
 
 
 @main.command("milter")
@@ -193,17 +231,26 @@ def apply(obj: Context, templates: Path | None, reload: bool) -> None:
 def run_milter(obj: Context, log_file: Path | None) -> None:
     """Run the verifying, rewriting, routing milter (foreground; stop with SIGTERM).
 
-    Tenant file changes are picked up within a second without a restart; an
-    invalid change is logged (event=reload_failed) and the last good set stays.
+    Serves the tenant set `relayctl apply` last checked and activated
+    (<config_directory>/relay/tenants.applied.json), and switches to a newly applied
+    set within a second, without a restart. Editing a tenant file alone changes
+    nothing live: the edit is logged (event=reload_pending, or event=reload_failed
+    when invalid) until `relayctl apply` has checked it.
     """
     from relay_milter import logs
     from relay_milter.milter.adapter import serve
     from relay_milter.milter.reloader import ReloadingPolicy
 
-    ts, settings = obj.load()  # exits 3 on an invalid configuration
+    settings = obj.load_settings()  # exits 3 on invalid settings
     logs.setup(settings.log_level, str(log_file) if log_file else None)
-    logging.getLogger("relay.milter").info("NOQUEUE: event=config tenants=%s", ",".join(t.id for t in ts))
-    source = ReloadingPolicy(obj.tenants_dir, settings)
+    try:  # the applied (checked) tenant set; the tenant files only before the first apply
+        source = ReloadingPolicy(obj.tenants_dir, settings)
+    except ConfigError as exc:
+        click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    logging.getLogger("relay.milter").info(
+        "NOQUEUE: event=config tenants=%s source=%s", ",".join(t.id for t in source.current().tenants), source.source
+    )
     source.watch()
     serve(source, settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
 
@@ -226,7 +273,7 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
     from relay_milter import logs
     from relay_milter.config import load_secrets
 
-    tenants, settings = obj.load()
+    tenants, settings = obj.load(last_good=True)
     try:
         secrets = load_secrets(settings.secrets_file, tenants)
     except ConfigError as exc:
@@ -452,4 +499,6 @@ def demo(keep: bool) -> None:
 from relay_milter.cli.tracking import register as _register_tracking  # noqa: E402  (trace, queue, stats, ...)
 
 _register_tracking(main)
+from relay_milter.cli.status import status as _status  # noqa: E402
 
+main.add_command(_status)

@@ -206,7 +206,7 @@ def trace(obj: Context, key: str, as_json: bool) -> None:
     Exit codes: 0 found, 1 nothing recorded for KEY, 3 configuration error,
     4 event store unavailable.
     """
-    _, settings = obj.load()
+    _, settings = obj.load(last_good=True)
     store = open_store(settings)
     try:
         events = store.trace(key)
@@ -242,7 +242,7 @@ def queue(obj: Context, tenant: str | None, as_json: bool) -> None:
     Exit codes: 0 ok (also for an empty queue), 3 configuration error or
     unknown tenant, 4 Postfix unavailable.
     """
-    tenants, settings = obj.load()
+    tenants, settings = obj.load(last_good=True)
     _check_tenant(tenants, tenant)
     messages = _queue(settings, tenants)
     rows = ops.queue_summary(messages, time.time())
@@ -275,7 +275,7 @@ def stats(obj: Context, since: str, until_: str, tenant: str | None, as_json: bo
     Exit codes: 0 ok (also when nothing happened), 2 bad time, 3 configuration
     error or unknown tenant, 4 event store unavailable.
     """
-    tenants, settings = obj.load()
+    tenants, settings = obj.load(last_good=True)
     _check_tenant(tenants, tenant)
     now = time.time()
     try:
@@ -318,8 +318,8 @@ _PAST = {"requeue": "requeued", "hold": "held", "release": "released"}
 PROGRESS_THRESHOLD = 1000  # below that a progress bar is noise
 
 
-def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool) -> None:
-    tenants, settings = obj.load()
+def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool, reroute: bool = False) -> None:
+    tenants, settings = obj.load(last_good=True)
     _check_tenant(tenants, tenant)
     if action == "release" and queue_name not in (None, "hold"):
         raise click.BadParameter("only messages in the hold queue can be released", param_hint="--queue")
@@ -349,7 +349,7 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
         return
     if not yes and sys.stdin.isatty():
         click.confirm(f"{action} {len(ids)} message(s) of tenant {tenant} ({where})?", abort=True, err=True)
-    result = _run_postfix(settings, action, ids, queues)
+    result = _run_postfix(settings, "reroute" if reroute else action, ids, queues)
     summary["changed"] = result.changed
     summary["warnings"] = result.warnings
     if as_json:
@@ -364,6 +364,13 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
 
 def _run_postfix(settings: Settings, action: str, ids: list[str], queues: tuple[str, ...]) -> ops.QueueChange:
     def run(progress: Any) -> ops.QueueChange:
+        if action == "reroute":  # postsuper -r: through cleanup_requeue and today's route table
+            from relay_milter.postfix.reroute import reroute
+
+            result = reroute(settings.config_directory, ids)
+            if progress:
+                progress(len(ids))
+            return result
         if action == "requeue":
             return ops.schedule_retry(settings.config_directory, ids, progress)
         return ops.apply_postsuper(settings.config_directory, action, ids, progress, queues=queues)
@@ -390,9 +397,14 @@ def _change_command(action: str, summary: str, details: str) -> click.Command:
     @click.option("--dry-run", is_flag=True, help="List the queue ids that would change; change nothing.")
     @click.option("--json", "as_json", is_flag=True, help="JSON summary (with the queue ids) instead of text.")
     @click.pass_obj
-    def command(obj: Context, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool) -> None:
-        _change(obj, action, tenant, queue_name, yes, dry_run, as_json)
+    def command(obj: Context, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool, reroute: bool = False) -> None:
+        _change(obj, action, tenant, queue_name, yes, dry_run, as_json, reroute)
 
+    if action == "requeue":
+        command = click.option(
+            "--reroute", is_flag=True,
+            help="Route the messages again from today's tenant files (postsuper -r), e.g. after a smarthost change.",
+        )(command)
     return command
 
 
@@ -411,7 +423,13 @@ requeue = _change_command(
     "Runs `postqueue -i QUEUE_ID` for each message (about 5 ms each): the queue "
     "file moves to the incoming queue unchanged, keeping its queue id and its "
     "tenant route. (`postsuper -r` works too: it re-runs cleanup under a new queue id, "
-    "and the route marker the milter added routes the message again.)",
+    "and the route marker the milter added routes the message again.)\n\n"
+    "The next hop (the tenant's smarthost) is stored in each queue file when the message "
+    "is accepted, and a retry keeps it. After a smarthost change use --reroute: it runs "
+    "`postsuper -r` on the selected messages, which sends them through cleanup again so "
+    "today's route table picks the new smarthost (each message gets a new queue id and "
+    "is moved, not copied), then wakes pickup. `relayctl apply` does this by itself for "
+    "deferred mail whose stored next hop is out of date.",
 )
 hold = _change_command(
     "hold",
@@ -454,7 +472,7 @@ def metrics(obj: Context, out: Path | None) -> None:
     """
     from relay_milter.tracking import metrics as prom
 
-    tenants, settings = obj.load()
+    tenants, settings = obj.load(last_good=True)
     summary = ops.queue_summary(_queue(settings, tenants), time.time())
     store = open_store(settings)
     try:

@@ -318,6 +318,11 @@ def _run_tool(cmd: list[str], what: str, stdin: str | None, timeout: float, done
     return r
 
 
+# Shared with postfix/reroute.py.
+run_tool = _run_tool
+changed_count = _changed_count
+
+
 def apply_postsuper(
     config_directory: Path | str,
     action: str,

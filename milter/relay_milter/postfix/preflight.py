@@ -1,0 +1,251 @@
+"""Everything the configuration points to, checked before anything goes live.
+
+`relayctl check` and `relayctl apply` run these after the tenant files and settings
+validated, next to the Postfix checks of the rendered configuration:
+
+- the relay's own TLS certificate and key (settings ``tls_cert_file``/``tls_key_file``):
+  they exist, are readable, parse, belong together and have not expired (days left);
+- each tenant's ``smarthost.ca_file``: it exists and holds at least one certificate;
+- each pinned DKIM key: its type and size (the type is already checked at load time;
+  a key under 1024 bits is refused by the milter, so it is named here);
+- a pinned key that is also published in DNS: the two agree (a warning if not);
+- each smarthost host name resolves with the system resolver, the one Postfix uses
+  (a warning; an error with ``strict``).
+
+Findings are phrased for the operator: what, where (file, tenant, field), and why it matters.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import ipaddress
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from relay_milter.config import Settings, Tenant, TenantSet, public_key_info
+
+MIN_RSA_BITS = 1024  # the milter refuses signatures by smaller RSA keys (core.dkimverify)
+CERT_WARN_DAYS = 21  # status: warning this many days before the relay certificate expires
+CERT_CRIT_DAYS = 7
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" | "warning" | "ok"
+    subject: str  # e.g. "settings tls_key_file", "tenant acme smarthost.host"
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.subject}: {self.text}"
+
+
+@dataclass
+class Preflight:
+    findings: list[Finding] = field(default_factory=list)
+    cert_days_left: int | None = None
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    def add(self, level: str, subject: str, text: str) -> None:
+        self.findings.append(Finding(level, subject, text))
+
+    def to_json(self) -> dict:
+        return {"findings": [asdict(f) for f in self.findings], "cert_days_left": self.cert_days_left}
+
+
+# -- the relay's certificate ------------------------------------------------------------------
+
+
+def _read(path: Path, what: str, pf: Preflight) -> bytes | None:
+    if not path.exists():
+        pf.add("error", what, f"{path} does not exist (Postfix would offer no STARTTLS: 454 4.7.0 TLS not available)")
+        return None
+    if not path.is_file():
+        pf.add("error", what, f"{path} is not a regular file")
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        pf.add("error", what, f"{path} is not readable: {exc.strerror}")
+        return None
+
+
+def cert_days_left(cert_file: Path, now: datetime.datetime | None = None) -> int | None:
+    """Whole days until the first certificate in ``cert_file`` expires; None if unreadable."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return int((cert.not_valid_after_utc - now).total_seconds() // 86400)
+
+
+def check_relay_tls(settings: Settings, pf: Preflight, now: datetime.datetime | None = None) -> None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    cert_pem = _read(settings.tls_cert_file, "settings tls_cert_file", pf)
+    key_pem = _read(settings.tls_key_file, "settings tls_key_file", pf)
+    cert = key = None
+    if cert_pem is not None:
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError as exc:
+            pf.add("error", "settings tls_cert_file", f"{settings.tls_cert_file}: not a PEM certificate: {exc}")
+    if key_pem is not None:
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            pf.add("error", "settings tls_key_file", f"{settings.tls_key_file}: not an unencrypted PEM private key: {exc}")
+        else:
+            mode = settings.tls_key_file.stat().st_mode & 0o777
+            if mode & 0o004:
+                pf.add("warning", "settings tls_key_file", f"{settings.tls_key_file}: mode {mode:04o}: the private key is world-readable (chmod 0600)")
+    if cert is not None and key is not None:
+        pub = serialization.PublicFormat.SubjectPublicKeyInfo
+        if cert.public_key().public_bytes(serialization.Encoding.DER, pub) != key.public_key().public_bytes(serialization.Encoding.DER, pub):
+            pf.add("error", "settings tls_key_file", f"{settings.tls_key_file} does not belong to the certificate in {settings.tls_cert_file}")
+    if cert is not None:
+        days = int((cert.not_valid_after_utc - now).total_seconds() // 86400)
+        pf.cert_days_left = days
+        until = cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if cert.not_valid_after_utc <= now:
+            pf.add("error", "settings tls_cert_file", f"{settings.tls_cert_file} expired at {until}")
+        elif cert.not_valid_before_utc > now:
+            pf.add("error", "settings tls_cert_file", f"{settings.tls_cert_file} is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+        elif days < CERT_WARN_DAYS:
+            pf.add("warning", "settings tls_cert_file", f"{settings.tls_cert_file} expires in {days} day(s), at {until}")
+        else:
+            pf.add("ok", "settings tls_cert_file", f"valid until {until} ({days} days left)")
+
+
+# -- tenants ---------------------------------------------------------------------------------
+
+
+def check_ca_file(t: Tenant, source: Path, pf: Preflight) -> None:
+    ca = t.smarthost.ca_file
+    if ca is None:
+        return
+    subject = f"{source}: tenant {t.id}: field smarthost.ca_file"
+    data = _read(ca, subject, pf)
+    if data is None:
+        return
+    from cryptography import x509
+
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        pf.add("error", subject, f"{ca} holds no PEM certificate (tls: verify would defer every message)")
+
+
+def check_pinned_key(t: Tenant, source: Path, pf: Preflight) -> None:
+    if not t.public_key:
+        return
+    subject = f"{source}: tenant {t.id}: field public_key"
+    try:
+        info = public_key_info(t.public_key)
+    except ValueError as exc:  # load_tenants refuses these already; kept for applied sets
+        pf.add("error", subject, str(exc))
+        return
+    if info.type == "rsa" and info.bits < MIN_RSA_BITS:
+        pf.add("warning", subject, f"RSA key of {info.bits} bits: the milter refuses signatures by keys under {MIN_RSA_BITS} bits")
+
+
+def _txt(name: str, settings: Settings) -> tuple[str | None, str | None]:
+    """(record, None) or (None, why not)."""
+    import dns.exception
+    import dns.resolver
+
+    if settings.dns.nameservers:
+        r = dns.resolver.Resolver(configure=False)
+        r.nameservers = list(settings.dns.nameservers)
+        r.port = settings.dns.port
+    else:
+        r = dns.resolver.Resolver()
+    r.lifetime = r.timeout = settings.dns.timeout
+    try:
+        answer = r.resolve(name, "TXT")
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return None, "not published"
+    except dns.exception.DNSException as exc:
+        return None, f"lookup failed: {exc.__class__.__name__}"
+    records = [b"".join(rr.strings).decode("ascii", "replace") for rr in answer]
+    return (records[0], None) if len(records) == 1 else (None, f"{len(records)} TXT records")
+
+
+def _p(record: str) -> str:
+    tags = dict(t.strip().split("=", 1) for t in record.split(";") if "=" in t)
+    return "".join(tags.get("p", "").split())
+
+
+def check_pinned_vs_dns(t: Tenant, source: Path, settings: Settings, pf: Preflight) -> None:
+    if not t.public_key:
+        return
+    name = f"{t.selector}._domainkey.{t.signing_domain}"
+    record, why = _txt(name, settings)
+    if record is None:
+        return  # nothing published (or no answer): the pinned key alone counts
+    if _p(record) != _p(t.public_key):
+        pf.add("warning", f"{source}: tenant {t.id}: field public_key",
+               f"the pinned key differs from the one published at {name}; the pinned one is used "
+               "(check which one the platform signs with)")
+
+
+def resolve_host(host: str, timeout: float) -> str | None:
+    """None if ``host`` resolves with the system resolver (as Postfix's smtp client does),
+    else why not."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        future = pool.submit(socket.getaddrinfo, host, None, 0, socket.SOCK_STREAM)
+        future.result(timeout)
+        return None
+    except concurrent.futures.TimeoutError:
+        return f"lookup of {host} timed out after {timeout:g}s"
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            return f"lookup of {host} failed temporarily: {exc.strerror}"
+        return f"{host} does not resolve: {exc.strerror}"
+    finally:
+        pool.shutdown(wait=False)
+
+
+def check_smarthost_name(t: Tenant, source: Path, settings: Settings, strict: bool, pf: Preflight) -> None:
+    why = resolve_host(t.smarthost.host, settings.dns.timeout)
+    if why:
+        pf.add("error" if strict else "warning", f"{source}: tenant {t.id}: field smarthost.host",
+               f"{why} (mail for this tenant would wait in the deferred queue)")
+
+
+def run(tenants: TenantSet, settings: Settings, strict: bool = False, dns: bool = True) -> Preflight:
+    """Every check above. ``dns=False`` skips the network lookups (smarthost names, keys in DNS)."""
+    pf = Preflight()
+    check_relay_tls(settings, pf)
+    for t in tenants:
+        source = tenants.sources.get(t.id, Path(f"tenant {t.id}"))
+        check_ca_file(t, source, pf)
+        check_pinned_key(t, source, pf)
+        if dns:
+            check_smarthost_name(t, source, settings, strict, pf)
+            check_pinned_vs_dns(t, source, settings, pf)
+    return pf
+
