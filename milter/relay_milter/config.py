@@ -8,6 +8,7 @@ the tenant and the field, so an operator can fix it without reading code.
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -186,6 +187,51 @@ class Webhook(_Strict):
         return v
 
 
+def _selector(v: str) -> str:
+    v = v.strip().lower()
+    if not re.match(rf"^{LABEL}(\.{LABEL})*$", v):
+        raise ValueError(f"not a valid DKIM selector: {v!r}")
+    return v
+
+
+def _utc(v: datetime.datetime | None) -> datetime.datetime | None:
+    if v is not None and v.tzinfo is None:
+        return v.replace(tzinfo=datetime.timezone.utc)
+    return v
+
+
+class HopKey(_Strict):
+    """One accepted hop key: the tenant's current one (``selector``/``public_key``), or an
+    entry of ``keys`` (a previous or an upcoming key, for rotation with overlap)."""
+
+    selector: Annotated[str, AfterValidator(_selector)]
+    # Pinned like the tenant's public_key; without it the key is looked up in DNS.
+    public_key: str | None = None
+    # Accepted from / until (ISO 8601; no zone means UTC). None: no limit.
+    not_before: Annotated[datetime.datetime | None, AfterValidator(_utc)] = None
+    not_after: Annotated[datetime.datetime | None, AfterValidator(_utc)] = None
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        return None if v is None else dkim_txt_record(v)
+
+    @model_validator(mode="after")
+    def _window(self) -> "HopKey":
+        if self.not_before and self.not_after and self.not_before >= self.not_after:
+            raise ValueError("not_before must be before not_after")
+        return self
+
+    def refused_at(self, now: float) -> str | None:
+        """Why a signature by this key is not accepted at ``now`` (epoch seconds), or None."""
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        if self.not_after is not None and now >= self.not_after.timestamp():
+            return f"the key of selector s={self.selector} expired at {self.not_after.strftime(fmt)} (not_after)"
+        if self.not_before is not None and now < self.not_before.timestamp():
+            return f"the key of selector s={self.selector} is not valid before {self.not_before.strftime(fmt)} (not_before)"
+        return None
+
+
 class Tenant(_Strict):
     id: str
     description: str = ""
@@ -196,6 +242,9 @@ class Tenant(_Strict):
     # Pinned key: PEM (SubjectPublicKeyInfo) or a DKIM TXT record / bare p= value.
     # Without one the key is looked up in DNS at <selector>._domainkey.<signing_domain>.
     public_key: str | None = None
+    # Further accepted keys, for rotation with overlap: the previous key until its
+    # not_after, or the next one from its not_before. A signature by any key valid now passes.
+    keys: tuple[HopKey, ...] = ()
     required_signed_headers: tuple[str, ...] = defaults.REQUIRED_SIGNED_HEADERS
     # Reject signatures older than this many seconds (by t=); 0 disables the check.
     max_signature_age: int = Field(0, ge=0)
@@ -254,6 +303,22 @@ class Tenant(_Strict):
         if v is None:
             return None
         return dkim_txt_record(v)
+
+    @model_validator(mode="after")
+    def _keys(self) -> "Tenant":
+        selectors = [self.selector] + [k.selector for k in self.keys]
+        dup = sorted({x for x in selectors if selectors.count(x) > 1})
+        if dup:
+            raise ValueError(f"keys: selector {', '.join(dup)} listed twice (selectors name keys)")
+        return self
+
+    @property
+    def hop_keys(self) -> tuple[HopKey, ...]:
+        """Every accepted key, the current one (selector/public_key) first."""
+        return (HopKey(selector=self.selector, public_key=self.public_key), *self.keys)
+
+    def hop_key(self, selector: str) -> HopKey | None:
+        return next((k for k in self.hop_keys if k.selector == selector), None)
 
     @model_validator(mode="after")
     def _senders(self) -> "Tenant":

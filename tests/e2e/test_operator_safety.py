@@ -253,6 +253,74 @@ def test_queue_and_status_work_from_the_last_applied_set_while_a_file_is_broken(
         path.write_text(good)
 
 
+# -- 8. hop-key rotation with overlap -----------------------------------------------------------
+
+
+def test_rotating_the_hop_key_while_mail_flows_refuses_nothing(lab, tmp_path):
+    import threading
+    import time
+
+    from relay_milter.lab.harness import DkimKey
+
+    t = TENANTS["acme"]
+    signer = {"key": lab.keys["acme"], "selector": t["selector"]}
+    results: list[tuple[str, int, str]] = []
+    stop = threading.Event()
+    sender = f"news@{t['sender_domains'][0]}"
+
+    def flow() -> None:
+        n = 0
+        while not stop.is_set() and n < 400:
+            n += 1
+            key, sel = signer["key"], signer["selector"]
+            mid = f"<flow.{n}.{sel}@platform.example>"
+            raw = sign(make_message(sender, "alice@example.org", subject=f"flow {n}", message_id=mid), key, t["signing_domain"], sel)
+            code, text, _ = lab.send(raw, sender, [encode_recipient("alice@example.org", t["relay_domain"])])
+            results.append((mid, code, text))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=flow)
+    thread.start()
+    try:
+        wait_for(lambda: len(results) >= 3, 60, what="mail flowing")
+        out = tmp_path / "a2.key"
+        r = lab.relayctl("key", "rotate", "acme", "--selector", "a2", "--overlap", "1h", "--private-key-out", str(out), "--write")
+        assert "a2._domainkey.hop.acme.test. IN TXT \"v=DKIM1; k=rsa; p=" in r.stdout, r.stdout
+        assert oct(out.stat().st_mode & 0o777) == "0o600"
+        mark = len(lab.milter_log_text())
+        lab.relayctl("apply")
+        wait_for(lambda: "event=reload tenants=" in lab.milter_log_text()[mark:], 15, what="milter reload")
+        before = len(results)
+        wait_for(lambda: len(results) >= before + 3, 60, what="old-key mail after apply")
+        new_txt = re.search(r'IN TXT "([^"]+)"', r.stdout).group(1)
+        signer.update(key=DkimKey(out.read_bytes(), new_txt, "rsa-sha256"), selector="a2")  # the platform switches
+        switched = len(results)
+        wait_for(lambda: len(results) >= switched + 5, 60, what="new-key mail")
+    finally:
+        stop.set()
+        thread.join(120)
+    refused = [(m, c, tx) for m, c, tx in results if c != 250]
+    assert not refused, refused
+    assert any(".a1@" in m for m, _, _ in results) and any(".a2@" in m for m, _, _ in results)
+    wait_for(lambda: {m for m, _, _ in results} <= set(message_ids(lab.sinks["acme"])), 60, what="every flow message delivered")
+    got = [m for m in message_ids(lab.sinks["acme"]) if m.startswith("<flow.")]
+    assert sorted(got) == sorted(m for m, _, _ in results)  # exactly once each
+
+    # After the overlap the old key is refused, with the reason.
+    doc, _ = tenant_file(lab, "acme")
+    assert doc["selector"] == "a2" and doc["keys"][0]["selector"] == "a1"
+    doc["keys"][0]["not_after"] = "2020-01-01T00:00:00Z"
+    write_tenant(lab, doc)
+    mark = len(lab.milter_log_text())
+    lab.relayctl("apply")
+    wait_for(lambda: "event=reload tenants=" in lab.milter_log_text()[mark:], 15, what="milter reload")
+    raw = sign(make_message(sender, "alice@example.org"), lab.keys["acme"], t["signing_domain"], "a1")
+    code, text, _ = lab.send(raw, sender, [encode_recipient("alice@example.org", t["relay_domain"])])
+    assert code == 550 and "5.7.21" in text and "the key of selector s=a1 expired at 2020-01-01T00:00:00Z (not_after)" in text, text
+    raw = sign(make_message(sender, "alice@example.org"), signer["key"], t["signing_domain"], "a2")
+    assert lab.send(raw, sender, [encode_recipient("alice@example.org", t["relay_domain"])])[0] == 250
+
+
 # -- 7. relayctl status -------------------------------------------------------------------------
 
 

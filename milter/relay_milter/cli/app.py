@@ -499,6 +499,8 @@ def demo(keep: bool) -> None:
 from relay_milter.cli.tracking import register as _register_tracking  # noqa: E402  (trace, queue, stats, ...)
 
 _register_tracking(main)
+from relay_milter.cli.keys import key as _key  # noqa: E402
 from relay_milter.cli.status import status as _status  # noqa: E402
 
 main.add_command(_status)
+main.add_command(_key)

@@ -17,7 +17,7 @@ import dns.exception
 import dns.resolver
 
 from relay_milter.core import fastcanon
-from relay_milter.config import DnsSettings, Tenant
+from relay_milter.config import DnsSettings, HopKey, Tenant
 
 fastcanon.install()  # output-identical, faster dkimpy canonicalization helpers
 
@@ -54,10 +54,12 @@ class KeyResolver:
         self._cache: dict[str, tuple[float, bytes]] = {}
         self._lock = threading.Lock()
 
-    def record(self, tenant: Tenant) -> bytes:
-        if tenant.public_key:
-            return tenant.public_key.encode("ascii")
-        name = f"{tenant.selector}._domainkey.{tenant.signing_domain}."
+    def record(self, tenant: Tenant, key: HopKey | None = None) -> bytes:
+        """The record of ``key`` (default: the tenant's current key)."""
+        key = key or tenant.hop_keys[0]
+        if key.public_key:
+            return key.public_key.encode("ascii")
+        name = f"{key.selector}._domainkey.{tenant.signing_domain}."
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(name)
@@ -130,6 +132,16 @@ def check_tags(sig: dict[bytes, bytes], tenant: Tenant, now: float) -> str | Non
     return None
 
 
+def accepted_key(tenant: Tenant, selector: str, now: float) -> tuple[HopKey | None, str | None]:
+    """Key selection for rotation: the tenant's key for ``selector`` if it is valid at
+    ``now``; else (None, why it is refused), or (None, None) if the tenant has no such key."""
+    key = tenant.hop_key(selector)
+    if key is None:
+        return None, None
+    refused = key.refused_at(now)
+    return (None, refused) if refused else (key, None)
+
+
 def _key_mismatch(sig: dict[bytes, bytes], record: bytes) -> str | None:
     """RFC 6376 3.5: a= must name the key's type (dkimpy checks the hash only)."""
     try:
@@ -157,7 +169,8 @@ def verify_hop_signature(
     if not signatures:
         return DkimResult.fail("message has no DKIM signature")
     reasons: list[str] = []
-    candidates: list[tuple[int, dict[bytes, bytes]]] = []
+    candidates: list[tuple[int, dict[bytes, bytes], HopKey]] = []
+    selectors = "|".join(k.selector for k in tenant.hop_keys)
     for idx, value in enumerate(signatures):
         try:
             sig = dkim.util.parse_tag_value(value.encode("utf-8", "surrogateescape"))
@@ -166,29 +179,32 @@ def verify_hop_signature(
             continue
         d = _tag(sig, b"d").lower().rstrip(".")
         s = _tag(sig, b"s").lower()
-        if d == tenant.signing_domain and s == tenant.selector:
-            candidates.append((idx, sig))
+        key, refused = accepted_key(tenant, s, now) if d == tenant.signing_domain else (None, None)
+        if key is not None:
+            candidates.append((idx, sig, key))
+        elif refused:
+            reasons.append(refused)
         elif d in other_signing_domains:
             reasons.append(f"signed by d={d}, which belongs to another tenant")
         elif d == tenant.signing_domain:
-            reasons.append(f"signed with selector s={s}, expected s={tenant.selector}")
+            reasons.append(f"signed with selector s={s}, expected s={selectors}")
     if not candidates:
         why = "; ".join(reasons) or "no signature"
         return DkimResult.fail(
-            f"no signature by d={tenant.signing_domain} s={tenant.selector} ({why})", dsn="5.7.21"
+            f"no signature by d={tenant.signing_domain} s={selectors} ({why})", dsn="5.7.21"
         )
-
-    try:
-        record = keys.record(tenant)
-    except KeyUnavailable as exc:
-        return DkimResult.fail(str(exc), temporary=exc.temporary, dsn="5.7.21")
-
-    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
-        return record
 
     verifier = dkim.DKIM(message, minkey=MIN_RSA_BITS, logger=_quiet)
     broken = False  # a candidate was acceptable but its cryptography failed
-    for idx, sig in candidates:
+    for idx, sig, key in candidates:
+        try:
+            record = keys.record(tenant, key)
+        except KeyUnavailable as exc:
+            return DkimResult.fail(str(exc), temporary=exc.temporary, dsn="5.7.21")
+
+        def dnsfunc(name: bytes, timeout: int = 5, record: bytes = record) -> bytes:
+            return record
+
         problem = check_tags(sig, tenant, now) or _key_mismatch(sig, record)
         if problem:
             reasons.append(problem)
@@ -211,14 +227,14 @@ def verify_hop_signature(
             continue
         return DkimResult(
             passed=True,
-            reason="pinned key" if tenant.public_key else "key from DNS",
+            reason="pinned key" if key.public_key else "key from DNS",
             dsn="2.7.0",
             domain=tenant.signing_domain,
-            selector=tenant.selector,
+            selector=key.selector,
             algorithm=_tag(sig, b"a"),
             identity=_tag(sig, b"i") or f"@{tenant.signing_domain}",
             b_prefix=_tag(sig, b"b").replace(" ", "")[:8],
-            key_source="pinned" if tenant.public_key else "dns",
+            key_source="pinned" if key.public_key else "dns",
         )
     return DkimResult.fail("; ".join(reasons), dsn="5.7.20" if broken else "5.7.21")
 

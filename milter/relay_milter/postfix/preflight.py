@@ -153,17 +153,22 @@ def check_ca_file(t: Tenant, source: Path, pf: Preflight) -> None:
         pf.add("error", subject, f"{ca} holds no PEM certificate (tls: verify would defer every message)")
 
 
+def _key_field(t: Tenant, n: int) -> str:
+    return "public_key" if n == 0 else f"keys.{n - 1}.public_key"
+
+
 def check_pinned_key(t: Tenant, source: Path, pf: Preflight) -> None:
-    if not t.public_key:
-        return
-    subject = f"{source}: tenant {t.id}: field public_key"
-    try:
-        info = public_key_info(t.public_key)
-    except ValueError as exc:  # load_tenants refuses these already; kept for applied sets
-        pf.add("error", subject, str(exc))
-        return
-    if info.type == "rsa" and info.bits < MIN_RSA_BITS:
-        pf.add("warning", subject, f"RSA key of {info.bits} bits: the milter refuses signatures by keys under {MIN_RSA_BITS} bits")
+    for n, key in enumerate(t.hop_keys):
+        if not key.public_key:
+            continue
+        subject = f"{source}: tenant {t.id}: field {_key_field(t, n)}"
+        try:
+            info = public_key_info(key.public_key)
+        except ValueError as exc:  # load_tenants refuses these already; kept for applied sets
+            pf.add("error", subject, str(exc))
+            continue
+        if info.type == "rsa" and info.bits < MIN_RSA_BITS:
+            pf.add("warning", subject, f"RSA key of {info.bits} bits: the milter refuses signatures by keys under {MIN_RSA_BITS} bits")
 
 
 def _txt(name: str, settings: Settings) -> tuple[str | None, str | None]:
@@ -194,16 +199,24 @@ def _p(record: str) -> str:
 
 
 def check_pinned_vs_dns(t: Tenant, source: Path, settings: Settings, pf: Preflight) -> None:
-    if not t.public_key:
-        return
-    name = f"{t.selector}._domainkey.{t.signing_domain}"
-    record, why = _txt(name, settings)
-    if record is None:
-        return  # nothing published (or no answer): the pinned key alone counts
-    if _p(record) != _p(t.public_key):
-        pf.add("warning", f"{source}: tenant {t.id}: field public_key",
-               f"the pinned key differs from the one published at {name}; the pinned one is used "
-               "(check which one the platform signs with)")
+    """Pinned keys agree with DNS where published; keys taken from DNS are published."""
+    import time
+
+    now = time.time()
+    for n, key in enumerate(t.hop_keys):
+        if key.not_after is not None and key.not_after.timestamp() <= now:
+            continue  # expired: refused anyway
+        name = f"{key.selector}._domainkey.{t.signing_domain}"
+        record, why = _txt(name, settings)
+        subject = f"{source}: tenant {t.id}: field {'selector' if n == 0 else f'keys.{n - 1}'}"
+        if key.public_key is None:
+            if record is None:
+                pf.add("warning", subject, f"no usable key at {name} ({why}): signatures by s={key.selector} would be refused")
+            continue
+        if record is not None and _p(record) != _p(key.public_key):
+            pf.add("warning", f"{source}: tenant {t.id}: field {_key_field(t, n)}",
+                   f"the pinned key differs from the one published at {name}; the pinned one is used "
+                   "(check which one the platform signs with)")
 
 
 def resolve_host(host: str, timeout: float) -> str | None:
