@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -494,6 +495,38 @@ class TrackingSettings(_Strict):
         raise ValueError("use sqlite:////absolute/path.db or postgresql://user@host/database")
 
 
+NOTIFY_CLASSES = ("bounce", "2bounce", "data", "delay", "policy", "protocol", "resource", "software")
+NOTIFY_TRANSPORT = "relay_notices_"  # cannot clash with relay_<tenant>: tenant ids have no trailing _
+
+
+class Notify(_Strict):
+    """Where Postfix's own notices go: postmaster mail (notify_classes), double bounces,
+    delay and error notices, delivered to ``address`` over the operator's ``smarthost``.
+    Without this setting they wait on the deferred ``unrouted`` transport."""
+
+    address: Address
+    smarthost: Smarthost
+    classes: tuple[Literal[NOTIFY_CLASSES], ...] = ("2bounce", "resource", "software")  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _no_auth(self) -> "Notify":
+        if self.smarthost.auth is not None:
+            raise ValueError("smarthost.auth is not supported for notices (use a smarthost that accepts the relay by IP)")
+        return self
+
+
+def _extra(v: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for name, value in v.items():
+        if not re.match(r"^[a-z0-9_]{1,100}$", str(name)):
+            raise ValueError(f"{name!r} is not a Postfix parameter name")
+        text = str(value).strip() if not isinstance(value, bool) else ("yes" if value else "no")
+        if any(c in text for c in "\r\n\0"):
+            raise ValueError(f"{name}: the value must be one line")
+        out[str(name)] = text
+    return out
+
+
 class Settings(_Strict):
     """Relay-wide settings (relay.yaml). Every field has a production default."""
 
@@ -532,6 +565,11 @@ class Settings(_Strict):
     dns: DnsSettings = DnsSettings()
     tracking: TrackingSettings = TrackingSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Postfix's notices to the operator (postmaster mail, double bounces): see Notify.
+    notify: Notify | None = None
+    # Extra main.cf parameters, appended last. `relayctl check` refuses names Postfix does not
+    # know (postconf -d) and any parameter the relay sets itself (relay-critical).
+    postfix_extra: Annotated[dict[str, str], BeforeValidator(_extra)] = {}
 
     @field_validator("milter_socket")
     @classmethod

@@ -321,6 +321,64 @@ def test_rotating_the_hop_key_while_mail_flows_refuses_nothing(lab, tmp_path):
     assert lab.send(raw, sender, [encode_recipient("alice@example.org", t["relay_domain"])])[0] == 250
 
 
+# -- 5. postmaster notices, postfix_extra, hand edits -------------------------------------------
+
+
+def test_postmaster_notices_reach_the_operator_over_the_operator_smarthost(lab):
+    ops = Sink("ops").start()
+    sink = lab.sinks["acme"]
+    notify = {"address": "postmaster@ops.example", "smarthost": {"host": "127.0.0.1", "port": ops.port, "tls": "none"},
+              "classes": ["bounce", "2bounce", "resource", "software"]}
+    lab.write_settings(notify=notify)
+    try:
+        lab.relayctl("apply")
+        assert "postmaster@ops.example" in (lab.config_dir / "relay" / "bounce_transport").read_text()
+        sink.reply = "550 5.1.1 no such user"
+        code, text, mid = send(lab, "acme", "bounces")
+        assert code == 250, text
+        got = ops.wait(1, timeout=60)
+        subjects = [m.header("Subject")[0] for m in got]
+        assert any("Postmaster" in s or "Undelivered" in s for s in subjects), subjects
+        assert all(m.rcpt_tos == ["postmaster@ops.example"] for m in got)
+    finally:
+        sink.reply = "250 2.0.0 Ok: queued"
+        lab.write_settings()
+        lab.relayctl("apply")
+        ops.stop()
+    assert not [m for m in lab.queue() if any(r["address"] == "postmaster@ops.example" for r in m["recipients"])]
+
+
+def test_postfix_extra_adds_known_parameters_and_refuses_the_rest(lab):
+    try:
+        lab.write_settings(postfix_extra={"smtp_connect_timeout": "17s"})
+        lab.relayctl("apply")
+        r = subprocess.run(["postconf", "-c", str(lab.config_dir), "-h", "smtp_connect_timeout"], capture_output=True, text=True)
+        assert r.stdout.strip() == "17s"
+        lab.write_settings(postfix_extra={"relay_domains": "evil.example"})
+        r = lab.relayctl("check", check=False)
+        assert r.returncode == 4
+        assert "check failed: settings postfix_extra.relay_domains: the relay sets this parameter itself" in r.stderr
+        lab.write_settings(postfix_extra={"smtp_conect_timeout": "17s"})
+        r = lab.relayctl("apply", check=False)
+        assert r.returncode == 4 and "settings postfix_extra.smtp_conect_timeout: not a Postfix parameter" in r.stderr
+    finally:
+        lab.write_settings()
+        lab.relayctl("apply")
+
+
+def test_apply_shows_and_refuses_to_undo_a_hand_edit_unless_forced(lab):
+    r = subprocess.run(["postconf", "-c", str(lab.config_dir), "-e", "smtp_helo_timeout=123s"], capture_output=True, text=True)
+    assert r.returncode == 0
+    r = lab.relayctl("apply", check=False)
+    assert r.returncode == 4
+    assert f"refusing: {lab.config_dir / 'main.cf'} was edited by hand since the last apply" in r.stderr
+    assert "+smtp_helo_timeout = 123s" in r.stderr
+    assert "smtp_helo_timeout = 123s" in (lab.config_dir / "main.cf").read_text()
+    r = lab.relayctl("apply", "--force")
+    assert "smtp_helo_timeout" not in (lab.config_dir / "main.cf").read_text()
+    assert lab.relayctl("apply").returncode == 0
+
+
 # -- 7. relayctl status -------------------------------------------------------------------------
 
 

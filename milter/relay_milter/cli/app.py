@@ -92,10 +92,20 @@ class Context:
 def main(ctx: click.Context, tenants_dir: Path, settings_file: Path | None) -> None:
     """Operate the multi-tenant mail relay.
 
-    Typical use: edit a tenant file, then `relayctl check` and `relayctl apply`.
-    Exit codes: 0 ok, 1 error (for trace/queue/...: nothing found), 2 usage, 3 invalid
-    configuration, 4 Postfix check failed (check/apply) or the event store/Postfix is
-    unavailable (tracking commands).
+    Typical use: edit a tenant file, then `relayctl check` and `relayctl apply`
+    (a tenant change is live only once apply has checked it); `relayctl status`
+    for health. Exit codes: 0 ok, 1 error (for trace/queue/...: nothing found),
+    2 usage, 3 invalid configuration, 4 Postfix check failed (check/apply) or the
+    event store/Postfix is unavailable (tracking commands). `status` uses Nagios
+    codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+
+    \b
+    Environment:
+      RELAY_TENANTS     tenant directory (as --tenants)
+      RELAY_SETTINGS    settings file (as --settings)
+      RELAY_EVENTS_DSN  event store DSN; wins over settings tracking.events_dsn
+      RELAY_TEMPLATES   Postfix template directory (as check/apply --templates)
+    `relayctl demo --keep` prints the export line that points relayctl at its lab.
     """
     if settings_file is None and Path(DEFAULT_SETTINGS).is_file():
         settings_file = Path(DEFAULT_SETTINGS)
@@ -151,18 +161,18 @@ def check(obj: Context, templates: Path | None, strict: bool, probe: bool) -> No
     every tenant's route, and `postfix check`. Nothing live is touched.
     With --probe, connects to each smarthost (see `relayctl check --probe`).
     """
-    from relay_milter.cli.operator import run_preflight
+    from relay_milter.cli.operator import check_rendered, run_preflight
     from relay_milter.postfix.render import render_and_check
 
     ts, settings = obj.load()
     click.echo(f"tenants: {len(ts)} valid ({', '.join(t.id for t in ts)})")
     pf = run_preflight(ts, settings, strict=strict)
     try:
-        _, result = render_and_check(ts, settings, templates)
+        files, result = render_and_check(ts, settings, templates)
     except ConfigError as exc:
         click.echo(f"relayctl: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    failed = bool(pf.errors)
+    failed = bool(pf.errors) or not check_rendered(settings, files)
     if not result.ok:
         for p in result.problems:
             click.echo(f"check failed: {p}", err=True)
@@ -183,8 +193,9 @@ def check(obj: Context, templates: Path | None, strict: bool, probe: bool) -> No
 @click.option("--reroute/--no-reroute", default=True, show_default=True,
               help="Re-route deferred mail that still carries a tenant's old smarthost (postsuper -r); "
                    "with --no-reroute, only report it and print the command.")
+@click.option("--force", is_flag=True, help="Overwrite a live main.cf/master.cf that was edited by hand since the last apply.")
 @click.pass_obj
-def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool) -> None:
+def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, force: bool) -> None:
     """Run every `relayctl check`, then install the configuration, reload, and activate it.
 
     If any check fails, nothing live changes (exit 4): not Postfix, and not the
@@ -193,8 +204,12 @@ def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool) -> 
     `postfix reload` re-reads the configuration without dropping the queue. Then
     apply counts queued messages that still carry a tenant's old next hop (Postfix
     stores it in the queue file) and re-routes the deferred ones.
+
+    A live main.cf or master.cf edited by hand since the last apply is shown as a
+    diff and not overwritten (exit 4) unless --force; keep extra main.cf parameters
+    in settings postfix_extra instead.
     """
-    from relay_milter.cli.operator import reroute_after_apply, run_preflight
+    from relay_milter.cli.operator import check_rendered, reroute_after_apply, run_preflight
     from relay_milter.postfix.render import install, postfix_running, reload_postfix, render_and_check
 
     ts, settings = obj.load()
@@ -204,12 +219,23 @@ def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool) -> 
     except ConfigError as exc:
         click.echo(f"relayctl: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    if not result.ok or pf.errors:
+    if not check_rendered(settings, files) or not result.ok or pf.errors:
         for p in result.problems:
             click.echo(f"check failed: {p}", err=True)
         click.echo("nothing was installed", err=True)
         sys.exit(EXIT_CHECK)
+    from relay_milter.postfix import handedit
+
+    edits = handedit.hand_edits(settings)
+    for name, diff in edits.items():
+        click.echo(f"{'warning' if force else 'refusing'}: {settings.config_directory / name} was edited by hand since the last apply:", err=True)
+        click.echo(diff.rstrip("\n"), err=True)
+    if edits and not force:
+        click.echo("nothing was installed: keep main.cf parameters in settings postfix_extra, then apply "
+                   "(or apply --force to overwrite the hand edits)", err=True)
+        sys.exit(EXIT_CHECK)
     changed = install(files, settings)
+    handedit.record(settings)
     for name in changed:
         if name.endswith(" (removed)"):
             click.echo(f"removed {settings.config_directory / name.removesuffix(' (removed)')}")

@@ -62,3 +62,14 @@ def reroute_after_apply(settings: Settings, tenants: TenantSet, do_reroute: bool
     if busy:
         click.echo(f"relayctl: note: {len(busy)} message(s) in the active, hold or incoming queue were left alone; "
                    "if they end up deferred: relayctl requeue --reroute --tenant TENANT", err=True)
+
+
+def check_rendered(settings: Settings, files: dict[str, str]) -> bool:
+    """Checks that need the rendered main.cf (postfix_extra); prints errors; True if none."""
+    from relay_milter.postfix.render import EXTRA_MARKER
+
+    pf = preflight.Preflight()
+    preflight.check_postfix_extra(settings, files["main.cf"], EXTRA_MARKER, pf)
+    for f in pf.errors:
+        click.echo(f"check failed: {f.subject}: {f.text}", err=True)
+    return not pf.errors

@@ -262,3 +262,26 @@ def run(tenants: TenantSet, settings: Settings, strict: bool = False, dns: bool 
             check_pinned_vs_dns(t, source, settings, pf)
     return pf
 
+
+
+def known_parameters() -> set[str]:
+    """Every main.cf parameter this Postfix knows (``postconf -d``)."""
+    from relay_milter.postfix.runner import run_postfix
+
+    r = run_postfix(["postconf", "-d"])
+    return {line.split(" = ", 1)[0].strip() for line in r.stdout.splitlines() if " = " in line}
+
+
+def check_postfix_extra(settings: Settings, main_cf: str, marker: str, pf: Preflight) -> None:
+    """settings postfix_extra: known names only, and none the relay sets itself."""
+    if not settings.postfix_extra:
+        return
+    own_text = main_cf.split(marker, 1)[0]
+    own = {line.split("=", 1)[0].strip() for line in own_text.splitlines() if "=" in line and not line.startswith(("#", " ", "\t"))}
+    known = known_parameters()
+    for name in settings.postfix_extra:
+        subject = f"settings postfix_extra.{name}"
+        if name in own:
+            pf.add("error", subject, "the relay sets this parameter itself (relay-critical); it cannot be overridden here")
+        elif name not in known:
+            pf.add("error", subject, "not a Postfix parameter (postconf -d does not list it)")

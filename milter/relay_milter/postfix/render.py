@@ -31,7 +31,7 @@ import jinja2
 
 from relay_milter import defaults
 from relay_milter.postfix.runner import run_postfix
-from relay_milter.config import APPLIED_TENANTS, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
+from relay_milter.config import APPLIED_TENANTS, NOTIFY_TRANSPORT, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
 
 OUTPUTS = {
     "main.cf": "main.cf.j2",
@@ -45,6 +45,8 @@ OUTPUTS = {
 # Per-tenant tables live in these directories; files of removed tenants are deleted on install.
 PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
 SECRET_DIR = "relay/smtp_auth"
+# main.cf: settings postfix_extra follow this line; everything above is the relay's own.
+EXTRA_MARKER = "# -- postfix_extra (relay.yaml): operator additions, checked by relayctl check"
 
 
 def is_secret(name: str) -> bool:
@@ -76,6 +78,8 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
         "tenants": sorted(tenants, key=lambda t: t.id),
         "route_header": defaults.ROUTE_HEADER,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
+        "notify_transport": NOTIFY_TRANSPORT,
+        "extra_marker": EXTRA_MARKER,
     }
     files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
     secrets = load_secrets(settings.secrets_file, tenants)
@@ -84,6 +88,8 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
         if t.smarthost.auth:
             password = secrets[t.id].smarthost_password
             files[f"{SECRET_DIR}/{t.id}"] = env.get_template("sasl_passwd.j2").render(t=t, password=password)
+    if settings.notify:
+        files["relay/notify.policy"] = f"{settings.notify.smarthost.nexthop}\t{settings.notify.smarthost.tls_policy}\n"
     # Written last by install(): the milter switches to it only after Postfix has its tables.
     files[APPLIED_TENANTS] = dump_tenant_set(tenants)
     return files
