@@ -279,6 +279,7 @@ def test_rotating_the_hop_key_while_mail_flows_refuses_nothing(lab, tmp_path):
             results.append((mid, code, text))
             time.sleep(0.05)
 
+    _, original = tenant_file(lab, "acme")
     thread = threading.Thread(target=flow)
     thread.start()
     try:
@@ -319,6 +320,8 @@ def test_rotating_the_hop_key_while_mail_flows_refuses_nothing(lab, tmp_path):
     assert code == 550 and "5.7.21" in text and "the key of selector s=a1 expired at 2020-01-01T00:00:00Z (not_after)" in text, text
     raw = sign(make_message(sender, "alice@example.org"), signer["key"], t["signing_domain"], "a2")
     assert lab.send(raw, sender, [encode_recipient("alice@example.org", t["relay_domain"])])[0] == 250
+    (lab.tenants_dir / "acme.yaml").write_text(original)  # back to a1 for the tests after this one
+    lab.relayctl("apply")
 
 
 # -- 5. postmaster notices, postfix_extra, hand edits -------------------------------------------
@@ -379,7 +382,7 @@ def test_apply_shows_and_refuses_to_undo_a_hand_edit_unless_forced(lab):
     assert lab.relayctl("apply").returncode == 0
 
 
-# -- 7. relayctl status -------------------------------------------------------------------------
+# -- relayctl status ----------------------------------------------------------------------------
 
 
 def test_status_all_ok_and_a_dead_milter_socket_is_critical(lab, tmp_path):
