@@ -99,6 +99,9 @@ def test_mail_for_an_unresolvable_smarthost_waits_deferred_and_status_says_why(l
     checks = {c["check"]: c for c in out["checks"]}
     assert checks["smarthosts"]["state"] == "warning" and checks["smarthosts"]["data"]["unresolved"] == {"typo": 1}
     assert r.returncode == 1 and out["state"] == "warning"
+    metrics = lab.relayctl("metrics", "--out", "-").stdout
+    assert 'relay_smarthost_unresolved_messages{tenant="typo"} 1\n' in metrics
+    assert 'relay_smarthost_unresolved_messages{tenant="acme"} 0\n' in metrics
 
 
 def test_fixing_the_name_delivers_the_waiting_mail_once(lab):

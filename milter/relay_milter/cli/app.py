@@ -391,7 +391,10 @@ def _write_metrics(settings: Settings, tenants: TenantSet, store) -> None:
             logs.event(log, logging.WARNING, None, "metrics_queue_unavailable", error=str(exc))
             queue = None
         snap = prom.collect([t.id for t in tenants], store, queue, tracker_last_run=time.time())
-        prom.write_textfile(settings.tracking.metrics_file, prom.render(snap))
+        from relay_milter.postfix.reroute import unresolved_metric
+
+        extra = unresolved_metric(queued if queue is not None else None, [t.id for t in tenants])
+        prom.write_textfile(settings.tracking.metrics_file, prom.render(snap) + extra)
     except Exception:  # metrics must never stop tracking
         log.exception("NOQUEUE: event=metrics_failed")
 

@@ -30,7 +30,6 @@ NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 DEFERRED_WARN, DEFERRED_CRIT = 3600, 12 * 3600
 TRACKER_STALL_WARN, TRACKER_STALL_CRIT = 120, 900
 BACKLOG_WARN = 100
-UNRESOLVED_MARK = "smarthost name does not resolve"
 
 
 @dataclass
@@ -175,10 +174,9 @@ def check_queue(settings: Settings, tenants: TenantSet | None, store: Any, now: 
         state = WARNING
     checks = [Check("queue", state, f"{total} message(s): {text}; oldest deferred {_age(oldest)}",
                     {"tenants": per, "total": total, "oldest_deferred_seconds": oldest})]
-    unresolved: dict[str, int] = {}
-    for m in messages:
-        if m.queue == "deferred" and any(UNRESOLVED_MARK in r for r in m.delay_reasons):
-            unresolved[m.tenant] = unresolved.get(m.tenant, 0) + 1
+    from relay_milter.postfix.reroute import unresolved_by_tenant
+
+    unresolved = unresolved_by_tenant(messages)
     if unresolved:
         checks.append(Check("smarthosts", WARNING, "mail waiting on a smarthost name that does not resolve: "
                             + ", ".join(f"{t} {n}" for t, n in sorted(unresolved.items()))

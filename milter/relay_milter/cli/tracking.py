@@ -460,6 +460,7 @@ def metrics(obj: Context, out: Path | None) -> None:
     relay_queue_messages{tenant,queue}           messages per Postfix queue
     relay_queue_oldest_deferred_seconds{tenant}  oldest deferred message age
     relay_webhook_backlog{tenant}                undelivered webhook notifications
+    relay_smarthost_unresolved_messages{tenant}  deferred: smarthost name does not resolve
 
     `relayctl track` rewrites the same file every tracking.metrics_interval
     seconds and adds relay_tracker_last_run_timestamp_seconds; this one-shot
@@ -473,7 +474,8 @@ def metrics(obj: Context, out: Path | None) -> None:
     from relay_milter.tracking import metrics as prom
 
     tenants, settings = obj.load(last_good=True)
-    summary = ops.queue_summary(_queue(settings, tenants), time.time())
+    messages = _queue(settings, tenants)
+    summary = ops.queue_summary(messages, time.time())
     store = open_store(settings)
     try:
         snap = prom.collect([t.id for t in tenants], store, summary)
@@ -481,7 +483,9 @@ def metrics(obj: Context, out: Path | None) -> None:
         _fail(EXIT_UNAVAILABLE, f"event store: {exc}")
     finally:
         store.close()
-    text = prom.render(snap)
+    from relay_milter.postfix.reroute import unresolved_metric
+
+    text = prom.render(snap) + unresolved_metric(messages, [t.id for t in tenants])
     target = out if out is not None else settings.tracking.metrics_file
     if target is None or str(target) == "-":
         click.echo(text, nl=False)

@@ -117,3 +117,32 @@ def reroute(config_directory: Path | str, queue_ids: Sequence[str]) -> QueueChan
         except OpsError as exc:
             result.warnings.append(f"{exc} (pickup will find the messages within 60 s)")
     return result
+
+
+# The text relay/smarthost_status.regexp puts in the delay reason of a message whose
+# smarthost name does not resolve (see postfix-templates/smarthost_status.regexp.j2).
+UNRESOLVED_MARK = "smarthost name does not resolve"
+
+
+def unresolved_by_tenant(messages: Iterable[QueuedMessage]) -> dict[str, int]:
+    """Deferred messages per tenant that wait on a smarthost name that does not resolve."""
+    out: dict[str, int] = {}
+    for m in messages:
+        if m.queue == "deferred" and any(UNRESOLVED_MARK in r for r in m.delay_reasons):
+            out[m.tenant] = out.get(m.tenant, 0) + 1
+    return out
+
+
+def unresolved_metric(messages: Iterable[QueuedMessage] | None, tenants: Iterable[str]) -> str:
+    """Prometheus text for relay_smarthost_unresolved_messages{tenant} (every tenant, 0 too)."""
+    if messages is None:
+        return ""
+    counts = unresolved_by_tenant(messages)
+    lines = [
+        "# HELP relay_smarthost_unresolved_messages Deferred messages waiting on a smarthost name that does not resolve.",
+        "# TYPE relay_smarthost_unresolved_messages gauge",
+    ]
+    for t in sorted(set(tenants) | set(counts)):
+        label = t.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'relay_smarthost_unresolved_messages{{tenant="{label}"}} {counts.get(t, 0)}')
+    return "\n".join(lines) + "\n"
