@@ -12,7 +12,7 @@ from relay_milter.config import Settings
 from relay_milter.lab import rsa_key
 from relay_milter.postfix import preflight
 from relay_milter.postfix.certs import make_ca, make_cert
-from support.factories import tenant, tenant_set
+from support.factories import tenant
 
 
 def settings(tmp_path: Path, cert: Path, key: Path) -> Settings:

@@ -95,4 +95,4 @@ def test_auth_offered_and_the_login_tried(auth_sink, ca, tmp_path):
 
 def test_nobody_listening(tmp_path):
     res = probe(tenant("acme", smarthost={"host": "127.0.0.1", "port": free_port(), "tls": "none"}), timeout=5)
-    assert not res.ok and res.findings[0][1].startswith(f"cannot connect to 127.0.0.1:")
+    assert not res.ok and res.findings[0][1].startswith("cannot connect to 127.0.0.1:")
