@@ -148,6 +148,25 @@ def test_wrong_port_then_fix_and_apply_delivers_every_message_exactly_once(lab):
     assert lab.relayctl("apply").stdout.count("queued:") == 0
 
 
+def test_check_probe_talks_to_every_smarthost(lab):
+    r = lab.relayctl("check", "--probe", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for tid in TENANTS:
+        sink = lab.sinks[tid]
+        assert f"probe {tid} (127.0.0.1:{sink.port}, tls: none):\n  ok: banner: 220 " in r.stdout, r.stdout
+    assert not any(m.content for s in lab.sinks.values() for m in s.messages if b"probe" in m.content)
+    # A tenant that requires TLS from a smarthost that offers none: the probe says so, check fails.
+    doc, good = tenant_file(lab, "acme")
+    doc["smarthost"]["tls"] = "encrypt"
+    write_tenant(lab, doc)
+    try:
+        r = lab.relayctl("check", "--probe", check=False)
+        assert r.returncode == 4
+        assert "error: STARTTLS not offered (tls: encrypt: mail would wait deferred)" in r.stderr
+    finally:
+        (lab.tenants_dir / "acme.yaml").write_text(good)
+
+
 # -- 3. check verifies what the configuration points to ---------------------------------------
 
 
