@@ -6,6 +6,9 @@ Files rendered (relative to the Postfix config directory):
     relay/route.regexp            milter_header_checks: route marker -> FILTER
     relay/strip_route.regexp      smtp_header_checks on tenant transports
     relay/bounce_transport        transport_maps (texthash) for relay-generated mail
+    relay/smarthost_status.regexp smtp_delivery_status_filter of the tenant transports: an
+                                  unresolvable smarthost name defers (4.4.4), never bounces
+    relay/tenants.applied.json    the checked tenant set the milter serves (two-phase changes)
     relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
     relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
     sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
@@ -32,7 +35,7 @@ import jinja2
 
 from relay_milter import defaults
 from relay_milter.postfix.runner import run_postfix
-from relay_milter.config import ConfigError, Settings, TenantSet, load_secrets
+from relay_milter.config import APPLIED_TENANTS, NOTIFY_TRANSPORT, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
 
 OUTPUTS = {
     "main.cf": "main.cf.j2",
@@ -40,11 +43,14 @@ OUTPUTS = {
     "relay/route.regexp": "route.regexp.j2",
     "relay/strip_route.regexp": "strip_route.regexp.j2",
     "relay/bounce_transport": "bounce_transport.j2",
+    "relay/smarthost_status.regexp": "smarthost_status.regexp.j2",
     "sasl/smtpd.conf": "cyrus_smtpd.conf.j2",
 }
 # Per-tenant tables live in these directories; files of removed tenants are deleted on install.
 PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
 SECRET_DIR = "relay/smtp_auth"
+# main.cf: settings postfix_extra follow this line; everything above is the relay's own.
+EXTRA_MARKER = "# -- postfix_extra (relay.yaml): operator additions, checked by relayctl check"
 
 
 def is_secret(name: str) -> bool:
@@ -76,6 +82,8 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
         "tenants": sorted(tenants, key=lambda t: t.id),
         "route_header": defaults.ROUTE_HEADER,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
+        "notify_transport": NOTIFY_TRANSPORT,
+        "extra_marker": EXTRA_MARKER,
     }
     files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
     secrets = load_secrets(settings.secrets_file, tenants)
@@ -84,6 +92,10 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
         if t.smarthost.auth:
             password = secrets[t.id].smarthost_password
             files[f"{SECRET_DIR}/{t.id}"] = env.get_template("sasl_passwd.j2").render(t=t, password=password)
+    if settings.notify:
+        files["relay/notify.policy"] = f"{settings.notify.smarthost.nexthop}\t{settings.notify.smarthost.tls_policy}\n"
+    # Written last by install(): the milter switches to it only after Postfix has its tables.
+    files[APPLIED_TENANTS] = dump_tenant_set(tenants)
     return files
 
 

@@ -23,7 +23,7 @@ from support.paths import REPO, TEMPLATES
 
 
 @pytest.fixture
-def relay(tmp_path: Path):
+def relay(tmp_path: Path, loopback_dns):
     """A tenants directory and a settings file that point only into tmp_path."""
     tenants = write_tenants(tmp_path / "tenants", [tenant_doc("acme"), tenant_doc("globex")])
     settings = tmp_path / "relay.yaml"
@@ -33,6 +33,7 @@ def relay(tmp_path: Path):
         "tls_cert_file": str(tmp_path / "tls" / "relay.pem"),
         "tls_key_file": str(tmp_path / "tls" / "relay.key"),
         "tracking": {"events_dsn": f"sqlite:///{tmp_path / 'events.db'}", "node": "relay1"},
+        "dns": loopback_dns.settings,  # check: smarthost names are looked up on loopback only
     }))
 
     def run(*args: str, tenants_dir: Path = tenants):
@@ -138,7 +139,8 @@ def test_5_unexpected_error_prints_the_traceback(relay):
 
 
 def _help_table(text: str) -> dict[int, str]:
-    """The 'Exit codes' table of relayctl --help, one entry per code, wrapped lines joined."""
+    """The 'Exit codes' table of relayctl --help, one entry per code, wrapped lines joined
+    (it ends at the first blank line: the status command's note and the environment follow)."""
     table: dict[int, str] = {}
     code = None
     for line in text.split("Exit codes (stable, for scripts):", 1)[1].splitlines():
@@ -146,7 +148,9 @@ def _help_table(text: str) -> dict[int, str]:
         if m:
             code = int(m.group(1))
             table[code] = m.group(2)
-        elif line.strip() and code is not None:
+        elif not line.strip() and code is not None:
+            break
+        elif code is not None:
             table[code] += " " + line.strip()
     return table
 
@@ -156,6 +160,10 @@ def test_help_shows_the_table_through_both_entry_points(argv):
     r = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert _help_table(r.stdout) == {int(c): c.meaning for c in ExitCode}
+    # The one exception, next to the table: status exits with the Nagios plugin codes.
+    assert "`relayctl status` alone exits with the Nagios plugin codes instead:" in r.stdout
+    assert "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN" in r.stdout
+    assert "RELAY_SETTINGS    settings file (as --settings)" in r.stdout
 
 
 def test_readme_documents_the_same_table():
