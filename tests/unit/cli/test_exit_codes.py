@@ -94,6 +94,47 @@ def test_3_invalid_configuration(relay, tmp_path):
     assert r.exit_code == 3 and r.stderr.startswith("relayctl: unknown tenant 'initech'")
 
 
+def test_key_rotate_uses_the_table(relay, tmp_path):
+    r = relay("key", "rotate", "initech")
+    assert r.exit_code == ExitCode.CONFIG == 3, r.output
+    assert r.stderr.startswith("relayctl: unknown tenant 'initech' (configured: acme, globex)")
+    existing = tmp_path / "acme.key"
+    existing.write_text("keep me\n")
+    r = relay("key", "rotate", "acme", "--private-key-out", str(existing))
+    assert r.exit_code == ExitCode.FAILED == 1, r.output
+    assert r.stderr == f"relayctl: {existing} exists; choose another --private-key-out\n"
+    assert existing.read_text() == "keep me\n"
+
+
+def test_status_alone_exits_with_nagios_codes(relay):
+    """No Postfix runs for these settings: CRITICAL is 2 (the table's 2 would be a usage error)."""
+    r = relay("status", "--json")
+    out = json.loads(r.stdout)
+    checks = {c["check"]: c["state"] for c in out["checks"]}
+    assert checks["postfix"] == "critical"
+    assert r.exit_code == out["exit_code"] == 2 and out["state"] == "critical", r.output
+    r = relay("status")
+    assert r.exit_code == 2 and r.stdout.startswith("RELAY CRITICAL - postfix: not running")
+
+
+def test_operator_commands_fall_back_to_the_applied_tenant_set(relay, tmp_path):
+    from relay_milter.config import dump_tenant_set, load_tenants
+
+    good = relay.tmp / "tenants"
+    applied = relay.tmp / "no-postfix" / "relay" / "tenants.applied.json"
+    applied.parent.mkdir(parents=True)
+    applied.write_text(dump_tenant_set(load_tenants(good)))
+    bad = write_tenants(tmp_path / "bad", [tenant_doc("acme", smarthost={"host": "127.0.0.1", "tls": "sometimes"})])
+    eventstore.open_store(f"sqlite:///{relay.tmp / 'events.db'}").close()
+    r = relay("trace", "<nothing@example>", tenants_dir=bad)
+    assert r.exit_code == ExitCode.FAILED == 1, r.output  # it ran: nothing recorded
+    assert "relayctl: warning: the tenant files are invalid:" in r.stderr
+    assert f"relayctl: warning: using the last applied tenant set instead ({applied}, applied " in r.stderr
+    # check never falls back: it exists to show the error.
+    r = relay("check", tenants_dir=bad)
+    assert r.exit_code == ExitCode.CONFIG == 3 and "last applied" not in r.stderr
+
+
 def test_3_a_config_error_raised_deep_inside_a_command(relay):
     # render_files reads the secrets file and raises ConfigError; cli.errors.reported maps it.
     secrets = relay.tmp / "secrets.yaml"
