@@ -16,6 +16,7 @@ import pytest
 
 from relay_milter.core.addresses import encode_recipient
 from relay_milter.lab import Lab, Sink, TenantSpec, make_message, rsa_key, sign
+from support.dns import LoopbackDns
 from support.factories import unavailable
 from support.lablogs import LogWatch, labs_in
 
@@ -84,6 +85,18 @@ def pytest_runtest_call(item):
 
 ACME = dict(id="acme", relay_domain="acme.relay.test", signing_domain="hop.acme.test", selector="r2026", sender_domains=["acme.example"])
 GLOBEX = dict(id="globex", relay_domain="globex.relay.test", signing_domain="hop.globex.test", selector="g1", sender_domains=["globex.example"])
+
+
+@pytest.fixture(scope="session")
+def loopback_dns(tmp_path_factory):
+    """A dnsmasq on loopback that knows only support.dns.HOSTS (NXDOMAIN for any other
+    name): point settings ``dns`` at it (``loopback_dns.settings`` / ``.yaml()``) in every
+    test that runs check/apply, so no lookup goes to the system resolver."""
+    if not shutil.which("dnsmasq") and not os.path.exists("/usr/sbin/dnsmasq"):
+        unavailable("dnsmasq is not installed")
+    server = LoopbackDns(tmp_path_factory.mktemp("dns"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ the tenant and the field, so an operator can fix it without reading code.
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 import os
 import re
@@ -19,6 +20,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -365,6 +367,51 @@ class Webhook(_Strict):
         return v
 
 
+def _selector(v: str) -> str:
+    v = v.strip().lower()
+    if not re.match(rf"^{LABEL}(\.{LABEL})*$", v):
+        raise ValueError(f"not a valid DKIM selector: {v!r}")
+    return v
+
+
+def _utc(v: datetime.datetime | None) -> datetime.datetime | None:
+    if v is not None and v.tzinfo is None:
+        return v.replace(tzinfo=datetime.timezone.utc)
+    return v
+
+
+class HopKey(_Strict):
+    """One accepted hop key: the tenant's current one (``selector``/``public_key``), or an
+    entry of ``keys`` (a previous or an upcoming key, for rotation with overlap)."""
+
+    selector: Annotated[str, AfterValidator(_selector)]
+    # Pinned like the tenant's public_key; without it the key is looked up in DNS.
+    public_key: str | None = None
+    # Accepted from / until (ISO 8601; no zone means UTC). None: no limit.
+    not_before: Annotated[datetime.datetime | None, AfterValidator(_utc)] = None
+    not_after: Annotated[datetime.datetime | None, AfterValidator(_utc)] = None
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        return None if v is None else dkim_txt_record(v)
+
+    @model_validator(mode="after")
+    def _window(self) -> "HopKey":
+        if self.not_before and self.not_after and self.not_before >= self.not_after:
+            raise ValueError("not_before must be before not_after")
+        return self
+
+    def refused_at(self, now: float) -> str | None:
+        """Why a signature by this key is not accepted at ``now`` (epoch seconds), or None."""
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        if self.not_after is not None and now >= self.not_after.timestamp():
+            return f"the key of selector s={self.selector} expired at {self.not_after.strftime(fmt)} (not_after)"
+        if self.not_before is not None and now < self.not_before.timestamp():
+            return f"the key of selector s={self.selector} is not valid before {self.not_before.strftime(fmt)} (not_before)"
+        return None
+
+
 class Tenant(_Strict):
     id: str
     description: str = ""
@@ -375,6 +422,9 @@ class Tenant(_Strict):
     # Pinned key: PEM (SubjectPublicKeyInfo) or a DKIM TXT record / bare p= value.
     # Without one the key is looked up in DNS at <selector>._domainkey.<signing_domain>.
     public_key: str | None = None
+    # Further accepted keys, for rotation with overlap: the previous key until its
+    # not_after, or the next one from its not_before. A signature by any key valid now passes.
+    keys: tuple[HopKey, ...] = ()
     required_signed_headers: tuple[str, ...] = defaults.REQUIRED_SIGNED_HEADERS
     # Headers the signature must cover whenever the message has them (every instance).
     signed_headers_if_present: tuple[str, ...] = defaults.SIGNED_HEADERS_IF_PRESENT
@@ -451,6 +501,22 @@ class Tenant(_Strict):
         return dkim_txt_record(v)
 
     @model_validator(mode="after")
+    def _keys(self) -> "Tenant":
+        selectors = [self.selector] + [k.selector for k in self.keys]
+        dup = sorted({x for x in selectors if selectors.count(x) > 1})
+        if dup:
+            raise ValueError(f"keys: selector {', '.join(dup)} listed twice (selectors name keys)")
+        return self
+
+    @property
+    def hop_keys(self) -> tuple[HopKey, ...]:
+        """Every accepted key, the current one (selector/public_key) first."""
+        return (HopKey(selector=self.selector, public_key=self.public_key), *self.keys)
+
+    def hop_key(self, selector: str) -> HopKey | None:
+        return next((k for k in self.hop_keys if k.selector == selector), None)
+
+    @model_validator(mode="after")
     def _senders(self) -> "Tenant":
         for addr in self.allowed_senders:
             if addr.rpartition("@")[2] not in self.allowed_sender_domains:
@@ -510,7 +576,7 @@ def dkim_txt_record(key: str) -> str:
             raise ValueError(f"PEM body is not valid base64: {exc}") from None
         if "RSA PUBLIC KEY" in text:
             raise ValueError("PKCS#1 'RSA PUBLIC KEY' PEM is not supported; use SubjectPublicKeyInfo ('PUBLIC KEY')")
-        return f"v=DKIM1; k=rsa; p={der}"
+        return _pem_record(der)
     flat = re.sub(r"\s+", "", text)
     if "p=" in flat:
         tags = dict(t.split("=", 1) for t in flat.split(";") if "=" in t)
@@ -520,19 +586,91 @@ def dkim_txt_record(key: str) -> str:
             base64.b64decode(tags["p"], validate=True)
         except ValueError as exc:
             raise ValueError(f"p= is not valid base64: {exc}") from None
-        return "; ".join(f"{k}={v}" for k, v in tags.items())
+        record = "; ".join(f"{k}={v}" for k, v in tags.items())
+        public_key_info(record)
+        return record
     try:
         base64.b64decode(flat, validate=True)
     except ValueError:
         raise ValueError("public_key must be PEM, a DKIM TXT record, or base64 p= data") from None
-    return f"v=DKIM1; k=rsa; p={flat}"
+    record = f"v=DKIM1; k=rsa; p={flat}"
+    public_key_info(record)
+    return record
+
+
+def _pem_record(der_b64: str) -> str:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    try:
+        key = serialization.load_der_public_key(base64.b64decode(der_b64))
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError("PEM body is valid base64 but not a public key") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"v=DKIM1; k=rsa; p={der_b64}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+    raise ValueError(f"PEM holds a {type(key).__name__} key; DKIM keys are RSA or Ed25519")
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a DKIM key record really holds: its type and size, checked by parsing it."""
+
+    type: str  # rsa | ed25519
+    bits: int
+
+
+def public_key_info(record: str) -> KeyInfo:
+    """Parse the key in a DKIM TXT record; ValueError (phrased for the operator) if ``p=``
+    is not a key of the declared type ``k=`` (default rsa). Valid base64 that is not a key
+    must never go live: every message of the tenant would then be refused."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    tags = dict(t.strip().split("=", 1) for t in record.split(";") if "=" in t)
+    k = tags.get("k", "rsa").strip().lower()
+    data = base64.b64decode(re.sub(r"\s+", "", tags.get("p", "")))
+    if k == "rsa":
+        try:
+            key = load_der_public_key(data)
+        except (ValueError, UnsupportedAlgorithm):
+            raise ValueError("p= is valid base64 but not a public key (DER SubjectPublicKeyInfo)") from None
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError(f"k=rsa but p= holds a {type(key).__name__.removesuffix('PublicKey').lstrip('_')} key")
+        return KeyInfo("rsa", key.key_size)
+    if k == "ed25519":
+        if len(data) != 32:
+            raise ValueError(f"k=ed25519 but p= holds {len(data)} bytes, not a 32-byte Ed25519 key")
+        ed25519.Ed25519PublicKey.from_public_bytes(data)
+        return KeyInfo("ed25519", 256)
+    raise ValueError(f"unsupported key type k={k} (rsa or ed25519)")
 
 
 class DnsSettings(_Strict):
-    # Empty: use /etc/resolv.conf.
+    """The resolver for every lookup the relay's own code makes: DKIM keys (the milter),
+    and smarthost names and published keys (`relayctl check`/`apply`)."""
+
+    # Empty: use /etc/resolv.conf (the resolver Postfix uses too).
     nameservers: tuple[str, ...] = ()
     port: int = Field(53, ge=1, le=65535)
     timeout: float = Field(defaults.DNS_TIMEOUT, gt=0, le=60)
+
+    def resolver(self) -> Any:
+        """A ``dns.resolver.Resolver`` for these settings."""
+        import dns.resolver
+
+        if self.nameservers:
+            r = dns.resolver.Resolver(configure=False)
+            r.nameservers = list(self.nameservers)
+            r.port = self.port
+        else:
+            r = dns.resolver.Resolver()
+        r.lifetime = r.timeout = self.timeout
+        return r
 
 
 class TrackingSettings(_Strict):
@@ -571,6 +709,38 @@ class TrackingSettings(_Strict):
         if v.startswith("sqlite:///") or v.startswith(("postgresql://", "postgres://")):
             return v
         raise ValueError("use sqlite:////absolute/path.db or postgresql://user@host/database")
+
+
+NOTIFY_CLASSES = ("bounce", "2bounce", "data", "delay", "policy", "protocol", "resource", "software")
+NOTIFY_TRANSPORT = "relay_notices_"  # cannot clash with relay_<tenant>: tenant ids have no trailing _
+
+
+class Notify(_Strict):
+    """Where Postfix's own notices go: postmaster mail (notify_classes), double bounces,
+    delay and error notices, delivered to ``address`` over the operator's ``smarthost``.
+    Without this setting they wait on the deferred ``unrouted`` transport."""
+
+    address: Address
+    smarthost: Smarthost
+    classes: tuple[Literal[NOTIFY_CLASSES], ...] = ("2bounce", "resource", "software")  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _no_auth(self) -> "Notify":
+        if self.smarthost.auth is not None:
+            raise ValueError("smarthost.auth is not supported for notices (use a smarthost that accepts the relay by IP)")
+        return self
+
+
+def _extra(v: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for name, value in v.items():
+        if not re.match(r"^[a-z0-9_]{1,100}$", str(name)):
+            raise ValueError(f"{name!r} is not a Postfix parameter name")
+        text = str(value).strip() if not isinstance(value, bool) else ("yes" if value else "no")
+        if any(c in text for c in "\r\n\0"):
+            raise ValueError(f"{name}: the value must be one line")
+        out[str(name)] = text
+    return out
 
 
 class Settings(_Strict):
@@ -623,6 +793,11 @@ class Settings(_Strict):
     tracking: TrackingSettings = TrackingSettings()
     reputation: ReputationSettings = ReputationSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Postfix's notices to the operator (postmaster mail, double bounces): see Notify.
+    notify: Notify | None = None
+    # Extra main.cf parameters, appended last. `relayctl check` refuses names Postfix does not
+    # know (postconf -d) and any parameter the relay sets itself (relay-critical).
+    postfix_extra: Annotated[dict[str, str], BeforeValidator(_extra)] = {}
 
     @field_validator("authserv_id")
     @classmethod
@@ -912,3 +1087,46 @@ def load_settings(path: Path | str | None) -> Settings:
                 for e in exc.errors()
             )
         ) from None
+
+
+# -- the applied tenant set ----------------------------------------------------------------
+#
+# Tenant changes take effect in two phases: an operator edits the tenant files, then
+# `relayctl apply` checks everything and, only if every check passed, writes this snapshot
+# next to the Postfix configuration it installs. The milter serves the snapshot, never the
+# files being edited, and the operator commands fall back to it when a tenant file is broken.
+
+APPLIED_TENANTS = "relay/tenants.applied.json"
+
+
+def applied_tenants_path(settings: "Settings") -> Path:
+    return settings.config_directory / APPLIED_TENANTS
+
+
+def dump_tenant_set(tenants: TenantSet) -> str:
+    """The checked tenant set as stable JSON (same set, same text: apply stays idempotent)."""
+    import json
+
+    entries = [
+        {"source": str(tenants.sources.get(t.id, "")), "tenant": t.model_dump(mode="json")}
+        for t in sorted(tenants, key=lambda t: t.id)
+    ]
+    return json.dumps({"format": 1, "tenants": entries}, indent=1, sort_keys=True) + "\n"
+
+
+def load_applied_tenants(path: Path) -> TenantSet:
+    """Read a snapshot written by ``dump_tenant_set``; ConfigError names the file."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        entries = data["tenants"]
+        tenants = tuple(Tenant.model_validate(e["tenant"]) for e in entries)
+        sources = {t.id: Path(e["source"]) for t, e in zip(tenants, entries)}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no applied tenant set (run `relayctl apply`)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable applied tenant set: {exc}") from None
+    if not tenants:
+        raise ConfigError(f"{path}: the applied tenant set is empty")
+    return TenantSet(tenants, sources)

@@ -33,7 +33,7 @@ import yaml
 from relay_milter.core.addresses import encode_recipient
 from relay_milter.tracking.events import Kind
 from relay_milter.tracking.store import open_store
-from relay_milter.lab import Sink, free_port, make_message, rsa_key, sign, wait_for
+from relay_milter.lab import DnsServer, Sink, free_port, make_message, rsa_key, sign, wait_for
 from support.factories import unavailable
 from support.paths import REPO
 
@@ -101,6 +101,11 @@ class Deployment:
         self.users = {"acme-app": os.urandom(12).hex()}  # submission logins, from the vault
         self.sinks = {name: Sink(name).start() for name in ("acme", "globex", "initech")}
         self.tenants = {name: Tenant(name, sink) for name, sink in self.sinks.items()}
+        # relayctl check/apply compare the pinned keys with DNS through settings dns: a
+        # loopback dnsmasq that publishes them (and knows no other name), never the
+        # system resolver.
+        records = {f"{t.selector}._domainkey.{t.signing_domain}": t.key.txt for t in self.tenants.values()}
+        self.dns = DnsServer(self.base, records, local=("#",)).start()
         self.active = ["acme", "globex"]
         self.hosts = {}
         for h in HOSTS:
@@ -148,6 +153,7 @@ class Deployment:
                 "milter_command_timeout": "10s",
                 "milter_content_timeout": "15s",
                 "tracking": {"events_dsn": f"sqlite:///{d['state']}/events.db", "poll_interval": 0.2},
+                "dns": {"nameservers": [self.dns.address], "port": self.dns.port, "timeout": 2},
             },
             "relay_logrotate_file": str(root / "logrotate.conf"),
         }
@@ -267,6 +273,7 @@ class Deployment:
                     )
         for s in self.sinks.values():
             s.stop()
+        self.dns.stop()
         if os.environ.get("RELAY_KEEP_LAB"):
             print(f"\ndeployment kept at {self.base}")
         else:

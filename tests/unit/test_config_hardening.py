@@ -24,9 +24,10 @@ def relayctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "relay_milter.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-def relay_setup(tmp_path: Path, secrets_text: str, settings_extra: str = "") -> tuple[Path, Path, Path]:
+def relay_setup(tmp_path: Path, secrets_text: str, settings_extra: str = "", dns: str = "") -> tuple[Path, Path, Path]:
     """A tenant that logs in to its smarthost and has a webhook, settings pointing at a
-    private config directory, and a root-only secrets file with ``secrets_text``."""
+    private config directory, and a root-only secrets file with ``secrets_text``.
+    ``dns``: the settings ``dns`` block (the loopback_dns fixture's), for check/apply."""
     tenants = write_tenants(tmp_path / "tenants", [tenant_doc(
         "acme",
         smarthost={"host": "smtp.acme.example", "port": 587, "tls": "verify", "auth": {"username": "relay-acme"}},
@@ -41,7 +42,7 @@ def relay_setup(tmp_path: Path, secrets_text: str, settings_extra: str = "") -> 
     settings.write_text(
         f"config_directory: {config}\nqueue_directory: {tmp_path / 'queue'}\nsecrets_file: {secrets}\n"
         f"tracking: {{events_dsn: 'sqlite:///{tmp_path}/events.db', milter_log_file: {tmp_path / 'milter.log'}}}\n"
-        f"maillog_file: ''\n" + settings_extra
+        f"maillog_file: ''\n" + settings_extra + dns
     )
     return tenants, settings, secrets
 
@@ -60,8 +61,8 @@ MALFORMED_SECRETS = {
 
 @pytest.mark.parametrize("case", sorted(MALFORMED_SECRETS))
 @pytest.mark.parametrize("command", [["check"], ["apply", "--no-reload"], ["render", "--out", "OUT"], ["track", "--once"]])
-def test_malformed_secrets_file_never_shows_the_password(tmp_path, case, command):
-    tenants, settings, secrets = relay_setup(tmp_path, MALFORMED_SECRETS[case])
+def test_malformed_secrets_file_never_shows_the_password(tmp_path, case, command, loopback_dns):
+    tenants, settings, secrets = relay_setup(tmp_path, MALFORMED_SECRETS[case], dns=loopback_dns.yaml())
     command = [str(tmp_path / "out") if a == "OUT" else a for a in command]
     r = relayctl("--tenants", str(tenants), "--settings", str(settings), *command)
     output = r.stdout + r.stderr
@@ -146,8 +147,8 @@ def test_smarthost_login_without_verified_tls_is_refused(tmp_path, tls):
     )
 
 
-def test_check_refuses_login_over_encrypt_with_exit_3(tmp_path):
-    tenants, settings, _ = relay_setup(tmp_path, f"acme: {{smarthost_password: '{PASSWORD}'}}\n")
+def test_check_refuses_login_over_encrypt_with_exit_3(tmp_path, loopback_dns):
+    tenants, settings, _ = relay_setup(tmp_path, f"acme: {{smarthost_password: '{PASSWORD}'}}\n", dns=loopback_dns.yaml())
     doc = yaml.safe_load((tenants / "acme.yaml").read_text())
     doc["smarthost"]["tls"] = "encrypt"
     (tenants / "acme.yaml").write_text(yaml.safe_dump(doc))

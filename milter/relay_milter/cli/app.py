@@ -5,12 +5,16 @@
     users      user add | remove | list
     certs      cert selfsigned
     tracking   trace, queue, stats, requeue, hold, release, metrics
+    status     status (Nagios exit codes)
+    keys       key rotate
     demo       demo
     reputation ip list | failover | restore, reputation check | watch
 
-Shared by all of them: ``context`` (global options, the event store) and ``errors`` (the
-exit-code table and ``fail()``). Command modules import those two, never this one, so
-there is no import cycle.
+Shared by all of them: ``context`` (global options, the event store; ``lastgood`` behind
+it, the applied tenant set for operator commands) and ``errors`` (the exit-code table and
+``fail()``). ``operator`` and ``probe`` are helpers of check and apply. Command modules
+import those, never this one, so there is no import cycle (pyproject.toml's import-linter
+contract holds the layers).
 """
 
 from __future__ import annotations
@@ -20,10 +24,9 @@ from pathlib import Path
 import click
 
 from relay_milter import __version__
-from relay_milter.cli import certs, configure, demo, services, tracking, users
-from relay_milter.cli import reputation
+from relay_milter.cli import certs, configure, demo, keys, reputation, services, status, tracking, users
 from relay_milter.cli.context import DEFAULT_SETTINGS, DEFAULT_TENANTS, Context
-from relay_milter.cli.errors import reported, table
+from relay_milter.cli.errors import NAGIOS_NOTE, reported, table
 
 
 class RelayctlGroup(click.Group):
@@ -35,7 +38,16 @@ class RelayctlGroup(click.Group):
             return super().invoke(ctx)
 
 
-EPILOG = "\b\nExit codes (stable, for scripts):\n" + "\n".join(table())
+EPILOG = (
+    "\b\nExit codes (stable, for scripts):\n" + "\n".join(table())
+    + "\n\n\b\n" + "\n".join(NAGIOS_NOTE)
+    + "\n\n\b\nEnvironment:\n"
+    "  RELAY_TENANTS     tenant directory (as --tenants)\n"
+    "  RELAY_SETTINGS    settings file (as --settings)\n"
+    "  RELAY_EVENTS_DSN  event store DSN; wins over settings tracking.events_dsn\n"
+    "  RELAY_TEMPLATES   Postfix template directory (as check/apply --templates)\n"
+    "`relayctl demo --keep` prints the export line that points relayctl at its lab."
+)
 
 
 @click.group(
@@ -65,13 +77,15 @@ EPILOG = "\b\nExit codes (stable, for scripts):\n" + "\n".join(table())
 def main(ctx: click.Context, tenants_dir: Path, settings_file: Path | None) -> None:
     """Operate the multi-tenant mail relay.
 
-    Typical use: edit a tenant file, then `relayctl check` and `relayctl apply`.
+    Typical use: edit a tenant file, then `relayctl check` and `relayctl apply`
+    (a tenant change is live only once apply has checked it); `relayctl status`
+    for health.
     """
     if settings_file is None and Path(DEFAULT_SETTINGS).is_file():
         settings_file = Path(DEFAULT_SETTINGS)
     ctx.obj = Context(tenants_dir, settings_file)
 
 
-for _module in (configure, services, users, certs, tracking, demo, reputation):
+for _module in (configure, services, users, certs, tracking, status, keys, reputation, demo):
     for _command in _module.COMMANDS:
         main.add_command(_command)

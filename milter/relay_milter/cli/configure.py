@@ -58,42 +58,86 @@ def render(obj: Context, out: Path, templates: Path | None) -> None:
 
 @click.command()
 @_TEMPLATES
+@click.option("--strict", is_flag=True, help="A smarthost name that does not resolve is an error, not a warning.")
+@click.option("--probe", is_flag=True, help="Also connect to every smarthost: banner, STARTTLS, certificate under the tenant's TLS policy, AUTH.")
 @click.pass_obj
-def check(obj: Context, templates: Path | None) -> None:
-    """Validate tenants and settings, render into a staging directory and check it with Postfix.
+def check(obj: Context, templates: Path | None, strict: bool, probe: bool) -> None:
+    """Validate tenants and settings, everything they point to, and the rendered Postfix config.
 
-    Runs `postconf -n` (any warning fails), `postconf -M`, a lookup of every
-    tenant's route, and `postfix check`. Nothing live is touched.
+    Checks the relay's TLS certificate and key (exist, readable, belong together,
+    not expired), each smarthost.ca_file, each pinned key (type and size; and that
+    it agrees with the key published in DNS, a warning), that every smarthost name
+    resolves (a warning; an error with --strict), then renders into a staging
+    directory and runs `postconf -n` (any warning fails), `postconf -M`, a lookup of
+    every tenant's route, and `postfix check`. Nothing live is touched.
+    With --probe, also connects to each smarthost (nothing is sent).
+
+    DNS lookups (smarthost names, published keys) ask the resolver in settings `dns`
+    (default: /etc/resolv.conf, as Postfix does).
     """
+    from relay_milter.cli.operator import check_rendered, run_preflight
     from relay_milter.postfix.render import render_and_check
 
     ts, settings = obj.load()
     click.echo(f"tenants: {len(ts)} valid ({', '.join(t.id for t in ts)})")
-    _, result = render_and_check(ts, settings, templates)
+    pf = run_preflight(ts, settings, strict=strict)
+    files, result = render_and_check(ts, settings, templates)
     for line in result.warnings:
         warn(line)
+    failed = bool(pf.errors) or not check_rendered(settings, files)
+    if result.ok:
+        click.echo("postfix: staged configuration passed postconf, route lookups and postfix check")
+    if probe:
+        from relay_milter.cli.probe import probe_all
+
+        failed = not probe_all(ts, settings) or failed
     if not result.ok:
         fail(ExitCode.CHECK_FAILED, "check failed: the staged configuration failed Postfix's checks", result.problems)
-    click.echo("postfix: staged configuration passed postconf, route lookups and postfix check")
+    if failed:
+        fail(ExitCode.CHECK_FAILED, "check failed (see above); nothing live was touched")
 
 
 @click.command()
 @_TEMPLATES
 @click.option("--reload/--no-reload", default=True, show_default=True, help="Reload Postfix if it is running.")
+@click.option("--reroute/--no-reroute", default=True, show_default=True,
+              help="Re-route deferred mail that still carries a tenant's old smarthost (postsuper -r); "
+                   "with --no-reroute, only report it and print the command.")
+@click.option("--force", is_flag=True, help="Overwrite a live main.cf/master.cf that was edited by hand since the last apply.")
 @click.pass_obj
-def apply(obj: Context, templates: Path | None, reload: bool) -> None:
-    """Check the configuration in staging, then install it into the config directory and reload.
+def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, force: bool) -> None:
+    """Run every `relayctl check`, then install the configuration, reload, and activate it.
 
-    If any check fails, nothing live changes (exit 4). Queued mail is kept:
-    `postfix reload` re-reads the configuration without dropping the queue.
+    If any check fails, nothing live changes (exit 4): not Postfix, and not the
+    milter, which serves only the tenant set apply last activated
+    (<config_directory>/relay/tenants.applied.json). Queued mail is kept:
+    `postfix reload` re-reads the configuration without dropping the queue. Then
+    apply counts queued messages that still carry a tenant's old next hop (Postfix
+    stores it in the queue file) and re-routes the deferred ones.
+
+    A live main.cf or master.cf edited by hand since the last apply is shown as a
+    diff and not overwritten (exit 4) unless --force; keep extra main.cf parameters
+    in settings postfix_extra instead.
     """
+    from relay_milter.cli.operator import check_rendered, reroute_after_apply, run_preflight
+    from relay_milter.config import APPLIED_TENANTS
+    from relay_milter.postfix import handedit
     from relay_milter.postfix.render import install, postfix_running, reload_postfix, render_and_check
 
     ts, settings = obj.load()
+    pf = run_preflight(ts, settings)
     files, result = render_and_check(ts, settings, templates)
-    if not result.ok:
+    if not check_rendered(settings, files) or not result.ok or pf.errors:
         fail(ExitCode.CHECK_FAILED, "check failed, nothing was installed", result.problems)
+    edits = handedit.hand_edits(settings)
+    for name, diff in edits.items():
+        click.echo(f"{'warning' if force else 'refusing'}: {settings.config_directory / name} was edited by hand since the last apply:", err=True)
+        click.echo(diff.rstrip("\n"), err=True)
+    if edits and not force:
+        fail(ExitCode.CHECK_FAILED, "nothing was installed: keep main.cf parameters in settings postfix_extra, then apply "
+             "(or apply --force to overwrite the hand edits)")
     changed = install(files, settings)
+    handedit.record(settings)
     for name in changed:
         if name.endswith(" (removed)"):
             click.echo(f"removed {settings.config_directory / name.removesuffix(' (removed)')}")
@@ -101,12 +145,17 @@ def apply(obj: Context, templates: Path | None, reload: bool) -> None:
             click.echo(f"installed {settings.config_directory / name}")
     if not changed:
         click.echo("configuration unchanged")
-    elif reload and postfix_running(settings):
+    running = reload and postfix_running(settings)
+    # The applied tenant set is the milter's (it switches by itself); Postfix reloads only
+    # when one of its own files changed.
+    if running and [n for n in changed if n != APPLIED_TENANTS]:
         try:
             reload_postfix(settings)
         except ConfigError as exc:  # the files are installed; Postfix did not take them
             fail(ExitCode.CHECK_FAILED, f"configuration installed, but {exc}")
         click.echo("postfix reloaded")
+    if running:
+        reroute_after_apply(settings, ts, reroute)
 
 
 COMMANDS: tuple[click.Command, ...] = (tenants, render, check, apply)

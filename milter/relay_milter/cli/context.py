@@ -1,4 +1,4 @@
-"""What every relayctl command group shares: the global options and the event store."""
+"""What every relayctl command group shares: the global options, the event store, the age format."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from relay_milter.cli.errors import ExitCode, fail, invalid_configuration, warn
+from relay_milter.cli.lastgood import fallback
 from relay_milter.config import ConfigError, Settings, TenantSet, load_settings, load_tenants
 
 DEFAULT_TENANTS = "/etc/tenant-relay/tenants"
@@ -25,12 +26,20 @@ class Context:
         except ConfigError as exc:
             invalid_configuration(exc)
 
-    def load(self) -> tuple[TenantSet, Settings]:
+    def load(self, last_good: bool = False) -> tuple[TenantSet, Settings]:
+        """Tenants and settings; exits 3 if either is invalid. ``last_good``: with broken
+        tenant files, warn and use the tenant set `relayctl apply` last activated (the
+        operator commands; see cli/lastgood.py). Invalid settings always exit 3."""
+        settings = self.load_settings()
         try:
-            settings = load_settings(self.settings_file)
             tenants = load_tenants(self.tenants_dir)
         except ConfigError as exc:
-            invalid_configuration(exc)
+            if not last_good:
+                invalid_configuration(exc)
+            try:
+                tenants = fallback(settings, exc)
+            except ConfigError as error:
+                invalid_configuration(error)
         return tenants, settings
 
 
@@ -62,3 +71,17 @@ def open_store(settings: Settings, required: bool = True, create: bool = False) 
             warn(f"event store unavailable, attributing by sender domain: {exc}")
             return None
         fail(ExitCode.UNAVAILABLE, f"event store unavailable: {exc}")
+
+
+def human_age(seconds: float | None) -> str:
+    """Compact age for tables: 45s, 2m05s, 3h07m, 2d04h."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

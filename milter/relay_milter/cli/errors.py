@@ -76,7 +76,16 @@ def table(indent: str = "  ", width: int = 78) -> list[str]:
     return lines
 
 
-__doc__ = (__doc__ or "") + "\n".join(table()) + "\n"
+# The one exception: `relayctl status` is a monitoring check and exits with the Nagios
+# plugin codes (cli/status.py: OK, WARNING, CRITICAL, UNKNOWN), which a monitoring system
+# reads as states. Documented here, in --help and in the README, next to the table.
+NAGIOS_NOTE = (
+    "`relayctl status` alone exits with the Nagios plugin codes instead:",
+    "  0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a check could not run, or invalid settings)",
+)
+
+
+__doc__ = (__doc__ or "") + "\n".join(table()) + "\n\n" + "\n".join(NAGIOS_NOTE) + "\n"
 
 
 def fail(code: ExitCode, message: str, details: Iterable[str] = ()) -> NoReturn:

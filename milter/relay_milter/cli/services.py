@@ -24,18 +24,24 @@ _LOG_FILE = click.option(
 def run_milter(obj: Context, log_file: Path | None) -> None:
     """Run the verifying, rewriting, routing milter (foreground; stop with SIGTERM).
 
-    Tenant file changes are picked up within a second without a restart; an
-    invalid change is logged (event=reload_failed) and the last good set stays.
+    Serves the tenant set `relayctl apply` last checked and activated
+    (<config_directory>/relay/tenants.applied.json), and switches to a newly applied
+    set within a second, without a restart. Editing a tenant file alone changes
+    nothing live: the edit is logged (event=reload_pending, or event=reload_failed
+    when invalid) until `relayctl apply` has checked it. Before the first apply it
+    serves the tenant files.
     """
     from relay_milter import logs
     from relay_milter.milter.adapter import serve
     from relay_milter.milter.backpressure import start_queue_watch
     from relay_milter.milter.reloader import ReloadingPolicy
 
-    ts, settings = obj.load()  # exits 3 on an invalid configuration
+    settings = obj.load_settings()  # exits 3 on invalid settings
     logs.setup(settings.log_level, str(log_file) if log_file else None)
-    logging.getLogger("relay.milter").info("NOQUEUE: event=config tenants=%s", ",".join(t.id for t in ts))
-    source = ReloadingPolicy(obj.tenants_dir, settings)
+    source = ReloadingPolicy(obj.tenants_dir, settings)  # a ConfigError exits 3 (cli.errors.reported)
+    logging.getLogger("relay.milter").info(
+        "NOQUEUE: event=config tenants=%s source=%s", ",".join(t.id for t in source.current().tenants), source.source
+    )
     source.watch()
     start_queue_watch(source, settings)  # backpressure: tenant limits.max_queued / max_queue_age
     serve(source, settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
@@ -54,13 +60,14 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
     in the event store (tracking.events_dsn, or RELAY_EVENTS_DSN), writes RECEIVED,
     RELAYED, DEFERRED, BOUNCED and REJECTED events, and pushes them to the tenants'
     webhooks through the store's outbox. SIGTERM finishes the current batch and exits 0.
-    Tenant changes need a restart (the Ansible role does it).
+    Tenant changes need a restart (the Ansible role does it). With a broken tenant file
+    it warns and uses the tenant set `relayctl apply` last activated.
     """
     from relay_milter import logs
     from relay_milter.config import load_secrets
     from relay_milter.tracking.service import main_loop
 
-    tenants, settings = obj.load()
+    tenants, settings = obj.load(last_good=True)
     secrets = load_secrets(settings.secrets_file, tenants)  # a ConfigError exits 3
     logs.setup(settings.log_level, str(log_file) if log_file else None)
     log = logging.getLogger("relay.tracker")
@@ -125,13 +132,15 @@ def _metrics_loop(settings: Settings, tenants: TenantSet, stop: threading.Event)
 
 
 def _write_metrics(settings: Settings, tenants: TenantSet, store) -> None:
-    """Rewrite the node-exporter textfile: events, queue per tenant, webhook backlog."""
+    """Rewrite the node-exporter textfile: events, queue per tenant, webhook backlog, mail
+    waiting on a smarthost name that does not resolve."""
     if not settings.tracking.metrics_file:
         return
     import time
 
     from relay_milter import logs
     from relay_milter.postfix import queue as ops
+    from relay_milter.postfix.reroute import unresolved_metric
     from relay_milter.tracking import metrics as prom
 
     log = logging.getLogger("relay.tracker")
@@ -143,7 +152,8 @@ def _write_metrics(settings: Settings, tenants: TenantSet, store) -> None:
             logs.event(log, logging.WARNING, None, "metrics_queue_unavailable", error=str(exc))
             queue = None
         snap = prom.collect([t.id for t in tenants], store, queue, tracker_last_run=time.time())
-        prom.write_textfile(settings.tracking.metrics_file, prom.render(snap))
+        extra = unresolved_metric(queued if queue is not None else None, [t.id for t in tenants])
+        prom.write_textfile(settings.tracking.metrics_file, prom.render(snap) + extra)
     except Exception:  # metrics must never stop tracking
         log.exception("NOQUEUE: event=metrics_failed")
 

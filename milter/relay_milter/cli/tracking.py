@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from relay_milter.cli.context import Context, open_store
+from relay_milter.cli.context import Context, human_age, open_store
 from relay_milter.cli.errors import ExitCode, fail, warn
 from relay_milter.postfix import queue as ops
 from relay_milter.tracking.events import Event, Kind, iso
@@ -48,20 +48,6 @@ def parse_when(text: str, now: float) -> float:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()
-
-
-def human_age(seconds: float | None) -> str:
-    """Compact age for tables: 45s, 2m05s, 3h07m, 2d04h."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _tls_text(tls: dict | None) -> str:
@@ -160,7 +146,7 @@ def trace(obj: Context, key: str, as_json: bool) -> None:
     Exit codes: 0 found, 1 nothing recorded for KEY, 3 configuration error,
     4 event store unavailable.
     """
-    _, settings = obj.load()
+    _, settings = obj.load(last_good=True)
     store = open_store(settings)
     try:
         events = store.trace(key)
@@ -195,7 +181,7 @@ def queue(obj: Context, tenant: str | None, as_json: bool) -> None:
     Exit codes: 0 ok (also for an empty queue), 3 configuration error or
     unknown tenant, 4 Postfix unavailable.
     """
-    tenants, settings = obj.load()
+    tenants, settings = obj.load(last_good=True)
     _check_tenant(tenants, tenant)
     messages = _queue(settings, tenants)
     rows = ops.queue_summary(messages, time.time())
@@ -228,7 +214,7 @@ def stats(obj: Context, since: str, until_: str, tenant: str | None, as_json: bo
     Exit codes: 0 ok (also when nothing happened), 2 bad time, 3 configuration
     error or unknown tenant, 4 event store unavailable.
     """
-    tenants, settings = obj.load()
+    tenants, settings = obj.load(last_good=True)
     _check_tenant(tenants, tenant)
     now = time.time()
     try:
@@ -271,8 +257,8 @@ _PAST = {"requeue": "requeued", "hold": "held", "release": "released"}
 PROGRESS_THRESHOLD = 1000  # below that a progress bar is noise
 
 
-def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool) -> None:
-    tenants, settings = obj.load()
+def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool, reroute: bool = False) -> None:
+    tenants, settings = obj.load(last_good=True)
     _check_tenant(tenants, tenant)
     if action == "release" and queue_name not in (None, "hold"):
         raise click.BadParameter("only messages in the hold queue can be released", param_hint="--queue")
@@ -301,7 +287,7 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
         return
     if not yes and sys.stdin.isatty():
         click.confirm(f"{action} {len(ids)} message(s) of tenant {tenant} ({where})?", abort=True, err=True)
-    result = _apply_change(settings, action, ids, queues)
+    result = _apply_change(settings, "reroute" if reroute else action, ids, queues)
     summary["changed"] = result.changed
     summary["warnings"] = result.warnings
     if as_json:
@@ -316,6 +302,13 @@ def _change(obj: Context, action: str, tenant: str, queue_name: str | None, yes:
 
 def _apply_change(settings: Settings, action: str, ids: list[str], queues: tuple[str, ...]) -> ops.QueueChange:
     def run(progress: Any) -> ops.QueueChange:
+        if action == "reroute":  # postsuper -r: through cleanup_requeue and today's route table
+            from relay_milter.postfix.reroute import reroute
+
+            result = reroute(settings.config_directory, ids)
+            if progress:
+                progress(len(ids))
+            return result
         if action == "requeue":
             return ops.schedule_retry(settings.config_directory, ids, progress)
         return ops.apply_postsuper(settings.config_directory, action, ids, progress, queues=queues)
@@ -342,9 +335,14 @@ def _change_command(action: str, summary: str, details: str) -> click.Command:
     @click.option("--dry-run", is_flag=True, help="List the queue ids that would change; change nothing.")
     @click.option("--json", "as_json", is_flag=True, help="JSON summary (with the queue ids) instead of text.")
     @click.pass_obj
-    def command(obj: Context, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool) -> None:
-        _change(obj, action, tenant, queue_name, yes, dry_run, as_json)
+    def command(obj: Context, tenant: str, queue_name: str | None, yes: bool, dry_run: bool, as_json: bool, reroute: bool = False) -> None:
+        _change(obj, action, tenant, queue_name, yes, dry_run, as_json, reroute)
 
+    if action == "requeue":
+        command = click.option(
+            "--reroute", is_flag=True,
+            help="Route the messages again from today's tenant files (postsuper -r), e.g. after a smarthost change.",
+        )(command)
     return command
 
 
@@ -363,7 +361,13 @@ requeue = _change_command(
     "Runs `postqueue -i QUEUE_ID` for each message (about 5 ms each): the queue "
     "file moves to the incoming queue unchanged, keeping its queue id and its "
     "tenant route. (`postsuper -r` works too: it re-runs cleanup under a new queue id, "
-    "and the route marker the milter added routes the message again.)",
+    "and the route marker the milter added routes the message again.)\n\n"
+    "The next hop (the tenant's smarthost) is stored in each queue file when the message "
+    "is accepted, and a retry keeps it. After a smarthost change use --reroute: it runs "
+    "`postsuper -r` on the selected messages, which sends them through cleanup again so "
+    "today's route table picks the new smarthost (each message gets a new queue id and "
+    "is moved, not copied), then wakes pickup. `relayctl apply` does this by itself for "
+    "deferred mail whose stored next hop is out of date.",
 )
 hold = _change_command(
     "hold",
@@ -394,6 +398,7 @@ def metrics(obj: Context, out: Path | None) -> None:
     relay_queue_messages{tenant,queue}           messages per Postfix queue
     relay_queue_oldest_deferred_seconds{tenant}  oldest deferred message age
     relay_webhook_backlog{tenant}                undelivered webhook notifications
+    relay_smarthost_unresolved_messages{tenant}  deferred: smarthost name does not resolve
 
     `relayctl track` rewrites the same file every tracking.metrics_interval
     seconds and adds relay_tracker_last_run_timestamp_seconds; this one-shot
@@ -406,8 +411,9 @@ def metrics(obj: Context, out: Path | None) -> None:
     """
     from relay_milter.tracking import metrics as prom
 
-    tenants, settings = obj.load()
-    summary = ops.queue_summary(_queue(settings, tenants), time.time())
+    tenants, settings = obj.load(last_good=True)
+    messages = _queue(settings, tenants)
+    summary = ops.queue_summary(messages, time.time())
     store = open_store(settings)
     try:
         snap = prom.collect([t.id for t in tenants], store, summary)
@@ -415,7 +421,9 @@ def metrics(obj: Context, out: Path | None) -> None:
         fail(ExitCode.UNAVAILABLE, f"event store: {exc}")
     finally:
         store.close()
-    text = prom.render(snap)
+    from relay_milter.postfix.reroute import unresolved_metric
+
+    text = prom.render(snap) + unresolved_metric(messages, [t.id for t in tenants])
     target = out if out is not None else settings.tracking.metrics_file
     if target is None or str(target) == "-":
         click.echo(text, nl=False)

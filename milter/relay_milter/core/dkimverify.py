@@ -23,7 +23,7 @@ import dns.resolver
 
 from relay_milter.core import fastcanon
 from relay_milter import defaults
-from relay_milter.config import DnsSettings, Tenant
+from relay_milter.config import DnsSettings, HopKey, Tenant
 
 fastcanon.install()  # output-identical, faster dkimpy canonicalization helpers
 
@@ -48,22 +48,16 @@ class KeyResolver:
     """Returns the DKIM TXT record for a tenant: pinned if set, else DNS (cached)."""
 
     def __init__(self, dns_settings: DnsSettings | None = None):
-        dns_settings = dns_settings or DnsSettings()
-        if dns_settings.nameservers:
-            self._resolver = dns.resolver.Resolver(configure=False)
-            self._resolver.nameservers = list(dns_settings.nameservers)
-            self._resolver.port = dns_settings.port
-        else:
-            self._resolver = dns.resolver.Resolver()
-        self._resolver.lifetime = dns_settings.timeout
-        self._resolver.timeout = dns_settings.timeout
+        self._resolver = (dns_settings or DnsSettings()).resolver()
         self._cache: dict[str, tuple[float, bytes]] = {}
         self._lock = threading.Lock()
 
-    def record(self, tenant: Tenant) -> bytes:
-        if tenant.public_key:
-            return tenant.public_key.encode("ascii")
-        name = f"{tenant.selector}._domainkey.{tenant.signing_domain}."
+    def record(self, tenant: Tenant, key: HopKey | None = None) -> bytes:
+        """The record of ``key`` (default: the tenant's current key)."""
+        key = key or tenant.hop_keys[0]
+        if key.public_key:
+            return key.public_key.encode("ascii")
+        name = f"{key.selector}._domainkey.{tenant.signing_domain}."
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(name)
@@ -159,6 +153,16 @@ def check_tags(
     return None
 
 
+def accepted_key(tenant: Tenant, selector: str, now: float) -> tuple[HopKey | None, str | None]:
+    """Key selection for rotation: the tenant's key for ``selector`` if it is valid at
+    ``now``; else (None, why it is refused), or (None, None) if the tenant has no such key."""
+    key = tenant.hop_key(selector)
+    if key is None:
+        return None, None
+    refused = key.refused_at(now)
+    return (None, refused) if refused else (key, None)
+
+
 def _key_type(record: bytes) -> str | None:
     try:
         return dkim.util.parse_tag_value(record).get(b"k", b"rsa").decode("ascii", "replace")
@@ -196,7 +200,8 @@ def verify_hop_signature(
     if not signatures:
         return DkimResult.fail("message has no DKIM signature")
     reasons: list[str] = []
-    candidates: list[tuple[int, dict[bytes, bytes]]] = []
+    candidates: list[tuple[int, dict[bytes, bytes], HopKey]] = []
+    selectors = "|".join(k.selector for k in tenant.hop_keys)
     for idx, value in enumerate(signatures):
         try:
             sig = dkim.util.parse_tag_value(value.encode("utf-8", "surrogateescape"))
@@ -205,37 +210,39 @@ def verify_hop_signature(
             continue
         d = _tag(sig, b"d").lower().rstrip(".")
         s = _tag(sig, b"s").lower()
-        if d == tenant.signing_domain and s == tenant.selector:
-            candidates.append((idx, sig))
+        key, refused = accepted_key(tenant, s, now) if d == tenant.signing_domain else (None, None)
+        if key is not None:
+            candidates.append((idx, sig, key))
+        elif refused:
+            reasons.append(refused)
         elif d in other_signing_domains:
             reasons.append(f"signed by d={d}, which belongs to another tenant")
         elif d == tenant.signing_domain:
-            reasons.append(f"signed with selector s={s}, expected s={tenant.selector}")
+            reasons.append(f"signed with selector s={s}, expected s={selectors}")
     if not candidates:
         why = "; ".join(reasons) or "no signature"
         return DkimResult.fail(
-            f"no signature by d={tenant.signing_domain} s={tenant.selector} ({why})", dsn="5.7.21"
+            f"no signature by d={tenant.signing_domain} s={selectors} ({why})", dsn="5.7.21"
         )
     if len(candidates) > max_candidates:
         return DkimResult.fail(
-            f"message has {len(candidates)} signatures by d={tenant.signing_domain} s={tenant.selector}, "
+            f"message has {len(candidates)} signatures by d={tenant.signing_domain} s={selectors}, "
             f"more than the {max_candidates} examined (max_hop_signatures)",
             dsn="5.7.21",
         )
 
-    try:
-        record = keys.record(tenant)
-    except KeyUnavailable as exc:
-        return DkimResult.fail(str(exc), temporary=exc.temporary, dsn="5.7.21")
-
-    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
-        return record
-
     verifier = _HopVerifier(message, minkey=MIN_RSA_BITS, logger=_quiet)
     broken = False  # a candidate was acceptable but its cryptography failed
-    key_type = _key_type(record)
-    for idx, sig in candidates:
-        problem = check_tags(sig, tenant, now, present) or _key_mismatch(sig, key_type)
+    for idx, sig, key in candidates:
+        try:
+            record = keys.record(tenant, key)  # cached per name; pinned keys cost nothing
+        except KeyUnavailable as exc:
+            return DkimResult.fail(str(exc), temporary=exc.temporary, dsn="5.7.21")
+
+        def dnsfunc(name: bytes, timeout: int = 5, record: bytes = record) -> bytes:
+            return record
+
+        problem = check_tags(sig, tenant, now, present) or _key_mismatch(sig, _key_type(record))
         if problem:
             reasons.append(problem)
             continue
@@ -261,14 +268,14 @@ def verify_hop_signature(
             continue
         return DkimResult(
             passed=True,
-            reason="pinned key" if tenant.public_key else "key from DNS",
+            reason="pinned key" if key.public_key else "key from DNS",
             dsn="2.7.0",
             domain=tenant.signing_domain,
-            selector=tenant.selector,
+            selector=key.selector,
             algorithm=_tag(sig, b"a"),
             identity=_tag(sig, b"i") or f"@{tenant.signing_domain}",
             b_prefix=re.sub(r"\s+", "", _tag(sig, b"b"))[:8],
-            key_source="pinned" if tenant.public_key else "dns",
+            key_source="pinned" if key.public_key else "dns",
             signed_headers=frozenset(signed_header_counts(sig)),
         )
     return DkimResult.fail("; ".join(reasons), dsn="5.7.20" if broken else "5.7.21")

@@ -69,6 +69,8 @@ def run_demo(keep: bool = False) -> int:
         click.echo(f"  milter: unix:{lab.milter_socket}")
         lab.start_tracker()
         click.echo(f"  tracker: relayctl track -> event store {lab.events_dsn}")
+        click.echo("  point relayctl at this lab (queue, trace, status, ...) with:")
+        click.secho(f"    export RELAY_TENANTS={lab.tenants_dir} RELAY_SETTINGS={lab.settings_file}", fg="cyan")
         password = secrets.token_urlsafe(18)
         lab.add_user("crm-app", password)
         click.echo("  relayctl user add crm-app --password-stdin   (password generated for this run)")
@@ -145,12 +147,17 @@ def run_demo(keep: bool = False) -> int:
             if want != 250:
                 ok &= _show_trace(lab, label, re.search(rb"Message-ID: (<[^>]+>)", raw).group(1).decode(), "REJECTED")
 
-        _step(7, total, "Queue (postqueue -p): nothing stuck")
+        _step(7, total, "Queue (postqueue -p): nothing stuck; relayctl status")
         out = __import__("subprocess").run(["postqueue", "-c", str(lab.config_dir), "-p"], capture_output=True, text=True).stdout
         click.echo("      " + (out.strip() or "(empty)").replace("\n", "\n      "))
+        click.secho("  relayctl status:", fg="cyan")
+        for line in lab.relayctl("status", check=False).stdout.rstrip().splitlines():
+            click.echo(f"      {line}")
 
         if keep:
             click.secho(f"\nThe lab keeps running under {lab.base} (root only) and {lab.instance} (Postfix). Try:", bold=True)
+            click.echo(f"  export RELAY_TENANTS={lab.tenants_dir} RELAY_SETTINGS={lab.settings_file}")
+            click.echo("  relayctl status; relayctl queue; relayctl trace '<message-id>'")
             click.echo(f"  postqueue -c {lab.config_dir} -p")
             click.echo(f"  swaks --server 127.0.0.1:{lab.smtp_port} --to x=example.org@acme.relay.demo.test   # unsigned: 550")
             click.echo(f"  tail -f {lab.maillog} {lab.milter_log}")

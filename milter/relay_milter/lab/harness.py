@@ -3,10 +3,13 @@
 - a private Postfix instance (own config, queue and data directories; the
   system Postfix, if any, is not touched), rendered by our own templates;
 - the real milter, as a separate process (``relayctl milter``);
-- dnsmasq on a loopback port serving DKIM keys;
+- dnsmasq on port 53 of a loopback address of its own, serving DKIM keys: the relay's
+  own lookups (settings ``dns``) and the lab Postfix's (a private /etc/resolv.conf, see
+  ``Lab.start_postfix``) go there, so no DNS query leaves loopback;
 - aiosmtpd sinks standing in for the customers' smarthosts.
 
-Everything listens on 127.0.0.1 only. Needs root (Postfix starts as root).
+Everything listens on loopback only (127.0.0.1; the DNS server on 127.x.y.z). Needs root
+(Postfix starts as root, and its private resolv.conf needs a mount namespace).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import atexit
 import base64
 import json
 import os
+import random
 import shutil
 import signal
 import smtplib
@@ -37,6 +41,7 @@ from relay_milter.postfix.runner import run_postfix
 
 
 _ISSUED_PORTS: set[int] = set()
+_ISSUED_ADDRESSES: set[str] = set()
 _PORTS_LOCK = threading.Lock()
 
 
@@ -55,6 +60,30 @@ def free_port() -> int:
             if port not in _ISSUED_PORTS:
                 _ISSUED_PORTS.add(port)
                 return port
+
+
+def free_loopback_address(port: int = 53) -> str:
+    """A 127.x.y.z address (never 127.0.0.1) on which nobody uses ``port``, UDP or TCP.
+
+    /etc/resolv.conf cannot name a port, so a resolver for a Postfix instance must listen on
+    port 53; a random address of 127.0.0.0/8 (all of it is loopback on Linux) gives each lab
+    its own without touching the host's network configuration.
+    """
+    rng = random.SystemRandom()
+    with _PORTS_LOCK:
+        for _ in range(200):
+            addr = f"127.{rng.randrange(1, 255)}.{rng.randrange(0, 256)}.{rng.randrange(1, 255)}"
+            if addr in _ISSUED_ADDRESSES:
+                continue
+            try:
+                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind((addr, port))
+            except OSError:
+                continue
+            _ISSUED_ADDRESSES.add(addr)
+            return addr
+    raise RuntimeError(f"no free loopback address for port {port}")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -306,12 +335,28 @@ def _exchange(smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpts: list[st
 
 
 class DnsServer:
-    """dnsmasq on a loopback port, authoritative for nothing but the TXT records we give it."""
+    """dnsmasq on loopback, answering only from what we give it: TXT ``records``, address
+    records ``hosts`` (name -> IP). It never forwards a query (--no-resolv, --no-hosts).
+    Names under the ``local`` domains it does not know get NXDOMAIN (``"#"``: every name);
+    other unknown names get REFUSED, which resolvers treat as a temporary failure.
+    RFC 6761's ``invalid`` is local by default: such a name never exists, as in the world."""
 
-    def __init__(self, workdir: Path, records: dict[str, str], port: int | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        workdir: Path,
+        records: dict[str, str],
+        port: int | None = None,
+        address: str = "127.0.0.1",
+        hosts: dict[str, str] | None = None,
+        local: tuple[str, ...] = ("invalid",),
+        extra_args: tuple[str, ...] = (),
+    ):
         self.port = port or free_port()
+        self.address = address
         self.workdir = workdir
         self.records = records
+        self.hosts = hosts or {}
+        self.local = local
         self.extra_args = tuple(extra_args)  # more dnsmasq options: --host-record, --address, --local
         self.proc: subprocess.Popen | None = None
 
@@ -319,9 +364,11 @@ class DnsServer:
         exe = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         args = [
             exe, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
-            "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
+            f"--listen-address={self.address}", "--bind-interfaces", f"--port={self.port}",
             "--user=root", f"--pid-file={self.workdir / 'dnsmasq.pid'}", "--log-facility=-",
         ]
+        args += [f"--local=/{domain}/" for domain in self.local]
+        args += [f"--host-record={name},{ip}" for name, ip in self.hosts.items()]
         for name, text in self.records.items():
             chunks = [text[i : i + 250] for i in range(0, len(text), 250)]
             args.append(f"--txt-record={name}," + ",".join(f'"{c}"' if "," in c else c for c in chunks))
@@ -337,7 +384,7 @@ class DnsServer:
         if self.proc and self.proc.poll() is not None:
             raise RuntimeError(f"dnsmasq exited: {(self.workdir / 'dnsmasq.log').read_text()}")
         try:
-            dns.query.udp(dns.message.make_query("probe.invalid.", "TXT"), "127.0.0.1", port=self.port, timeout=0.5)
+            dns.query.udp(dns.message.make_query("probe.invalid.", "TXT"), self.address, port=self.port, timeout=0.5)
             return True
         except Exception:
             return False
@@ -409,6 +456,9 @@ class Lab:
         self.tracker_log = self.base / "tracker.log"
         self.events_dsn = f"sqlite:///{self.base / 'events.db'}"
         self.postfix_started = False
+        # The lab Postfix's /etc/resolv.conf (start_postfix); next to the instance, which is
+        # readable by Postfix's unprivileged daemons.
+        self.resolv_conf = self.instance / "resolv.conf"
         for d in (self.config_dir, self.queue_dir, self.tenants_dir, self.milter_socket.parent):
             d.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
@@ -457,7 +507,7 @@ class Lab:
             "milter_socket": f"unix:{self.milter_socket}",
             "milter_command_timeout": "10s",
             "milter_content_timeout": "15s",
-            "dns": {"nameservers": ["127.0.0.1"], "port": self.dns.port if self.dns else 53, "timeout": 3},
+            "dns": {"nameservers": [self.dns.address if self.dns else "127.0.0.1"], "port": self.dns.port if self.dns else 53, "timeout": 3},
             "tracking": {
                 "events_dsn": self.events_dsn,
                 "milter_log_file": str(self.milter_log),
@@ -493,8 +543,12 @@ class Lab:
     # processes -----------------------------------------------------------------
 
     def start_dns(self) -> None:
+        """The lab's one DNS server, on port 53 of its own loopback address: settings ``dns``
+        (relayctl, the milter) and the lab Postfix's resolv.conf both name it."""
         records = {f"{t.selector}._domainkey.{t.signing_domain}": t.key.txt for t in self.tenants.values()}
-        self.dns = DnsServer(self.base, records).start()
+        self.dns = DnsServer(self.base, records, port=53, address=free_loopback_address(53)).start()
+        self.resolv_conf.write_text(f"nameserver {self.dns.address}\noptions attempts:1 timeout:2\n")
+        os.chmod(self.resolv_conf, 0o644)
 
     def start_milter(self) -> None:
         if self.milter_socket.exists():
@@ -535,8 +589,25 @@ class Lab:
         except OSError:
             return ""
 
+    def postfix_start_command(self) -> list[str]:
+        """``postfix start``, in a mount namespace of its own where /etc/resolv.conf names
+        the lab's DNS server only.
+
+        Postfix's smtp client resolves a smarthost name with the system resolver
+        (/etc/resolv.conf); a test with a name that does not resolve must not send that
+        query off this machine. The master and every daemon it forks stay in the namespace
+        (reload, stop and the queue tools reach it through its pid and its queue directory,
+        unchanged), and the rest of the host keeps its own resolv.conf. Without a system
+        resolv.conf there is nothing to replace: the C library then asks 127.0.0.1.
+        """
+        argv = ["postfix", "-c", str(self.config_dir), "start"]
+        if self.dns is None or not Path("/etc/resolv.conf").exists():
+            return argv
+        mount = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, str(self.resolv_conf), *argv]
+
     def start_postfix(self) -> None:
-        r = run_postfix(["postfix", "-c", str(self.config_dir), "start"])
+        r = run_postfix(self.postfix_start_command())
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed: {r.stdout}\n{self.maillog_text()[-3000:]}")
         self.postfix_started = True

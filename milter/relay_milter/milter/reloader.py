@@ -1,9 +1,15 @@
-"""Pick up tenant changes without restarting the milter.
+"""Pick up tenant changes without restarting the milter, only once they passed the checks.
 
-`relayctl apply` (or the Ansible role) changes the tenant files; the milter
-notices within `interval` seconds and swaps in a new Policy. Transactions in
-flight keep the policy they started with. An invalid change is logged and
-ignored: the last good tenant set stays in force (fail closed, never open).
+Tenant changes are two-phase. The operator edits the tenant files; `relayctl apply` checks
+them (tenant files, the files they point to, the rendered Postfix configuration) and only
+then writes the applied set, ``<config_directory>/relay/tenants.applied.json``. The milter
+serves that applied set and swaps in a new Policy within `interval` seconds of a new one.
+Transactions in flight keep the policy they started with.
+
+An edit of the tenant files alone changes nothing live: it is validated and logged
+(event=reload_failed when invalid, event=reload_pending when valid but not yet applied).
+Before the first apply (no applied set yet) the milter reads the tenant files directly, as
+a plain file watcher, and says so in its log (event=no_applied_set).
 """
 
 from __future__ import annotations
@@ -13,7 +19,15 @@ import threading
 from pathlib import Path
 
 from relay_milter import logs
-from relay_milter.config import ConfigError, Settings, load_tenants, tenant_files
+from relay_milter.config import (
+    ConfigError,
+    Settings,
+    TenantSet,
+    applied_tenants_path,
+    load_applied_tenants,
+    load_tenants,
+    tenant_files,
+)
 from relay_milter.core.dkimverify import KeyResolver
 from relay_milter.core.policy import Policy
 from relay_milter.core.quota import IngressGate
@@ -28,27 +42,52 @@ def fingerprint(directory: Path) -> tuple:
         return ()
 
 
+def _file_fingerprint(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class ReloadingPolicy:
-    """Holds the current Policy; a watcher thread re-reads the tenant files when they change."""
+    """Holds the current Policy; a watcher thread follows the applied tenant set."""
 
     def __init__(self, tenants_dir: Path, settings: Settings, interval: float = 1.0):
         self.tenants_dir = Path(tenants_dir)
         self.settings = settings
         self.interval = interval
+        self.applied = applied_tenants_path(settings)
         self.keys = KeyResolver(settings.dns)
         self.gate = IngressGate()  # rate counters and queue summary outlive a reload
         self._seen = fingerprint(self.tenants_dir)
-        self._policy = Policy(load_tenants(self.tenants_dir), settings, self.keys, self.gate)
+        self._seen_applied = _file_fingerprint(self.applied)
+        self._policy = Policy(self._initial(), settings, self.keys, self.gate)
         self._stop = threading.Event()
+
+    def _initial(self) -> TenantSet:
+        if self.applied.exists():
+            return load_applied_tenants(self.applied)
+        logs.event(log, logging.WARNING, None, "no_applied_set", applied=str(self.applied),
+                   action="serving the tenant files directly until the first relayctl apply")
+        return load_tenants(self.tenants_dir)
+
+    @property
+    def source(self) -> str:
+        return str(self.applied) if self._seen_applied else str(self.tenants_dir)
 
     def current(self) -> Policy:
         return self._policy
 
     def check(self) -> None:
+        applied = _file_fingerprint(self.applied)
+        if applied != self._seen_applied and applied:
+            self._seen_applied = applied
+            self._reload_applied()
         seen = fingerprint(self.tenants_dir)
         if seen != self._seen:
             self._seen = seen
-            self._reload()
+            self._files_changed()
 
     def watch(self) -> threading.Thread:
         def loop() -> None:
@@ -65,11 +104,28 @@ class ReloadingPolicy:
     def stop(self) -> None:
         self._stop.set()
 
-    def _reload(self) -> None:
+    def _kept(self) -> str:
+        return ",".join(t.id for t in self._policy.tenants)
+
+    def _reload_applied(self) -> None:
+        try:
+            tenants = load_applied_tenants(self.applied)
+        except ConfigError as exc:
+            logs.event(log, logging.ERROR, None, "reload_failed", reason=str(exc).replace("\n", "; "), kept=self._kept())
+            return
+        self._policy = Policy(tenants, self.settings, self.keys)
+        logs.event(log, logging.INFO, None, "reload", tenants=",".join(t.id for t in tenants), source=str(self.applied))
+
+    def _files_changed(self) -> None:
         try:
             tenants = load_tenants(self.tenants_dir)
         except ConfigError as exc:
-            logs.event(log, logging.ERROR, None, "reload_failed", reason=str(exc).replace("\n", "; "), kept=",".join(t.id for t in self._policy.tenants))
+            logs.event(log, logging.ERROR, None, "reload_failed", reason=str(exc).replace("\n", "; "), kept=self._kept())
+            return
+        if self._seen_applied:
+            # Two-phase: valid files are still not live until `relayctl apply` checked them.
+            logs.event(log, logging.INFO, None, "reload_pending", tenants=",".join(t.id for t in tenants),
+                       action="tenant files changed; run relayctl apply to check and activate them", kept=self._kept())
             return
         self._policy = Policy(tenants, self.settings, self.keys, self.gate)
-        logs.event(log, logging.INFO, None, "reload", tenants=",".join(t.id for t in tenants))
+        logs.event(log, logging.INFO, None, "reload", tenants=",".join(t.id for t in tenants), source=str(self.tenants_dir))

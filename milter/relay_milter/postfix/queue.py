@@ -115,7 +115,7 @@ def parse_postqueue_json(lines: Iterable[str]) -> Iterator[QueuedMessage]:
 def read_queue(config_directory: Path | str) -> list[QueuedMessage]:
     """Run ``postqueue -c DIR -j`` for our instance and parse its output."""
     cmd = ["postqueue", "-c", str(config_directory), "-j"]
-    r = _tool(cmd, " ".join(cmd), None, _TIMEOUT, None)
+    r = run_tool(cmd, " ".join(cmd), None, _TIMEOUT, None)
     return list(parse_postqueue_json(r.stdout.splitlines()))
 
 
@@ -274,7 +274,7 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[i : i + size]
 
 
-def _changed_count(stderr: str, label: str) -> int:
+def changed_count(stderr: str, label: str) -> int:
     """postsuper's own tally line, e.g. ``postsuper: Placed on hold: 3 messages``."""
     total = 0
     for m in re.finditer(rf"{re.escape(label)}: (\d+) messages?", stderr):
@@ -282,7 +282,7 @@ def _changed_count(stderr: str, label: str) -> int:
     return total
 
 
-def _tool(cmd: list[str], what: str, stdin: str | None, timeout: float, done: str | None) -> subprocess.CompletedProcess:
+def run_tool(cmd: list[str], what: str, stdin: str | None, timeout: float, done: str | None) -> subprocess.CompletedProcess:
     """runner.run_postfix_tool, its failures as OpsError (the same operator message)."""
     try:
         return run_postfix_tool(cmd, input=stdin, timeout=timeout, what=what, done=done)
@@ -311,9 +311,9 @@ def apply_postsuper(
     result = QueueChange(action)
     cmd = ["postsuper", "-c", str(config_directory), option, "-", *queues]
     for part in _chunks(list(queue_ids), chunk):
-        r = _tool(cmd, f"postsuper -c {config_directory} {option}", "\n".join(part) + "\n", _TIMEOUT, f"{result.changed} message(s) were changed")
+        r = run_tool(cmd, f"postsuper -c {config_directory} {option}", "\n".join(part) + "\n", _TIMEOUT, f"{result.changed} message(s) were changed")
         result.requested += len(part)
-        result.changed += _changed_count(r.stderr, label)
+        result.changed += changed_count(r.stderr, label)
         result.warnings += [ln.split("warning: ", 1)[1] for ln in r.stderr.splitlines() if "warning: " in ln]
         if progress:
             progress(len(part))
@@ -338,7 +338,7 @@ def schedule_retry(
     done = 0
     for qid in queue_ids:
         cmd = ["postqueue", "-c", str(config_directory), "-i", qid]
-        _tool(cmd, f"postqueue -c {config_directory} -i {qid}", None, 60, f"{result.changed} message(s) were scheduled")
+        run_tool(cmd, f"postqueue -c {config_directory} -i {qid}", None, 60, f"{result.changed} message(s) were scheduled")
         result.requested += 1
         result.changed += 1
         done += 1

@@ -6,6 +6,9 @@ Files rendered (relative to the Postfix config directory):
     relay/route.regexp            milter_header_checks: route marker -> FILTER
     relay/strip_route.regexp      smtp_header_checks on tenant transports
     relay/bounce_transport        transport_maps (texthash) for relay-generated mail
+    relay/smarthost_status.regexp smtp_delivery_status_filter of the tenant transports: an
+                                  unresolvable smarthost name defers (4.4.4), never bounces
+    relay/tenants.applied.json    the checked tenant set the milter serves (two-phase changes)
     relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
     relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
     relay/requeue/route.regexp    header_checks of cleanup_requeue: route seal -> FILTER, for
@@ -39,7 +42,7 @@ import jinja2
 from relay_milter import defaults
 from relay_milter.core import route
 from relay_milter.postfix.runner import run_postfix
-from relay_milter.config import ConfigError, Settings, TenantSet, load_secrets
+from relay_milter.config import APPLIED_TENANTS, NOTIFY_TRANSPORT, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
 from relay_milter.core import reputation
 
 OUTPUTS = {
@@ -48,6 +51,7 @@ OUTPUTS = {
     "relay/route.regexp": "route.regexp.j2",
     "relay/strip_route.regexp": "strip_route.regexp.j2",
     "relay/bounce_transport": "bounce_transport.j2",
+    "relay/smarthost_status.regexp": "smarthost_status.regexp.j2",
     "sasl/smtpd.conf": "cyrus_smtpd.conf.j2",
 }
 # Per-tenant tables live in these directories; files of removed tenants are deleted on install.
@@ -62,6 +66,8 @@ REQUEUE_TABLE = REQUEUE_DIR + "/route.regexp"
 # for real errors comes on top. Postfix resets the count after each delivered message, and
 # under stress (anvil/overload) the limit stays 1, as Postfix has it.
 ERROR_LIMITS = {"soft": 1010, "hard": "${stress?{1}:{1020}}"}
+# main.cf: settings postfix_extra follow this line; everything above is the relay's own.
+EXTRA_MARKER = "# -- postfix_extra (relay.yaml): operator additions, checked by relayctl check"
 
 
 def is_secret(name: str) -> bool:
@@ -111,6 +117,8 @@ def render_files(
         "error_limits": ERROR_LIMITS,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
         "sources": source_addresses(tenants, settings, reputation_state),
+        "notify_transport": NOTIFY_TRANSPORT,
+        "extra_marker": EXTRA_MARKER,
     }
     files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
     key_text = _read(settings.config_directory / defaults.ROUTE_KEY_FILE)
@@ -126,6 +134,10 @@ def render_files(
         if t.smarthost.auth:
             password = secrets[t.id].smarthost_password
             files[f"{SECRET_DIR}/{t.id}"] = env.get_template("sasl_passwd.j2").render(t=t, password=password)
+    if settings.notify:
+        files["relay/notify.policy"] = f"{settings.notify.smarthost.nexthop}\t{settings.notify.smarthost.tls_policy}\n"
+    # Written last by install(): the milter switches to it only after Postfix has its tables.
+    files[APPLIED_TENANTS] = dump_tenant_set(tenants)
     return files
 
 

@@ -23,7 +23,7 @@ from support.paths import REPO, TEMPLATES
 
 
 @pytest.fixture
-def relay(tmp_path: Path):
+def relay(tmp_path: Path, loopback_dns):
     """A tenants directory and a settings file that point only into tmp_path."""
     tenants = write_tenants(tmp_path / "tenants", [tenant_doc("acme"), tenant_doc("globex")])
     settings = tmp_path / "relay.yaml"
@@ -33,6 +33,7 @@ def relay(tmp_path: Path):
         "tls_cert_file": str(tmp_path / "tls" / "relay.pem"),
         "tls_key_file": str(tmp_path / "tls" / "relay.key"),
         "tracking": {"events_dsn": f"sqlite:///{tmp_path / 'events.db'}", "node": "relay1"},
+        "dns": loopback_dns.settings,  # check: smarthost names are looked up on loopback only
     }))
 
     def run(*args: str, tenants_dir: Path = tenants):
@@ -93,6 +94,47 @@ def test_3_invalid_configuration(relay, tmp_path):
     assert r.exit_code == 3 and r.stderr.startswith("relayctl: unknown tenant 'initech'")
 
 
+def test_key_rotate_uses_the_table(relay, tmp_path):
+    r = relay("key", "rotate", "initech")
+    assert r.exit_code == ExitCode.CONFIG == 3, r.output
+    assert r.stderr.startswith("relayctl: unknown tenant 'initech' (configured: acme, globex)")
+    existing = tmp_path / "acme.key"
+    existing.write_text("keep me\n")
+    r = relay("key", "rotate", "acme", "--private-key-out", str(existing))
+    assert r.exit_code == ExitCode.FAILED == 1, r.output
+    assert r.stderr == f"relayctl: {existing} exists; choose another --private-key-out\n"
+    assert existing.read_text() == "keep me\n"
+
+
+def test_status_alone_exits_with_nagios_codes(relay):
+    """No Postfix runs for these settings: CRITICAL is 2 (the table's 2 would be a usage error)."""
+    r = relay("status", "--json")
+    out = json.loads(r.stdout)
+    checks = {c["check"]: c["state"] for c in out["checks"]}
+    assert checks["postfix"] == "critical"
+    assert r.exit_code == out["exit_code"] == 2 and out["state"] == "critical", r.output
+    r = relay("status")
+    assert r.exit_code == 2 and r.stdout.startswith("RELAY CRITICAL - postfix: not running")
+
+
+def test_operator_commands_fall_back_to_the_applied_tenant_set(relay, tmp_path):
+    from relay_milter.config import dump_tenant_set, load_tenants
+
+    good = relay.tmp / "tenants"
+    applied = relay.tmp / "no-postfix" / "relay" / "tenants.applied.json"
+    applied.parent.mkdir(parents=True)
+    applied.write_text(dump_tenant_set(load_tenants(good)))
+    bad = write_tenants(tmp_path / "bad", [tenant_doc("acme", smarthost={"host": "127.0.0.1", "tls": "sometimes"})])
+    eventstore.open_store(f"sqlite:///{relay.tmp / 'events.db'}").close()
+    r = relay("trace", "<nothing@example>", tenants_dir=bad)
+    assert r.exit_code == ExitCode.FAILED == 1, r.output  # it ran: nothing recorded
+    assert "relayctl: warning: the tenant files are invalid:" in r.stderr
+    assert f"relayctl: warning: using the last applied tenant set instead ({applied}, applied " in r.stderr
+    # check never falls back: it exists to show the error.
+    r = relay("check", tenants_dir=bad)
+    assert r.exit_code == ExitCode.CONFIG == 3 and "last applied" not in r.stderr
+
+
 def test_3_a_config_error_raised_deep_inside_a_command(relay):
     # render_files reads the secrets file and raises ConfigError; cli.errors.reported maps it.
     secrets = relay.tmp / "secrets.yaml"
@@ -138,7 +180,8 @@ def test_5_unexpected_error_prints_the_traceback(relay):
 
 
 def _help_table(text: str) -> dict[int, str]:
-    """The 'Exit codes' table of relayctl --help, one entry per code, wrapped lines joined."""
+    """The 'Exit codes' table of relayctl --help, one entry per code, wrapped lines joined
+    (it ends at the first blank line: the status command's note and the environment follow)."""
     table: dict[int, str] = {}
     code = None
     for line in text.split("Exit codes (stable, for scripts):", 1)[1].splitlines():
@@ -146,7 +189,9 @@ def _help_table(text: str) -> dict[int, str]:
         if m:
             code = int(m.group(1))
             table[code] = m.group(2)
-        elif line.strip() and code is not None:
+        elif not line.strip() and code is not None:
+            break
+        elif code is not None:
             table[code] += " " + line.strip()
     return table
 
@@ -156,6 +201,10 @@ def test_help_shows_the_table_through_both_entry_points(argv):
     r = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert _help_table(r.stdout) == {int(c): c.meaning for c in ExitCode}
+    # The one exception, next to the table: status exits with the Nagios plugin codes.
+    assert "`relayctl status` alone exits with the Nagios plugin codes instead:" in r.stdout
+    assert "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN" in r.stdout
+    assert "RELAY_SETTINGS    settings file (as --settings)" in r.stdout
 
 
 def test_readme_documents_the_same_table():

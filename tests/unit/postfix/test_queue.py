@@ -155,9 +155,9 @@ def test_unreadable_postqueue_line_is_an_error_naming_the_line():
 
 def test_postsuper_tally_is_read_from_its_own_summary_lines():
     err = "postsuper: 8D578160069: placed on hold\npostsuper: Placed on hold: 1 message\n"
-    assert ops._changed_count(err, "Placed on hold") == 1
-    assert ops._changed_count("postsuper: Requeued: 1500 messages\n", "Requeued") == 1500
-    assert ops._changed_count("postsuper: Released from hold: 0 messages\n", "Released from hold") == 0
+    assert ops.changed_count(err, "Placed on hold") == 1
+    assert ops.changed_count("postsuper: Requeued: 1500 messages\n", "Requeued") == 1500
+    assert ops.changed_count("postsuper: Released from hold: 0 messages\n", "Released from hold") == 0
 
 
 @pytest.mark.parametrize("action", ["delete", "requeue"])  # postsuper -r would drop the tenant route

@@ -79,25 +79,29 @@ def test_invalid_tenant_exits_3_naming_file_tenant_field(tmp_path):
 
 
 @pytest.mark.e2e
-def test_check_passes_on_the_examples(tmp_path):
+def test_check_passes_on_the_examples(tmp_path, loopback_dns):
     # A private queue directory, so `postfix check` inspects (and repairs) nothing of the system's.
     (tmp_path / "q").mkdir()
     (tmp_path / "d").mkdir()
     shutil.chown(tmp_path / "d", "postfix", "postfix")
     settings = tmp_path / "relay.yaml"
-    settings.write_text(f"config_directory: {tmp_path / 'etc'}\nqueue_directory: {tmp_path / 'q'}\ndata_directory: {tmp_path / 'd'}\n")
+    settings.write_text(f"config_directory: {tmp_path / 'etc'}\nqueue_directory: {tmp_path / 'q'}\ndata_directory: {tmp_path / 'd'}\n"
+                        + loopback_dns.yaml())
     r = relayctl("--tenants", str(EXAMPLES), "--settings", str(settings), "check")
     assert r.returncode == 0, r.stdout + r.stderr
+    # The example smarthosts are looked up on the loopback DNS server, which knows none.
+    assert "tenant acme: field smarthost.host: acme-example.mail.protection.outlook.com does not resolve" in r.stderr
     assert "staged configuration passed postconf, route lookups and postfix check" in r.stdout
     assert (tmp_path / "q" / "deferred").is_dir()  # postfix check really ran against that queue
 
 
 @pytest.mark.e2e
-def test_apply_refuses_a_config_postfix_rejects_and_installs_nothing(tmp_path):
+def test_apply_refuses_a_config_postfix_rejects_and_installs_nothing(tmp_path, loopback_dns):
     live = tmp_path / "live"
     live.mkdir()
     settings = tmp_path / "relay.yaml"
-    settings.write_text(f"config_directory: {live}\nqueue_directory: {tmp_path / 'q'}\ndata_directory: {tmp_path / 'd'}\n")
+    settings.write_text(f"config_directory: {live}\nqueue_directory: {tmp_path / 'q'}\ndata_directory: {tmp_path / 'd'}\n"
+                        + loopback_dns.yaml())
     templates = tmp_path / "tpl"
     shutil.copytree(TEMPLATES, templates)
     main = templates / "main.cf.j2"

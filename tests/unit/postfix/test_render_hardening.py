@@ -35,7 +35,7 @@ def relayctl(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def relay(tmp_path):
+def relay(tmp_path, loopback_dns):
     """Tenant files with a smarthost login, a root-only secrets file, settings."""
     tenants = write_tenants(tmp_path / "tenants", [tenant_doc(
         "acme", smarthost={"host": "smtp.acme.example", "port": 587, "tls": "verify", "auth": {"username": "relay-acme"}})])
@@ -45,7 +45,7 @@ def relay(tmp_path):
     config = tmp_path / "postfix"
     config.mkdir()
     settings = tmp_path / "relay.yaml"
-    settings.write_text(f"config_directory: {config}\nsecrets_file: {secrets}\nmaillog_file: ''\n")
+    settings.write_text(f"config_directory: {config}\nsecrets_file: {secrets}\nmaillog_file: ''\n" + loopback_dns.yaml())
     return tenants, settings, config
 
 
