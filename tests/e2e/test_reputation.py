@@ -19,7 +19,6 @@ import yaml
 
 from conftest import Mailer
 from relay_milter.lab import Lab, Sink, TenantSpec, rsa_key, wait_for
-from relay_milter.lab.harness import DnsServer
 from support.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.e2e
@@ -51,10 +50,6 @@ class ReputationLab(Lab):
         ]
         args += [f"--address=/{'.'.join(reversed(ip.split('.')))}.bl.test/127.0.0.2" for ip in sorted(self.listed)]  # hygiene: not a path (dnsmasq /domain/ syntax)
         return tuple(args)
-
-    def start_dns(self) -> None:
-        records = {f"{t.selector}._domainkey.{t.signing_domain}": t.key.txt for t in self.tenants.values()}
-        self.dns = DnsServer(self.base, records, port=self.dns.port if self.dns else None, extra_args=self.dns_args()).start()
 
     def relist(self, *addresses: str) -> None:
         """Serve the blocklist with ``addresses`` listed (dnsmasq restarted on the same port)."""

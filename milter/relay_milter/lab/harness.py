@@ -542,11 +542,18 @@ class Lab:
 
     # processes -----------------------------------------------------------------
 
+    def dns_args(self) -> tuple[str, ...]:
+        """More dnsmasq options (``--host-record``, ``--address``, ``--local``) for a lab that
+        serves more than the tenants' DKIM keys; a subclass overrides this."""
+        return ()
+
     def start_dns(self) -> None:
         """The lab's one DNS server, on port 53 of its own loopback address: settings ``dns``
-        (relayctl, the milter) and the lab Postfix's resolv.conf both name it."""
+        (relayctl, the milter) and the lab Postfix's resolv.conf both name it. Started again
+        (after ``self.dns.stop()``), it keeps its address, so both stay right."""
         records = {f"{t.selector}._domainkey.{t.signing_domain}": t.key.txt for t in self.tenants.values()}
-        self.dns = DnsServer(self.base, records, port=53, address=free_loopback_address(53)).start()
+        address = self.dns.address if self.dns is not None else free_loopback_address(53)
+        self.dns = DnsServer(self.base, records, port=53, address=address, extra_args=self.dns_args()).start()
         self.resolv_conf.write_text(f"nameserver {self.dns.address}\noptions attempts:1 timeout:2\n")
         os.chmod(self.resolv_conf, 0o644)
 

@@ -155,6 +155,14 @@ class RelayMilter(Milter.Base):
                     message_id=disposition.message_id,
                 )
             self._apply(disposition)
+        except _milter.error as exc:
+            # libmilter refused an edit: the MTA closed the session (Postfix stopped or the
+            # client went away mid-transaction). Nothing was accepted; no traceback needed.
+            logs.event(log, logging.WARNING, self.tx.queue_id, "error", stage="eom", reason="mta_gone", detail=str(exc))
+            return self._answer(
+                Verdict.tempfail("451", "4.3.0", "relay could not finish the message, try again later"),
+                "eom",
+            )
         except Exception as exc:  # fail closed, never accept unverified mail
             log.exception("%s: event=error stage=eom", self.tx.queue_id or "NOQUEUE")
             return self._answer(

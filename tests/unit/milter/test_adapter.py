@@ -147,3 +147,20 @@ def test_a_login_of_no_tenant_is_refused_at_mail_from(ctx):
     rc = ctx._feedFile(io.BytesIO(make_message("news@acme.example", "bob@example.org")), "news@acme.example", "bob@example.org")
     assert rc == Milter.REJECT
     assert ctx._reply[:2] == ("550", "5.7.1") and "not a submission user" in ctx._reply[2]
+
+
+def test_mta_gone_mid_edit_tempfails_with_one_log_line_and_no_traceback(ctx, key, monkeypatch, caplog):
+    """Postfix stopped while the milter was applying its edits: libmilter refuses the
+    edit (milter.error). The message is tempfailed, logged as one structured line."""
+    import milter
+
+    def gone(*a, **k):
+        raise milter.error("cannot change header")
+
+    monkeypatch.setattr(ctx._priv.__class__, "chgheader", gone)
+    caplog.set_level(logging.INFO, logger="relay.milter")
+    rc = ctx._feedFile(io.BytesIO(signed(key)), "news@acme.example", RCPT)
+    assert rc == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("451", "4.3.0")
+    assert "4XyZ1Qd2: event=error stage=eom reason=mta_gone" in caplog.text
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
