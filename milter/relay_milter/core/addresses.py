@@ -56,7 +56,7 @@ def split_relay_address(raw: str) -> tuple[str, str]:
     if addr.count("@") != 1:
         raise AddressError("recipient must contain exactly one '@'")
     local, _, domain = addr.partition("@")
-    domain = domain.lower().rstrip(".")
+    domain = _without_root_dot(domain.lower())
     if not local or not DOMAIN_RE.match(domain):
         raise AddressError("recipient domain is not a valid domain name")
     return local, domain
@@ -67,7 +67,13 @@ def decode_local(encoded_local: str) -> str:
     local, sep, domain = encoded_local.rpartition("=")
     if not sep:
         raise AddressError("recipient is not encoded as local=domain@relay-domain")
-    return _check_mailbox(local, domain.lower().rstrip("."), "encoded recipient")
+    return _check_mailbox(local, _without_root_dot(domain.lower()), "encoded recipient")
+
+
+def _without_root_dot(domain: str) -> str:
+    """``example.org.`` (the fully qualified form) -> ``example.org``. One dot only: a name
+    ending in ``..`` has an empty label and stays invalid."""
+    return domain[:-1] if domain.endswith(".") else domain
 
 
 def _check_mailbox(local: str, domain: str, what: str) -> str:

@@ -41,6 +41,9 @@ BAD = [
     ("<alice=exam\x00ple.org@acme.relay.test>", "control"),
     ("<alicé=example.org@acme.relay.test>", "non-ASCII"),
     ("<alice=example.org@acme_relay>", "not a valid domain"),
+    # One trailing dot is the fully qualified form; two leave an empty label.
+    ("<alice=example.org..@acme.relay.test>", "invalid domain"),
+    ("<alice=example.org@acme.relay.test..>", "not a valid domain"),
     ("<" + "a" * 65 + "=example.org@acme.relay.test>", "invalid local part"),
 ]
 
