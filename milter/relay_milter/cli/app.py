@@ -228,7 +228,7 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
 
     tenants, settings = obj.load()
     try:
-        secrets = load_secrets(settings.secrets_file, tenants)
+        secrets = load_secrets(settings.secrets_file, tenants, webhooks_only=True)
     except ConfigError as exc:
         click.echo(f"relayctl: invalid configuration:\n{exc}", err=True)
         sys.exit(EXIT_CONFIG)
