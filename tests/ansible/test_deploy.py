@@ -110,7 +110,8 @@ class Deployment:
             "umbrella": {"smarthost_password": os.urandom(12).hex(), "webhook_secret": os.urandom(16).hex()},
         }
         # The tracker's vaulted environment; the marker must never reach a command line.
-        self.env_marker = "marker-" + os.urandom(12).hex()
+        # (With the characters the environment file must escape.)
+        self.env_marker = "marker-" + os.urandom(12).hex() + ' "q" $HOME `t` \\b'
         self.users = {"acme-app": os.urandom(12).hex()}  # submission logins, from the vault
         self.sinks = {name: Sink(name).start() for name in ("acme", "globex", "initech")}
         self.tenants = {name: Tenant(name, sink) for name, sink in self.sinks.items()}
@@ -290,7 +291,7 @@ class Deployment:
 
     def secret_values(self) -> list[str]:
         values = [v for s in self.secrets.values() for v in s.values()] + list(self.users.values())
-        return values + [self.env_marker]
+        return values + [self.env_marker, self.env_marker.split()[0]]  # raw, and its unique part
 
     def live_snapshot(self, h: str) -> dict[str, bytes]:
         d = self.hosts[h]
