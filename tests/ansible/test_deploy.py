@@ -784,6 +784,18 @@ def test_adding_and_removing_tenants_on_running_relays_keeps_mail_flowing(deploy
         print(f"{h}: {len(t.sent)} acme messages during the play, all delivered; {t.tempfails} 4xx retried")
 
 
+def test_tags_select_steps_and_keep_the_facts_they_need(deployment):
+    r = deployment.play("--list-tasks", "--tags", "config,services")
+    assert r.returncode == 0, _fail(r)
+    out = r.stdout
+    for task in ("Check the staged configuration (relayctl check)", "Render the systemd units",
+                 "Checksum the package", "Check whether relayctl is installed"):  # the last two: tagged always
+        assert task in out, task
+    for task in ("Install Postfix and the build dependencies", "Install the firewall ruleset", "Set submission user passwords"):
+        assert task not in out, task
+    assert re.search(r"TAGS: \[.*\bconfig\b", out) and re.search(r"TAGS: \[.*\bservices\b", out)
+
+
 def test_ansible_lint_production_profile_is_clean():
     lint = _tool("ansible-lint")
     env = os.environ | {"ANSIBLE_NOCOLOR": "1", "NO_COLOR": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
