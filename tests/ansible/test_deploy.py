@@ -578,6 +578,10 @@ def test_installed_files_have_the_right_owners_and_modes(deployment):
     assert stat.S_IMODE(tenant_file.stat().st_mode) == 0o640
     assert grp.getgrgid(tenant_file.stat().st_gid).gr_name == "tenant-relay"
     assert yaml.safe_load(tenant_file.read_text())["relay_domain"] == "acme.relay.test"
+    # relayctl on PATH (relay_bin_link) and its bash completion.
+    assert (h["root"] / "bin" / "relayctl").resolve() == (h["root"] / "venv" / "bin" / "relayctl").resolve()
+    completion = (h["root"] / "bash_completion.d" / "relayctl").read_text()
+    assert "_relayctl_completion()" in completion and "_RELAYCTL_COMPLETE=bash_complete" in completion
     # The systemd units are rendered (installed under /etc/systemd/system with systemd).
     units = h["root"] / "share" / "systemd"
     milter_unit = (units / "relay-milter.service").read_text()
