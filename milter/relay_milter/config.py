@@ -1026,15 +1026,16 @@ def check_secret_file(path: Path) -> None:
         )
 
 
-def load_secrets(path: Path, tenants: TenantSet) -> dict[str, TenantSecrets]:
+def load_secrets(path: Path, tenants: TenantSet, *, webhooks_only: bool = False) -> dict[str, TenantSecrets]:
     """Read the root-only secrets file. Only needed when a tenant uses one, so a
-    missing file is an error only then."""
-    needs = [t for t in tenants if t.smarthost.auth or t.webhook]
+    missing file is an error only then. ``webhooks_only``: the tracker's own file,
+    which holds the webhook secrets and no smarthost password."""
+    needs = [t for t in tenants if (t.smarthost.auth and not webhooks_only) or t.webhook]
     if not path.exists():
         if needs:
             raise ConfigError(
                 f"{path}: missing; tenant {needs[0].id}: field "
-                + ("smarthost.auth needs its smarthost_password there" if needs[0].smarthost.auth else "webhook needs its webhook_secret there")
+                + ("smarthost.auth needs its smarthost_password there" if needs[0].smarthost.auth and not webhooks_only else "webhook needs its webhook_secret there")
             )
         return {}
     check_secret_file(path)
@@ -1061,7 +1062,7 @@ def load_secrets(path: Path, tenants: TenantSet) -> dict[str, TenantSecrets]:
     for t in needs:
         if t.id in invalid:
             continue
-        if t.smarthost.auth and not (t.id in out and out[t.id].smarthost_password):
+        if t.smarthost.auth and not webhooks_only and not (t.id in out and out[t.id].smarthost_password):
             errors.append(f"{path}: tenant {t.id}: field smarthost_password: required by the tenant's smarthost.auth")
         if t.webhook and not (t.id in out and out[t.id].webhook_secret):
             errors.append(f"{path}: tenant {t.id}: field webhook_secret: required by the tenant's webhook")

@@ -6,8 +6,12 @@ under /var/tmp, smtpd on a free loopback port, its own venv and milter), so the
 play never touches the system's /etc/postfix. ``relay_service_manager=direct``
 because PID 1 is not systemd here; the tracker runs too (each node with its own SQLite store).
 
-One converged deployment is shared by the tests below, in file order:
-mail flows through both nodes -> a second run is changed=0 -> --check --diff
+One converged deployment is shared by the tests below, in file order. Before
+it exists, ``--check --diff`` runs on the fresh hosts and changes nothing; the
+first real run is made with -vvv (no secret may appear in its output or in the
+process table). Then: mail flows through both nodes -> the deployed layout,
+inspected as the service accounts themselves -> logrotate -> a second run is
+changed=0 -> --check --diff
 shows a tenant change without applying it -> a bad tenant fails the play
 before anything live changes -> one tenant is added and another removed on
 the running relays while mail for an existing tenant keeps flowing.
@@ -97,7 +101,15 @@ class Deployment:
         self.vault_password = self.base / "vault-password"
         self.vault_password.write_text(os.urandom(16).hex() + "\n")
         os.chmod(self.vault_password, 0o600)
-        self.secrets = {"acme": {"smarthost_password": os.urandom(8).hex()}}
+        # umbrella logs in to its smarthost (a password map) and has a webhook secret;
+        # no mail is sent for it.
+        self.secrets = {
+            "acme": {"smarthost_password": os.urandom(8).hex()},
+            "umbrella": {"smarthost_password": os.urandom(12).hex(), "webhook_secret": os.urandom(16).hex()},
+        }
+        # The tracker's vaulted environment; the marker must never reach a command line.
+        # (With the characters the environment file must escape.)
+        self.env_marker = "marker-" + os.urandom(12).hex() + ' "q" $HOME `t` \\b'
         self.users = {"acme-app": os.urandom(12).hex()}  # submission logins, from the vault
         self.sinks = {name: Sink(name).start() for name in ("acme", "globex", "initech")}
         self.tenants = {name: Tenant(name, sink) for name, sink in self.sinks.items()}
@@ -107,6 +119,7 @@ class Deployment:
         records = {f"{t.selector}._domainkey.{t.signing_domain}": t.key.txt for t in self.tenants.values()}
         self.dns = DnsServer(self.base, records, local=("#",)).start()
         self.active = ["acme", "globex"]
+        self.umbrella_port = free_port()
         self.hosts = {}
         for h in HOSTS:
             root = self.base / h
@@ -121,6 +134,7 @@ class Deployment:
                 "run": root / "run",
                 "state": root / "state",
                 "maillog": root / "maillog",
+                "log": root / "log",
             }
         self._write_inventory()
         self._write_vault()
@@ -152,10 +166,12 @@ class Deployment:
                 "milter_socket": f"unix:{root}/milter/milter.sock",
                 "milter_command_timeout": "10s",
                 "milter_content_timeout": "15s",
-                "tracking": {"events_dsn": f"sqlite:///{d['state']}/events.db", "poll_interval": 0.2},
+                "tracking": {"poll_interval": 0.2},  # the store: the role's default, in the tracker's directory
                 "dns": {"nameservers": [self.dns.address], "port": self.dns.port, "timeout": 2},
             },
             "relay_logrotate_file": str(root / "logrotate.conf"),
+            "relay_bin_link": str(root / "bin" / "relayctl"),
+            "relay_bash_completion_file": str(root / "bash_completion.d" / "relayctl"),
         }
 
     def _write_inventory(self) -> None:
@@ -169,11 +185,23 @@ class Deployment:
             "relay_build_dir": str(self.base / "build"),
             "relay_tenant_secrets": "{{ vault_relay_tenant_secrets }}",
             "relay_submission_users": "{{ vault_relay_submission_users }}",
+            "relay_tracker_environment": "{{ vault_relay_tracker_environment }}",
         }
         (self.group_vars / "main.yml").write_text(yaml.safe_dump(main, sort_keys=False))
 
+    def umbrella(self) -> dict:
+        """A tenant that logs in to its smarthost over verified TLS (never sent to here)."""
+        t = self.tenants["acme"].definition()
+        return t | {
+            "id": "umbrella", "description": "umbrella (CI, smarthost login)",
+            "relay_domain": "umbrella.relay.test", "signing_domain": "hop.umbrella.test",
+            "allowed_sender_domains": ["umbrella.example"], "submission_users": [],
+            "smarthost": {"host": "127.0.0.1", "port": self.umbrella_port, "tls": "verify",
+                          "tls_match": "smtp.umbrella.test", "auth": {"username": "relay@umbrella.test"}},
+        }
+
     def write_tenants(self, override: dict | None = None) -> None:
-        tenants = [self.tenants[t].definition() for t in self.active]
+        tenants = [self.tenants[t].definition() for t in self.active] + [self.umbrella()]
         for i, t in enumerate(tenants):
             if override and t["id"] in override:
                 tenants[i] = override[t["id"]]
@@ -181,7 +209,11 @@ class Deployment:
 
     def _write_vault(self) -> None:
         plain = self.base / "vault-plain.yml"
-        plain.write_text(yaml.safe_dump({"vault_relay_tenant_secrets": self.secrets, "vault_relay_submission_users": self.users}))
+        plain.write_text(yaml.safe_dump({
+            "vault_relay_tenant_secrets": self.secrets,
+            "vault_relay_submission_users": self.users,
+            "vault_relay_tracker_environment": {"RELAY_TEST_MARKER": self.env_marker},
+        }))
         r = subprocess.run(
             [_tool("ansible-vault"), "encrypt", "--vault-password-file", str(self.vault_password),
              "--output", str(self.group_vars / "vault.yml"), str(plain)],
@@ -255,6 +287,16 @@ class Deployment:
     def milter_pid(self, h: str) -> int:
         return int((self.hosts[h]["run"] / "relay-milter.pid").read_text())
 
+    def tracker_pid(self, h: str) -> int:
+        return int((self.hosts[h]["run"] / "relay-tracker.pid").read_text())
+
+    def events_dsn(self, h: str) -> str:
+        return f"sqlite:///{self.hosts[h]['state']}/tracker/events.db"
+
+    def secret_values(self) -> list[str]:
+        values = [v for s in self.secrets.values() for v in s.values()] + list(self.users.values())
+        return values + [self.env_marker, self.env_marker.split()[0]]  # raw, and its unique part
+
     def live_snapshot(self, h: str) -> dict[str, bytes]:
         d = self.hosts[h]
         files = [d["config"] / "main.cf", d["config"] / "master.cf", d["config"] / "relay" / "route.regexp", d["etc"] / "relay.yaml"]
@@ -290,12 +332,46 @@ def deployment():
         _tool(tool)
     d = Deployment()
     try:
-        r = d.play()
+        # --check --diff on hosts that have nothing yet: it must work and change nothing.
+        r = d.play("--check", "--diff")
         assert r.returncode == 0, _fail(r)
-        d.first_run = r
+        d.fresh_check_run = r
+        d.fresh_check_left = {h: sorted(str(p) for p in d.hosts[h]["root"].rglob("*")) for h in HOSTS}
+        # The first real run, with -vvv, while the process table is watched for secrets.
+        watcher = CmdlineWatcher(d.secret_values())
+        watcher.start()
+        try:
+            r = d.play("-vvv")
+        finally:
+            watcher.stop.set()
+            watcher.join(30)
+        assert r.returncode == 0, _fail(r)
+        d.first_run, d.first_run_seen = r, watcher
         yield d
     finally:
         d.teardown()
+
+
+class CmdlineWatcher(threading.Thread):
+    """Reads every process's command line while a play runs, looking for secrets."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__(daemon=True)
+        self.secrets = secrets
+        self.stop = threading.Event()
+        self.scans = 0
+        self.leaks: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for p in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    text = p.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                self.leaks += [f"{p}: {text[:200]}" for s in self.secrets if s in text]
+            self.scans += 1
+            time.sleep(0.05)
 
 
 def _send_and_expect(d: Deployment, h: str, tenant: str, tag: str):
@@ -327,7 +403,7 @@ def test_first_run_provisions_both_nodes_and_mail_flows_through_each(deployment)
         got = wait_for(lambda s=subject: d.arrived("acme", s), 30, what=f"{subject!r} at sink acme")
         assert got.header("Authentication-Results") == [f"{h}.relay.test; auth=pass smtp.auth=acme-app@{h}.relay.test"]
         # The tracker the role started recorded every delivery in this node's event store.
-        store = open_store(f"sqlite:///{d.hosts[h]['state']}/events.db")
+        store = open_store(d.events_dsn(h))
         try:
             relayed = wait_for(
                 lambda: (lambda evs: evs if {e.tenant for e in evs} >= set(d.active) and len(evs) >= 3 else None)(
@@ -341,7 +417,157 @@ def test_first_run_provisions_both_nodes_and_mail_flows_through_each(deployment)
         assert {e.recipient for e in relayed} == {"alice@example.org", "erin@example.org"}
 
 
+def test_check_diff_on_a_fresh_host_works_and_changes_nothing(deployment):
+    d = deployment
+    r = d.fresh_check_run
+    recap = d.recap(r.stdout)
+    assert set(recap) == set(HOSTS), r.stdout[-3000:]
+    assert "no attribute 'checksum'" not in r.stdout + r.stderr
+    assert "relayctl is not installed yet" in r.stdout
+    for h in HOSTS:
+        assert recap[h]["failed"] == 0 and recap[h]["changed"] > 0
+        assert d.fresh_check_left[h] == [], d.fresh_check_left[h]  # nothing written on the host
+
+
+def test_no_secret_in_verbose_output_or_in_the_process_table(deployment):
+    d = deployment
+    out = d.first_run.stdout + d.first_run.stderr
+    assert "<127.0.0.1> EXEC" in out or "ESTABLISH LOCAL CONNECTION" in out  # it really was -vvv
+    for secret in d.secret_values():
+        assert secret not in out
+    w = d.first_run_seen
+    assert w.scans > 0 and w.leaks == []
+    for h in HOSTS:
+        # The vaulted environment did reach the tracker (from its root-only file).
+        environ = Path(f"/proc/{d.tracker_pid(h)}/environ").read_bytes().split(b"\0")
+        assert f"RELAY_TEST_MARKER={d.env_marker}".encode() in environ
+        env_file = d.hosts[h]["etc"] / "tracker.env"
+        st = env_file.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+
+
+def _identity(pid: int) -> tuple[int, int, list[int]]:
+    """uid, gid and supplementary groups of a running process."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    return int(status["Uid"].split()[0]), int(status["Gid"].split()[0]), [int(g) for g in status["Groups"].split()]
+
+
+def _as(identity: tuple[int, int, list[int]], *argv: str) -> subprocess.CompletedProcess:
+    """Run argv with exactly this identity (setpriv, no capabilities)."""
+    uid, gid, groups = identity
+    cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--inh-caps=-all", "--bounding-set=-all",
+           f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def _can_read(identity, path: Path) -> bool:
+    r = _as(identity, sys.executable, "-c", "import sys; open(sys.argv[1], 'rb').read(1)", str(path))
+    assert r.returncode == 0 or "PermissionError" in r.stderr, r.stderr  # denied, not missing
+    return r.returncode == 0
+
+
+def _can_write(identity, path: Path) -> bool:
+    r = _as(identity, sys.executable, "-c", "import sys; open(sys.argv[1], 'ab').close()", str(path))
+    assert r.returncode == 0 or "PermissionError" in r.stderr, r.stderr
+    return r.returncode == 0
+
+
+def test_the_service_accounts_reach_only_what_they_need(deployment):
+    """Run as the milter's and the tracker's own identities (taken from the running
+    processes): what each may read and write, and every secret it must not open."""
+    import grp
+    import pwd
+
+    d = deployment
+    for name, hd in d.hosts.items():
+        milter, tracker = _identity(d.milter_pid(name)), _identity(d.tracker_pid(name))
+        assert pwd.getpwuid(milter[0]).pw_name == "relay-milter"
+        assert pwd.getpwuid(tracker[0]).pw_name == "relay-tracker"
+        postfix_gid = grp.getgrnam("postfix").gr_gid
+        assert postfix_gid not in [milter[1], *milter[2]] and postfix_gid not in [tracker[1], *tracker[2]]
+        assert 0 not in (milter[0], milter[1], tracker[0], tracker[1])
+        assert "relay-milter" not in grp.getgrnam("postfix").gr_mem  # also for a systemd start (initgroups)
+        config, etc, state, log = hd["config"], hd["etc"], hd["state"], hd["log"]
+        secrets = {
+            "sasldb": config / "sasl" / "sasldb2",
+            "secrets.yaml": etc / "secrets.yaml",
+            "smarthost password map": config / "relay" / "smtp_auth" / "umbrella",
+            "tracker.env": etc / "tracker.env",
+            "TLS key": etc / "tls" / "relay.key",
+        }
+        for what, path in secrets.items():
+            assert path.exists(), what
+            assert not _can_read(milter, path), f"{name}: the milter can read the {what}"
+            assert not _can_read(tracker, path), f"{name}: the tracker can read the {what}"
+        store = state / "tracker" / "events.db"
+        tracker_secrets = etc / "tracker-secrets.yaml"
+        for what, path in {"event store": store, "tracker's webhook secrets": tracker_secrets}.items():
+            assert not _can_read(milter, path), f"{name}: the milter can read the {what}"
+        # What each one needs.
+        milter_log = log / "milter" / "milter.log"
+        for path in (etc / "tenants" / "acme.yaml", etc / "relay.yaml"):
+            assert _can_read(milter, path) and _can_read(tracker, path)
+        assert _can_write(milter, milter_log) and not _can_write(tracker, milter_log)
+        assert _can_read(tracker, milter_log) and _can_read(tracker, hd["maillog"])
+        assert not _can_read(milter, hd["maillog"])
+        assert _can_read(tracker, tracker_secrets) and _can_write(tracker, store)
+        assert yaml.safe_load(tracker_secrets.read_text()) == {
+            "umbrella": {"webhook_secret": d.secrets["umbrella"]["webhook_secret"]}
+        }
+        # Neither can change the configuration or the other's files.
+        for ident in (milter, tracker):
+            assert not _can_write(ident, etc / "relay.yaml")
+            assert not _can_write(ident, etc / "tenants" / "acme.yaml")
+            assert not _can_write(ident, config / "main.cf")
+        assert not _can_write(milter, store)
+        # Postfix (its account, with its groups from /etc/group as its daemons get them)
+        # reaches the milter socket; the socket's group holds no service account.
+        sock = hd["root"] / "milter" / "milter.sock"
+        st = sock.stat()
+        sock_group = grp.getgrgid(st.st_gid)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert sock_group.gr_name == "relay-milter-sock" and "postfix" in sock_group.gr_mem
+        assert st.st_gid not in [milter[1], *milter[2]]
+        # The mail log: root:adm 0640.
+        st = hd["maillog"].stat()
+        assert (st.st_uid, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)) == (0, "adm", 0o640)
+
+
+def test_root_never_writes_where_a_service_account_can(deployment):
+    """Every directory a service account can write holds only that account's files
+    (in direct mode the services open their own output files), and the secrets and
+    stamps root writes are in root-only places."""
+    import pwd
+
+    d = deployment
+    for name, hd in d.hosts.items():
+        root = hd["root"]
+        writable = {
+            "relay-milter": [hd["log"] / "milter", root / "milter"],
+            "relay-tracker": [hd["log"] / "tracker", hd["state"] / "tracker"],
+        }
+        for account, dirs in writable.items():
+            for directory in dirs:
+                assert pwd.getpwuid(directory.stat().st_uid).pw_name == account
+                owners = {p.name: pwd.getpwuid(p.lstat().st_uid).pw_name for p in directory.iterdir()}
+                assert owners and set(owners.values()) == {account}, f"{name}: {directory}: {owners}"
+        assert (hd["log"] / "milter" / "relay-milter.out").exists()
+        assert (hd["log"] / "tracker" / "relay-tracker.out").exists()
+        # Directories root writes in are root's alone.
+        for directory in (hd["log"], hd["state"], hd["run"], hd["etc"], hd["etc"] / "tenants", hd["config"]):
+            st = directory.stat()
+            assert st.st_uid == 0 and not st.st_mode & 0o022, directory
+        # The stamps hold fingerprints over the secrets: root only.
+        for stamp in ("milter", "tracker", "postfix"):
+            st = (hd["state"] / f"{stamp}.applied").stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+
+
 def test_installed_files_have_the_right_owners_and_modes(deployment):
+    import grp
+
     d = deployment
     h = d.hosts["relay1"]
     secrets = h["etc"] / "secrets.yaml"
@@ -355,21 +581,79 @@ def test_installed_files_have_the_right_owners_and_modes(deployment):
     assert all(d.users["acme-app"] not in p.read_text() for p in (h["state"] / "users").iterdir())
     tenant_file = h["etc"] / "tenants" / "acme.yaml"
     assert stat.S_IMODE(tenant_file.stat().st_mode) == 0o640
+    assert grp.getgrgid(tenant_file.stat().st_gid).gr_name == "tenant-relay"
     assert yaml.safe_load(tenant_file.read_text())["relay_domain"] == "acme.relay.test"
-    sock = h["root"] / "milter" / "milter.sock"
-    st = sock.stat()
-    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    # relayctl on PATH (relay_bin_link) and its bash completion.
+    assert (h["root"] / "bin" / "relayctl").resolve() == (h["root"] / "venv" / "bin" / "relayctl").resolve()
+    completion = (h["root"] / "bash_completion.d" / "relayctl").read_text()
+    assert "_relayctl_completion()" in completion and "_RELAYCTL_COMPLETE=bash_complete" in completion
+    # The systemd units are rendered (installed under /etc/systemd/system with systemd).
+    units = h["root"] / "share" / "systemd"
+    milter_unit = (units / "relay-milter.service").read_text()
+    tracker_unit = (units / "relay-tracker.service").read_text()
+    exec_start = re.search(r"^ExecStart=(\S+)", milter_unit, re.M).group(1)
+    assert os.access(exec_start, os.X_OK), exec_start
+    assert "User=relay-milter\nGroup=relay-milter\n" in milter_unit and "postfix" not in re.findall(r"^(?:Group|SupplementaryGroups)=.*", milter_unit, re.M)[0]
+    assert "User=relay-tracker\nGroup=relay-tracker\n" in tracker_unit
+    assert re.search(r"^InaccessiblePaths=.*" + re.escape(str(h["config"] / "sasl")) + r"\b", milter_unit, re.M)
+    for unit in (milter_unit, tracker_unit):
+        for line in ("CapabilityBoundingSet=", "SystemCallFilter=@system-service", "ProtectSystem=strict",
+                     "PrivateDevices=yes", "MemoryDenyWriteExecute=yes", "NoNewPrivileges=yes"):
+            assert f"\n{line}\n" in unit, line
+        assert re.search(r"^RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6$", unit, re.M)
+
+
+def test_units_score_2_or_better_in_systemd_analyze_security(deployment, tmp_path):
+    """systemd-analyze security works offline on unit files (no systemd as PID 1 here).
+    The units are rendered for a standard systemd host (the ones of the direct-mode
+    deployment name paths under the test's directory)."""
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("systemd-analyze not installed")
+    units = deployment.hosts["relay1"]["root"] / "share" / "systemd"
+    scores = {}
+    for unit in ("relay-milter.service", "relay-tracker.service"):
+        shutil.copy(units / unit, tmp_path / unit)
+        r = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(tmp_path / unit)],
+                           capture_output=True, text=True, timeout=120)
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d)", r.stdout)
+        assert m, r.stdout[-2000:] + r.stderr
+        scores[unit] = float(m.group(1))
+    print(f"systemd-analyze security: {scores}")
+    assert all(score <= 2.0 for score in scores.values()), scores
+
+
+def test_logrotate_rotates_as_the_owners_and_the_tracker_follows(deployment):
+    """A forced rotation (logrotate with the role's configuration): the new logs get
+    the right owners and modes, and mail relayed after it is still tracked."""
     import grp
     import pwd
 
-    assert grp.getgrgid(st.st_gid).gr_name == "postfix"
-    milter_user = pwd.getpwuid(Path(f"/proc/{d.milter_pid('relay1')}").stat().st_uid).pw_name
-    assert milter_user == "relay-milter"  # the milter does not run as root
-    # The systemd units are rendered (installed under /etc/systemd/system with systemd).
-    unit = (h["root"] / "share" / "systemd" / "relay-milter.service").read_text()
-    exec_start = re.search(r"^ExecStart=(\S+)", unit, re.M).group(1)
-    assert os.access(exec_start, os.X_OK), exec_start
-    assert "User=relay-milter" in unit and "Group=postfix" in unit
+    d = deployment
+    h = "relay1"
+    hd = d.hosts[h]
+    conf = hd["root"] / "logrotate.conf"
+    r = subprocess.run(["logrotate", "-f", "-v", "-s", str(hd["root"] / "logrotate.state"), str(conf)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "error:" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    milter_log = hd["log"] / "milter" / "milter.log"
+    assert (hd["log"] / "milter" / "milter.log.1").exists() and hd["maillog"].with_name("maillog.1").exists()
+    for path, owner, group in ((milter_log, "relay-milter", "adm"), (hd["maillog"], "root", "adm")):
+        st = path.stat()
+        assert (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)) == (owner, group, 0o640)
+    got = _send_and_expect(d, h, "acme", "after-rotation")
+    [mid] = got.header("Message-ID")
+    mid = mid.strip().strip("<>")
+    # The milter reopened its log: its record of the message is in the new file.
+    wait_for(lambda: mid in milter_log.read_text() or None, 30, what="the milter's record in the new milter.log")
+    store = open_store(d.events_dsn(h))
+    try:
+        wait_for(
+            lambda: [e for e in store.events(kinds=[Kind.RELAYED]) if mid in (e.message_id or "")] or None,
+            30, what="the tracker's RELAYED event for the message sent after the rotation",
+        )
+    finally:
+        store.close()
 
 
 def test_second_run_changes_nothing(deployment):
@@ -431,6 +715,9 @@ def test_bad_tenant_fails_the_play_before_anything_live_changes(deployment):
     out = r.stdout + r.stderr
     assert "tenant globex: field relay_domain" in out and "field smarthost.port" in out, out[-4000:]
     assert "Check the staged configuration" in out
+    # The error names the inventory's tenant, not the staging copy of it.
+    assert "relay_tenants[globex]: tenant globex: field relay_domain" in out, out[-4000:]
+    assert "relay-staging-" not in out
     for h in HOSTS:
         assert d.live_snapshot(h) == before[h]
         assert d.milter_pid(h) == pids[h]
@@ -504,6 +791,18 @@ def test_adding_and_removing_tenants_on_running_relays_keeps_mail_flowing(deploy
         for subject in t.sent:
             wait_for(lambda s=subject: d.arrived("acme", s), 30, what=f"{subject!r} at sink acme")
         print(f"{h}: {len(t.sent)} acme messages during the play, all delivered; {t.tempfails} 4xx retried")
+
+
+def test_tags_select_steps_and_keep_the_facts_they_need(deployment):
+    r = deployment.play("--list-tasks", "--tags", "config,services")
+    assert r.returncode == 0, _fail(r)
+    out = r.stdout
+    for task in ("Check the staged configuration (relayctl check)", "Render the systemd units",
+                 "Checksum the package", "Check whether relayctl is installed"):  # the last two: tagged always
+        assert task in out, task
+    for task in ("Install Postfix and the build dependencies", "Install the firewall ruleset", "Set submission user passwords"):
+        assert task not in out, task
+    assert re.search(r"TAGS: \[.*\bconfig\b", out) and re.search(r"TAGS: \[.*\bservices\b", out)
 
 
 def test_ansible_lint_production_profile_is_clean():

@@ -252,3 +252,25 @@ def test_a_webhook_needs_its_secret_in_the_secrets_file(tmp_path):
     assert "short" not in str(exc.value)
     secrets.write_text("acme: {webhook_secret: 'a-long-enough-secret'}\n")
     assert load_secrets(secrets, ts)["acme"].webhook_secret == "a-long-enough-secret"
+
+
+def test_the_trackers_secrets_file_needs_only_the_webhook_secrets(tmp_path):
+    """The tracker (its own account) reads a file holding the webhook secrets and no
+    smarthost password; a tenant with smarthost.auth does not make it invalid."""
+    import os
+
+    from relay_milter.config import load_secrets
+
+    d = tmp_path / "tenants"
+    d.mkdir()
+    write(d, "acme.yaml", GOOD + SMARTHOST_AUTH + "webhook: {url: 'https://hooks.acme.example/relay'}\n")
+    ts = load_tenants(d)
+    secrets = tmp_path / "tracker-secrets.yaml"
+    secrets.write_text("acme: {webhook_secret: 'a-long-enough-secret'}\n")
+    os.chmod(secrets, 0o600)
+    with pytest.raises(ConfigError, match="tenant acme: field smarthost_password: required by the tenant's smarthost.auth"):
+        load_secrets(secrets, ts)
+    assert load_secrets(secrets, ts, webhooks_only=True)["acme"].smarthost_password is None
+    secrets.unlink()
+    with pytest.raises(ConfigError, match="missing; tenant acme: field webhook needs its webhook_secret there"):
+        load_secrets(secrets, ts, webhooks_only=True)

@@ -68,7 +68,7 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
     from relay_milter.tracking.service import main_loop
 
     tenants, settings = obj.load(last_good=True)
-    secrets = load_secrets(settings.secrets_file, tenants)  # a ConfigError exits 3
+    secrets = load_secrets(settings.secrets_file, tenants, webhooks_only=True)  # a ConfigError exits 3
     logs.setup(settings.log_level, str(log_file) if log_file else None)
     log = logging.getLogger("relay.tracker")
 
