@@ -357,6 +357,8 @@ class TrackingSettings(_Strict):
     record_wait: float = Field(defaults.TRACK_RECORD_WAIT, ge=0, le=600)
     webhook_backoff_base: float = Field(defaults.WEBHOOK_BACKOFF_BASE, gt=0, le=3600)
     webhook_backoff_max: float = Field(defaults.WEBHOOK_BACKOFF_MAX, gt=0, le=86400)
+    # relayctl prune's default --older-than: a duration (30d, 12w, 90d).
+    retention: str = Field(defaults.TRACK_RETENTION, pattern=r"^[1-9]\d*[hdw]$")
 
     def dsn(self) -> str:
         """The store in use: RELAY_EVENTS_DSN (keeps a database password out of relay.yaml)

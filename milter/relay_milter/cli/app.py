@@ -5,9 +5,11 @@
     users      user add | remove | list
     certs      cert selfsigned
     tracking   trace, queue, stats, requeue, hold, release, metrics
+    history    events, webhooks replay, prune, backup
     demo       demo
 
-Shared by all of them: ``context`` (global options, the event store) and ``errors`` (the
+Shared by all of them: ``context`` (global options, the event store), ``formats`` (time
+arguments, event tables) and ``errors`` (the
 exit-code table and ``fail()``). Command modules import those two, never this one, so
 there is no import cycle.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import click
 
 from relay_milter import __version__
-from relay_milter.cli import certs, configure, demo, services, tracking, users
+from relay_milter.cli import certs, configure, demo, history, services, tracking, users
 from relay_milter.cli.context import DEFAULT_SETTINGS, DEFAULT_TENANTS, Context
 from relay_milter.cli.errors import reported, table
 
@@ -70,6 +72,6 @@ def main(ctx: click.Context, tenants_dir: Path, settings_file: Path | None) -> N
     ctx.obj = Context(tenants_dir, settings_file)
 
 
-for _module in (configure, services, users, certs, tracking, demo):
+for _module in (configure, services, users, certs, tracking, history, demo):
     for _command in _module.COMMANDS:
         main.add_command(_command)

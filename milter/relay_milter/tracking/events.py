@@ -59,6 +59,9 @@ class Event:
     next_retry: float | None = None  # DEFERRED: estimate of the next attempt
     size: int | None = None
     client: str | None = None  # ingress client, e.g. localhost[127.0.0.1]
+    seq: int | None = None  # per-tenant sequence number, assigned by the store
+    delay: float | None = None  # Postfix delay=: seconds from arrival to the end of this attempt
+    delays: str | None = None  # Postfix delays=a/b/c/d (before qmgr, in qmgr, connect, transmit)
     id: int | None = None  # assigned by the store
 
     def __post_init__(self) -> None:
