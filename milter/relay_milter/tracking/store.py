@@ -131,7 +131,8 @@ _V2_EVENT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
 _V2_OUTBOX_COLUMNS: tuple[tuple[str, str, bool], ...] = (("replay", "int", False),)
 _V2_TABLES: tuple[Table, ...] = (
     Table("tenant_seq", (("tenant", "text", True), ("last", "int", True)), ("tenant",)),
-    # metric: "events" (label = kind), "delay_bucket" (label = le), "delay_sum", "delay_count"
+    # metric: "events" (label = kind), "delay_bucket" (label = upper bound; per bucket, not
+    # cumulative), "delay_sum", "delay_count"
     Table(
         "counters",
         (("node", "text", True), ("metric", "text", True), ("tenant", "text", True), ("label", "text", True), ("value", "real", True)),
@@ -318,6 +319,7 @@ class Tx:
 
     def __init__(self, conn: _Conn):
         self._c = conn
+        self._counts: dict[tuple[str, str, str, str], float] = {}
 
     # -- events ----
     def add_event(self, ev: Event) -> int:
@@ -336,21 +338,28 @@ class Tx:
         tenant = ev.tenant or "-"
         self.count(ev.node, "events", tenant, ev.kind.value)
         if ev.kind is Kind.RELAYED and ev.delay is not None:
-            for le in DELAY_BUCKETS:
-                if ev.delay <= le:
-                    self.count(ev.node, "delay_bucket", tenant, _le(le))
-            self.count(ev.node, "delay_bucket", tenant, "+Inf")
+            # One row per bucket, not cumulative: the reader adds them up (one write here).
+            bound = next((b for b in DELAY_BUCKETS if ev.delay <= b), float("inf"))
+            self.count(ev.node, "delay_bucket", tenant, _le(bound))
             self.count(ev.node, "delay_sum", tenant, "", ev.delay)
             self.count(ev.node, "delay_count", tenant, "")
         return ev.id
 
     def count(self, node: str, metric: str, tenant: str, label: str, by: float = 1) -> None:
-        """Add ``by`` to one of ``node``'s counters."""
-        self._c.execute(
-            "INSERT INTO counters (node, metric, tenant, label, value) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (node, metric, tenant, label) DO UPDATE SET value = counters.value + excluded.value",
-            [node, metric, tenant, label, by],
-        )
+        """Add ``by`` to one of ``node``'s counters (written when the transaction commits:
+        one upsert per counter touched, however many events it counts)."""
+        key = (node, metric, tenant, label)
+        self._counts[key] = self._counts.get(key, 0) + by
+
+    def flush(self) -> None:
+        """Write the counter increments gathered so far (called before every commit)."""
+        for (node, metric, tenant, label), by in sorted(self._counts.items()):
+            self._c.execute(
+                "INSERT INTO counters (node, metric, tenant, label, value) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (node, metric, tenant, label) DO UPDATE SET value = counters.value + excluded.value",
+                [node, metric, tenant, label, by],
+            )
+        self._counts.clear()
 
     def queue_webhook(self, ev: Event, body: str, replay: bool = False) -> None:
         """Queue ``body`` (the exact bytes to POST, built by the caller from the recorded
@@ -699,14 +708,20 @@ class Store(ABC):
         ``node``'s RELAYED deliveries (Postfix's delay=)."""
         out: dict[str, dict[str, Any]] = {}
         rows = self._query("SELECT metric, tenant, label, value FROM counters WHERE node = ? AND metric LIKE 'delay_%'", [node])
+        labels = [_le(b) for b in (*DELAY_BUCKETS, float("inf"))]
         for r in rows:
-            h = out.setdefault(r["tenant"], {"buckets": {_le(b): 0 for b in (*DELAY_BUCKETS, float("inf"))}, "sum": 0.0, "count": 0})
+            h = out.setdefault(r["tenant"], {"buckets": dict.fromkeys(labels, 0), "sum": 0.0, "count": 0})
             if r["metric"] == "delay_bucket":
                 h["buckets"][r["label"]] = int(r["value"])
             elif r["metric"] == "delay_sum":
                 h["sum"] = float(r["value"])
             elif r["metric"] == "delay_count":
                 h["count"] = int(r["value"])
+        for h in out.values():  # stored per bucket; Prometheus buckets are cumulative
+            total = 0
+            for le in labels:
+                total += h["buckets"][le]
+                h["buckets"][le] = total
         return out
 
     def outbox_due_tenants(self, now: float) -> list[str]:
@@ -859,7 +874,9 @@ class _SqliteStore(Store):
         conn = _SqliteConn(self)
         self._local.active = True
         try:
-            yield Tx(conn)
+            tx = Tx(conn)
+            yield tx
+            tx.flush()
         except BaseException:
             conn.finish(commit=False)
             raise
@@ -1015,7 +1032,9 @@ class _PgStore(Store):
         if conn.info.transaction_status != TransactionStatus.IDLE:
             raise RuntimeError("nested event store transaction")
         with conn.transaction():
-            yield Tx(_PgConn(conn))
+            tx = Tx(_PgConn(conn))
+            yield tx
+            tx.flush()
 
     @contextmanager
     def _read(self) -> Iterator[_Conn]:

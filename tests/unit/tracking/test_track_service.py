@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from secrets import token_urlsafe
 import sys
 import threading
 from pathlib import Path
@@ -80,7 +81,8 @@ def test_second_tracker_refused_and_tenant_changes_reach_the_running_one(env):
         with open_store(f"sqlite:///{tmp_path}/events.db") as s, s.transaction() as tx:
             eid = record_event(tx, Event(Kind.RECEIVED, 1_795_000_000.0, "relay1", tenant="acme", queue_id="Q1"), webhook=True)
         with WebhookReceiver() as rx:
-            secrets.write_text(yaml.safe_dump({"acme": {"webhook_secret": "acme-webhook-secret-0123"}}))
+            key = token_urlsafe(24)  # generated: no secret in the repository
+            secrets.write_text(yaml.safe_dump({"acme": {"webhook_secret": key}}))
             write_tenants(tenants, [tenant_doc("acme", webhook={"url": rx.url, "timeout": 5})])
             wait_for_text(log, "event=reload tenants=acme", proc, "the tenant reload")
             for _ in range(3000):
