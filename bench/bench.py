@@ -259,7 +259,7 @@ def make_instance(name: str, ts: dict[str, BenchTenant], sink: SmtpSinkProcess, 
         )
         milters = ""
         if name == "opendkim":
-            od = OpenDkim(lab.base, "relay.lab.test", dns.port).start()
+            od = OpenDkim(lab.instance, "relay.lab.test", dns.port).start()  # opendkim runs as its own user: not in the 0700 base
             inst.extra.append(od)
             inst.milter_pid = od.proc.pid
             milters = f"inet:127.0.0.1:{od.port}"

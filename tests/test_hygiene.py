@@ -5,7 +5,8 @@ recorded logs and queue listings, i.e. data, not code that opens anything):
 
 * An *absolute path* is a ``/`` followed by a name character, not preceded by a
   word character or one of ``. : / ~ $ -`` (so ``text/plain``,
-  ``http://host/x``, ``a/b`` and ``~/x`` are not). In an f-string, a piece
+  ``http://host/x``, ``a/b`` and ``~/x`` are not), and not followed by ``=``
+  (DKIM tag lists such as ``d=/s=``). In an f-string, a piece
   directly after a ``{placeholder}`` continues a path built from a value
   (``f"{tmp_path}/events.db"``) and is not an absolute path either.
 * In a Python file every string literal (including f-string pieces and
@@ -47,7 +48,8 @@ ALLOWED: tuple[tuple[str, str], ...] = (
     ("/hooks/", "URL paths on the loopback webhook receiver, not files"),
 )
 
-_PATH = re.compile(r"(?<![\w.:/~$-])/[A-Za-z0-9_.-][A-Za-z0-9_.*/-]*")
+# A token directly followed by "=" is a tag list such as DKIM's "d=/s=", not a path.
+_PATH = re.compile(r"(?<![\w.:/~$-])/[A-Za-z0-9_.-][A-Za-z0-9_.*/-]*+(?!=)")
 
 
 def _paths(text: str, glued_to_value: bool = False):

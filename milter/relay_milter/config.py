@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,6 +39,52 @@ _HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
 
 class ConfigError(Exception):
     """A configuration problem, phrased for the operator."""
+
+
+# A quoted fragment of a YAML parser message that is safe to repeat: a token name
+# ('<scalar>', '<block end>') or one character ('@', '\\t'). Anything else in quotes
+# (an alias or tag name, a scalar) may be part of a secret.
+_SAFE_QUOTED = re.compile(r"^'(<[a-z ]+>|[^'\\]|\\(x[0-9a-f]{2}|u[0-9a-f]{4}|[a-z]))'$")
+
+
+def _redact_quoted(text: str) -> str:
+    return re.sub(r"'[^'\n]*'", lambda m: m.group(0) if _SAFE_QUOTED.match(m.group(0)) else "'...'", text)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as "<problem> at line L, column C", never the parser's snippet.
+
+    PyYAML's str() of an error quotes the offending lines of the file; for the secrets
+    file (and relay.yaml with a database password in events_dsn) that is the secret
+    itself. Only the parser's description, with quoted names redacted, and the position
+    are kept."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"unacceptable character #x{char:04x} ({exc.reason}) at character {exc.position + 1}"
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    context = getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    text = _redact_quoted(str(problem))
+    if context:
+        text = f"{text} ({_redact_quoted(str(context))})"
+    if mark is not None:
+        text += f" at line {mark.line + 1}, column {mark.column + 1}"
+    return text
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """Read one YAML file the relay uses (tenants, settings, secrets). Raises ConfigError
+    naming the file, the problem and its line and column, never the file's content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: not UTF-8 (byte offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({what}): {yaml_problem(exc)}") from None
 
 
 def _domain(value: str) -> str:
@@ -105,7 +153,7 @@ class Smarthost(_Strict):
     # With tls: verify, the name the certificate must carry (default: host). Needed
     # when host is an IP address: Postfix matches DNS names only.
     tls_match: str | None = None
-    # Log in to the smarthost (only over TLS: tls must be encrypt or verify).
+    # Log in to the smarthost (only over verified TLS: tls must be verify).
     auth: SmarthostAuth | None = None
     # Parallel deliveries to this smarthost (Postfix destination concurrency and maxproc).
     concurrency: int = Field(defaults.SMARTHOST_CONCURRENCY, ge=1, le=100)
@@ -138,8 +186,11 @@ class Smarthost(_Strict):
             raise ValueError("ca_file is only used with tls: verify")
         if self.tls_match is not None and self.tls != "verify":
             raise ValueError("tls_match is only used with tls: verify")
-        if self.auth is not None and self.tls not in ("encrypt", "verify"):
-            raise ValueError("auth needs tls: encrypt or verify (credentials are never sent in clear)")
+        if self.auth is not None and self.tls != "verify":
+            raise ValueError(
+                f"auth needs tls: verify, not {self.tls} (without a verified certificate an active "
+                "attacker between relay and smarthost collects the password)"
+            )
         return self
 
     @property
@@ -197,8 +248,13 @@ class Tenant(_Strict):
     # Without one the key is looked up in DNS at <selector>._domainkey.<signing_domain>.
     public_key: str | None = None
     required_signed_headers: tuple[str, ...] = defaults.REQUIRED_SIGNED_HEADERS
+    # Headers the signature must cover whenever the message has them (every instance).
+    signed_headers_if_present: tuple[str, ...] = defaults.SIGNED_HEADERS_IF_PRESENT
     # Reject signatures older than this many seconds (by t=); 0 disables the check.
-    max_signature_age: int = Field(0, ge=0)
+    max_signature_age: int = Field(defaults.MAX_SIGNATURE_AGE, ge=0)
+    # Signed ingress: every decoded envelope recipient must be in the signed To/Cc, so a
+    # captured message cannot be replayed to new recipients. true allows Bcc-style sending.
+    allow_bcc: bool = False
     allowed_sender_domains: tuple[Domain, ...] = Field(min_length=1)
     # Optional exact sender addresses (header From). Empty means any address in the domains.
     allowed_senders: tuple[Address, ...] = ()
@@ -247,6 +303,11 @@ class Tenant(_Strict):
         if "from" not in names:
             names = ("from",) + names
         return names
+
+    @field_validator("signed_headers_if_present")
+    @classmethod
+    def _signed_if_present(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(_header_name(h).lower() for h in v))
 
     @field_validator("public_key")
     @classmethod
@@ -359,6 +420,11 @@ class TrackingSettings(_Strict):
     webhook_backoff_max: float = Field(defaults.WEBHOOK_BACKOFF_MAX, gt=0, le=86400)
     # relayctl prune's default --older-than: a duration (30d, 12w, 90d).
     retention: str = Field(defaults.TRACK_RETENTION, pattern=r"^[1-9]\d*[hdw]$")
+    # Webhook URLs must resolve to public addresses; these networks are allowed besides
+    # (e.g. [10.20.0.0/16] for a receiver on the internal network). Loopback, link-local
+    # (cloud metadata at 169.254.169.254), private, multicast and reserved addresses are
+    # refused unless listed here. Checked on the address actually connected to.
+    webhook_allow_networks: tuple[Network, ...] = ()
 
     def dsn(self) -> str:
         """The store in use: RELAY_EVENTS_DSN (keeps a database password out of relay.yaml)
@@ -402,6 +468,9 @@ class Settings(_Strict):
     secrets_file: Path = Path(defaults.SECRETS_FILE)
     # "" logs to syslog instead of a file.
     maillog_file: str = defaults.MAILLOG_FILE
+    # An inet: milter socket lets any local user connect to the milter and pose as Postfix,
+    # with a forged {auth_authen} (any tenant's submission login). Refused unless set.
+    milter_socket_allow_inet: bool = False
     milter_socket: str = defaults.MILTER_SOCKET
     milter_socket_group: str = defaults.MILTER_SOCKET_GROUP
     milter_socket_mode: int = defaults.MILTER_SOCKET_MODE
@@ -410,18 +479,46 @@ class Settings(_Strict):
     milter_content_timeout: str = defaults.MILTER_CONTENT_TIMEOUT
     maximal_queue_lifetime: str = defaults.MAXIMAL_QUEUE_LIFETIME
     message_size_limit: int = Field(defaults.MESSAGE_SIZE_LIMIT, ge=1024)
+    # Hop signatures (tenant's d= and s=) examined per message; more get 550 5.7.21.
+    max_hop_signatures: int = Field(defaults.MAX_HOP_SIGNATURES, ge=1, le=1000)
+    # AUTH commands one client may send per anvil_rate_time_unit (60 s); 0 disables the limit.
+    # Clients in mynetworks (loopback) are exempt (smtpd_client_event_limit_exceptions).
+    smtpd_client_auth_rate_limit: int = Field(defaults.SMTPD_CLIENT_AUTH_RATE_LIMIT, ge=0)
+    # Local users besides root allowed to list the queue (postqueue -p/-j), e.g. the
+    # tracker's service account for its queue metrics. Flushing stays root-only.
+    queue_readers: tuple[str, ...] = ()
     dns: DnsSettings = DnsSettings()
     tracking: TrackingSettings = TrackingSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("authserv_id")
+    @classmethod
+    def _authserv(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[!#$%&'*+\-.0-9A-Za-z^_`{|}~]{1,255}$", v):
+            raise ValueError("not an RFC 8601 authserv-id (a domain name, or a token without spaces or ()<>@,;:\\\"/[]?=)")
+        return v
+
     @field_validator("milter_socket")
     @classmethod
-    def _socket(cls, v: str) -> str:
+    def _socket(cls, v: str, info: ValidationInfo) -> str:
         if v.startswith("unix:") and v[5:].startswith("/"):
             return v
-        if re.match(r"^inet6?:[^:]+:\d+$", v) or re.match(r"^inet6?:\[[0-9a-fA-F:]+\]:\d+$", v):
-            return v
-        raise ValueError("use unix:/absolute/path or inet:host:port")
+        if not (re.match(r"^inet6?:[^:]+:\d+$", v) or re.match(r"^inet6?:\[[0-9a-fA-F:]+\]:\d+$", v)):
+            raise ValueError("use unix:/absolute/path or inet:host:port")
+        if not info.data.get("milter_socket_allow_inet"):
+            raise ValueError(
+                "an inet: socket lets any local user connect to the milter, pose as Postfix and "
+                "forge a submission login; use unix:/path, or set milter_socket_allow_inet: true"
+            )
+        return v
+
+    @field_validator("queue_readers")
+    @classmethod
+    def _queue_readers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for user in v:
+            if not re.match(r"^[a-z_][a-z0-9_.-]{0,31}$", user):
+                raise ValueError(f"not a local user name: {user!r}")
+        return v
 
     @field_validator("maximal_queue_lifetime", "milter_connect_timeout", "milter_command_timeout", "milter_content_timeout")
     @classmethod
@@ -511,12 +608,7 @@ def _format_validation(path: Path, tenant: str, exc: ValidationError) -> str:
 
 
 def _documents(path: Path) -> list[Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    data = load_yaml(path, "tenant file")
     if data is None:
         return []
     if isinstance(data, dict) and set(data) == {"tenants"}:
@@ -610,6 +702,22 @@ class TenantSecrets(_Strict):
         return v
 
 
+def check_secret_file(path: Path) -> None:
+    """A secrets file must belong to root (or to the identity reading it, e.g. a service
+    account given the file by systemd's LoadCredential=) and have no group or other
+    permission bits. Raises ConfigError."""
+    st = path.stat()
+    owners = {0, os.geteuid()}
+    if st.st_uid not in owners:
+        raise ConfigError(
+            f"{path}: owned by uid {st.st_uid}: secrets must belong to root (chown root:root; chmod 0600)"
+        )
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: mode {st.st_mode & 0o777:04o}: secrets must not be readable by others (chmod 0600)"
+        )
+
+
 def load_secrets(path: Path, tenants: TenantSet) -> dict[str, TenantSecrets]:
     """Read the root-only secrets file. Only needed when a tenant uses one, so a
     missing file is an error only then."""
@@ -621,13 +729,8 @@ def load_secrets(path: Path, tenants: TenantSet) -> dict[str, TenantSecrets]:
                 + ("smarthost.auth needs its smarthost_password there" if needs[0].smarthost.auth else "webhook needs its webhook_secret there")
             )
         return {}
-    st = path.stat()
-    if st.st_mode & 0o077 and st.st_uid == 0:
-        raise ConfigError(f"{path}: mode {st.st_mode & 0o777:04o}: secrets must not be readable by others (chmod 0600)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot load secrets: {exc}") from None
+    check_secret_file(path)
+    data = load_yaml(path, "secrets file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of tenant id -> secrets")
     errors: list[str] = []
@@ -663,10 +766,7 @@ def load_settings(path: Path | str | None) -> Settings:
     if path is None:
         return Settings()
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot load settings: {exc}") from None
+    data = load_yaml(path, "settings") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     try:

@@ -25,6 +25,8 @@ SECRETS_FILE = "/etc/tenant-relay/secrets.yaml"
 # Temporary failures are retried for 48 h, then the message bounces.
 MAXIMAL_QUEUE_LIFETIME = "48h"
 MESSAGE_SIZE_LIMIT = 25 * 1024 * 1024
+# AUTH commands per client per minute (Postfix anvil); password guessing slows to this.
+SMTPD_CLIENT_AUTH_RATE_LIMIT = 30
 
 # DKIM key lookups when a tenant has no pinned key.
 DNS_TIMEOUT = 5.0
@@ -33,6 +35,18 @@ DNS_TIMEOUT = 5.0
 ROUTE_HEADER = "X-Relay-Route"
 # Headers a tenant's hop signature must cover unless the tenant says otherwise.
 REQUIRED_SIGNED_HEADERS = ("from", "to", "subject")
+# ... and these too whenever the message has them (every instance): they change what the
+# message means or how it is displayed, and are easy to add or change after signing.
+SIGNED_HEADERS_IF_PRESENT = ("reply-to", "cc", "content-type", "mime-version", "message-id")
+# Hop signatures older than this (by t=) are refused: the replay window of a captured
+# message. One day rides out a long relay outage while the platform's queue retries the
+# same signed message; docs/security.md has the reasoning. 0 turns the check off.
+MAX_SIGNATURE_AGE = 86400
+# Signatures with the tenant's d=/s= examined per message; more are refused (5.7.21)
+# before any cryptography. A platform signs once (twice during a key change).
+MAX_HOP_SIGNATURES = 3
+# Author-like headers held to the tenant's sender policy, like From (both ways in).
+SENDER_HEADERS = ("sender", "resent-from", "resent-sender")
 # RFC 5322 section 3.6: at most one of each. Duplicates are a display-spoofing trick.
 SINGLETON_HEADERS = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id")
 

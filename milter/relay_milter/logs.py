@@ -22,13 +22,29 @@ MAX_VALUE = 512
 MAX_UNCUT_VALUE = 512 * 1024
 
 
+_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\x00": "\\0"}
+_C0_DEL = re.compile(r"[\x00-\x1f\x7f]")
+_C0_DEL_BUT_NL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+
+
+def _escape_char(m: re.Match) -> str:
+    c = m.group(0)
+    return _NAMED.get(c) or f"\\x{ord(c):02x}"
+
+
+def escape_controls(text: str) -> str:
+    """Client text made safe for a log line: non-ASCII as ``\\xNN``/``\\uNNNN`` (this
+    includes the C1 controls), every C0 control and DEL as ``\\r``, ``\\n``, ``\\t``,
+    ``\\0`` or ``\\xNN``. No terminal escape sequence, line break or field separator from
+    a client ever reaches the log, and the tracker's parser accepts the line."""
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return _C0_DEL.sub(_escape_char, text)
+
+
 def logfmt_value(value: Any, limit: int = MAX_VALUE) -> str:
     if value is None:
         return '""'
-    text = str(value)
-    # Never let client-controlled text forge extra log lines or fields.
-    text = text.encode("ascii", "backslashreplace").decode("ascii")
-    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\x00", "\\0")
+    text = escape_controls(str(value))
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     if text and _BARE.match(text):
@@ -48,6 +64,19 @@ def event(logger: logging.Logger, level: int, qid: str | None, name: str, **fiel
     logger.log(level, "%s: %s", qid or "NOQUEUE", " ".join(parts))
 
 
+class SafeFormatter(logging.Formatter):
+    """Escapes control characters (but the newlines of a traceback) in every record, also
+    those not written through ``event`` (exception texts may quote client input)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _C0_DEL_BUT_NL.sub(_escape_char, super().format(record))
+
+
+def formatter() -> logging.Formatter:
+    """The format of the milter's and the tracker's logs (what tracking.logparse reads)."""
+    return SafeFormatter("%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+
+
 def setup(level: str = "info", log_file: str | None = None) -> None:
     handler: logging.Handler
     if log_file:
@@ -56,9 +85,7 @@ def setup(level: str = "info", log_file: str | None = None) -> None:
         handler = WatchedFileHandler(log_file)  # follows logrotate's rename
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
-    )
+    handler.setFormatter(formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -58,7 +58,8 @@ def test_examples_shipped_with_the_repo_are_valid():
         ("public_key: '-----BEGIN PUBLIC KEY-----\\n!!!\\n-----END PUBLIC KEY-----'\n", "public_key", "not valid base64"),
         ("headers: {reply_to: 'not an address'}\n", "headers.reply_to", "not a plain mailbox"),
         ("headers: {strip: ['Bad Header']}\n", "headers.strip.0", "not a valid header field name"),
-        ("smarthost: {host: smtp.acme.example, tls: may, auth: {username: u}}\n", "smarthost", "auth needs tls: encrypt or verify"),
+        ("smarthost: {host: smtp.acme.example, tls: may, auth: {username: u}}\n", "smarthost", "auth needs tls: verify, not may"),
+        ("smarthost: {host: smtp.acme.example, tls: encrypt, auth: {username: u}}\n", "smarthost", "auth needs tls: verify, not encrypt"),
         ("smarthost: {host: smtp.acme.example, tls: verify, auth: {username: 'a b'}}\n", "smarthost.auth.username", "printable ASCII"),
         ("smarthost: {host: smtp.acme.example, tls: verify, auth: {username: u, password: p}}\n", "smarthost.auth.password", "unknown field"),
         ("smarthost: {host: 127.0.0.1, tls: encrypt, tls_match: mx.acme.example}\n", "smarthost", "tls_match is only used with tls: verify"),
@@ -161,7 +162,7 @@ def test_client_allowlist_matches_v4_v6_and_mapped(tmp_path):
 def test_settings_defaults_and_errors(tmp_path):
     s = Settings()
     assert s.maximal_queue_lifetime == "48h" and s.authserv == "relay.localdomain"
-    assert Settings(milter_socket="inet:127.0.0.1:8891").libmilter_socket() == "inet:8891@127.0.0.1"
+    assert Settings(milter_socket="inet:127.0.0.1:8891", milter_socket_allow_inet=True).libmilter_socket() == "inet:8891@127.0.0.1"
     p = write(tmp_path, "relay.yaml", "maximal_queue_lifetime: two days\nmilter_sockett: x\n")
     with pytest.raises(ConfigError) as exc:
         load_settings(p)

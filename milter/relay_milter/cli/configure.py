@@ -38,13 +38,18 @@ def tenants(obj: Context, as_json: bool) -> None:
 @_TEMPLATES
 @click.pass_obj
 def render(obj: Context, out: Path, templates: Path | None) -> None:
-    """Render main.cf, master.cf and the lookup tables into OUT (no checks, no install)."""
-    from relay_milter.postfix.render import render_files, write_files
+    """Render main.cf, master.cf and the lookup tables into OUT (no checks, no install).
+
+    OUT must be new or empty, and owned by you (root) without group or other write
+    permission: the smarthost password tables are written there."""
+    from relay_milter.postfix.render import UnsafeDirectory, render_files, write_files
 
     ts, settings = obj.load()
     files = render_files(ts, settings, templates)
     try:
-        written = write_files(files, out)
+        written = write_files(files, out, require_empty=True)
+    except UnsafeDirectory as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
     except OSError as exc:
         fail(ExitCode.UNAVAILABLE, f"cannot write into {out}: {exc}")
     for path in written:

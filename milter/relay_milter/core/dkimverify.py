@@ -6,17 +6,23 @@ what a failure means for the SMTP client (permanent vs temporary).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import dkim
 import dkim.util
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 import dns.exception
 import dns.resolver
 
 from relay_milter.core import fastcanon
+from relay_milter import defaults
 from relay_milter.config import DnsSettings, Tenant
 
 fastcanon.install()  # output-identical, faster dkimpy canonicalization helpers
@@ -95,6 +101,8 @@ class DkimResult:
     identity: str = ""
     b_prefix: str = ""
     key_source: str = ""
+    # Lower-case names in the passing signature's h= (each once): what the signature covers.
+    signed_headers: frozenset[str] = frozenset()
 
     @classmethod
     def fail(cls, reason: str, dsn: str = "5.7.20", temporary: bool = False) -> "DkimResult":
@@ -105,39 +113,65 @@ def _tag(sig: dict[bytes, bytes], name: bytes) -> str:
     return sig.get(name, b"").decode("ascii", "replace")
 
 
-def check_tags(sig: dict[bytes, bytes], tenant: Tenant, now: float) -> str | None:
-    """Policy on the signature's tags, before any cryptography. Returns a reason or None."""
+def signed_header_counts(sig: dict[bytes, bytes]) -> Counter[str]:
+    """How many times each header name is listed in h= (lower case)."""
+    names = sig.get(b"h", b"").decode("ascii", "replace").split(":")
+    return Counter(n.strip().lower() for n in names if n.strip())
+
+
+def check_tags(
+    sig: dict[bytes, bytes], tenant: Tenant, now: float, present: Counter[str] | None = None
+) -> str | None:
+    """Policy on the signature's tags, before any cryptography. Returns a reason or None.
+
+    ``present`` counts the message's header fields by lower-case name. With it, every
+    instance of a required header (and of an ``signed_headers_if_present`` header that
+    the message has) must be covered: h= must list the name at least as often as the
+    field occurs. Listing it once more (oversigning) is accepted and recommended: it
+    also covers the field's absence, so nobody can add one after signing.
+    """
     if b"l" in sig:
         return "signature has a body length limit (l=), which is not accepted"
     alg = sig.get(b"a", b"")
     if alg not in ACCEPTED_ALGORITHMS:
         return f"signature algorithm a={alg.decode('ascii', 'replace')} is not accepted (rsa-sha256 or ed25519-sha256)"
-    signed = {h.strip().lower() for h in sig.get(b"h", b"").decode("ascii", "replace").split(":")}
-    missing = [h for h in tenant.required_signed_headers if h not in signed]
+    signed = signed_header_counts(sig)
+    present = present or Counter()
+    wanted = list(tenant.required_signed_headers)
+    wanted += [h for h in tenant.signed_headers_if_present if present[h] and h not in wanted]
+    missing = [h for h in wanted if not signed[h]]
     if missing:
         return f"signature does not cover required header(s): {', '.join(missing)}"
+    uncovered = [f"{h} ({present[h]} present, {signed[h]} signed)" for h in wanted if present[h] > signed[h]]
+    if uncovered:
+        return f"signature does not cover every instance of: {', '.join(uncovered)}"
     try:
         if b"x" in sig and int(sig[b"x"]) + CLOCK_SLACK < now:
             return "signature has expired (x=)"
         if b"t" in sig and int(sig[b"t"]) > now + CLOCK_SLACK:
             return "signature timestamp (t=) is in the future"
         if tenant.max_signature_age and b"t" in sig and int(sig[b"t"]) + tenant.max_signature_age < now:
-            return f"signature is older than {tenant.max_signature_age}s (t=)"
+            return f"signature is older than {tenant.max_signature_age}s (t=, max_signature_age)"
     except ValueError:
         return "signature has a non-numeric t= or x="
     if tenant.max_signature_age and b"t" not in sig:
-        return "signature has no timestamp (t=) but the tenant limits signature age"
+        return "signature has no timestamp (t=) but the tenant limits signature age (max_signature_age)"
     return None
 
 
-def _key_mismatch(sig: dict[bytes, bytes], record: bytes) -> str | None:
-    """RFC 6376 3.5: a= must name the key's type (dkimpy checks the hash only)."""
+def _key_type(record: bytes) -> str | None:
     try:
-        k = dkim.util.parse_tag_value(record).get(b"k", b"rsa").decode("ascii", "replace")
+        return dkim.util.parse_tag_value(record).get(b"k", b"rsa").decode("ascii", "replace")
     except dkim.util.InvalidTagValueList:
         return None  # dkimpy reports the unusable key
+
+
+def _key_mismatch(sig: dict[bytes, bytes], k: str | None) -> str | None:
+    """RFC 6376 3.5: a= must name the key's type (dkimpy checks the hash only)."""
     alg = _tag(sig, b"a")
-    return None if alg.startswith(k + "-") else f"signature algorithm a={alg} does not match the key type k={k}"
+    if k is None or alg.startswith(k + "-"):
+        return None
+    return f"signature algorithm a={alg} does not match the key type k={k}"
 
 
 def verify_hop_signature(
@@ -147,11 +181,16 @@ def verify_hop_signature(
     keys: KeyResolver,
     other_signing_domains: frozenset[str] = frozenset(),
     now: float | None = None,
+    present: Counter[str] | None = None,
+    max_candidates: int = defaults.MAX_HOP_SIGNATURES,
 ) -> DkimResult:
     """Verify the tenant's hop signature.
 
     ``signatures`` are the DKIM-Signature header values in message order, so
-    index i here is dkimpy's idx=i.
+    index i here is dkimpy's idx=i. ``present`` counts the message's header
+    fields by lower-case name (see check_tags). More than ``max_candidates``
+    signatures with the tenant's d=/s= are refused before any of them is
+    verified: each one costs a key parse and a header hash, and nobody needs many.
     """
     now = time.time() if now is None else now
     if not signatures:
@@ -177,6 +216,12 @@ def verify_hop_signature(
         return DkimResult.fail(
             f"no signature by d={tenant.signing_domain} s={tenant.selector} ({why})", dsn="5.7.21"
         )
+    if len(candidates) > max_candidates:
+        return DkimResult.fail(
+            f"message has {len(candidates)} signatures by d={tenant.signing_domain} s={tenant.selector}, "
+            f"more than the {max_candidates} examined (max_hop_signatures)",
+            dsn="5.7.21",
+        )
 
     try:
         record = keys.record(tenant)
@@ -186,14 +231,19 @@ def verify_hop_signature(
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
         return record
 
-    verifier = dkim.DKIM(message, minkey=MIN_RSA_BITS, logger=_quiet)
+    verifier = _HopVerifier(message, minkey=MIN_RSA_BITS, logger=_quiet)
     broken = False  # a candidate was acceptable but its cryptography failed
+    key_type = _key_type(record)
     for idx, sig in candidates:
-        problem = check_tags(sig, tenant, now) or _key_mismatch(sig, record)
+        problem = check_tags(sig, tenant, now, present) or _key_mismatch(sig, key_type)
         if problem:
             reasons.append(problem)
             continue
         try:
+            if not verifier.body_matches(sig):  # from the per-message cache: no body work per signature
+                reasons.append("signature did not verify: body hash mismatch: the body was changed after signing")
+                broken = True
+                continue
             ok = verifier.verify(idx=idx, dnsfunc=dnsfunc)
         except dkim.KeyFormatError as exc:
             reasons.append(f"key not acceptable: {exc}")
@@ -217,10 +267,63 @@ def verify_hop_signature(
             selector=tenant.selector,
             algorithm=_tag(sig, b"a"),
             identity=_tag(sig, b"i") or f"@{tenant.signing_domain}",
-            b_prefix=_tag(sig, b"b").replace(" ", "")[:8],
+            b_prefix=re.sub(r"\s+", "", _tag(sig, b"b"))[:8],
             key_source="pinned" if tenant.public_key else "dns",
+            signed_headers=frozenset(signed_header_counts(sig)),
         )
     return DkimResult.fail("; ".join(reasons), dsn="5.7.20" if broken else "5.7.21")
+
+
+class _HopVerifier(dkim.DKIM):
+    """dkimpy's verifier, with the body canonicalized and hashed at most once per
+    (body canonicalization, hash algorithm) for all the signatures of one message.
+
+    dkimpy hashes the whole body again for every signature it is asked to verify, so
+    many signatures on a large body multiply the cost (issue 11, finding 2). Here the
+    body hash is checked against a per-message cache first; dkimpy then verifies the
+    header hash and the signature with ``bh=`` taken out of its parsed tags (the header
+    hash uses the raw header field, which keeps ``bh=``, so nothing changes there).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.body_hashes: dict[tuple[str, str], bytes] = {}
+
+    def body_hash(self, sig: dict[bytes, bytes]) -> bytes:
+        try:
+            policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        except InvalidCanonicalizationPolicyError as exc:
+            raise dkim.MessageFormatError(f"invalid c= value: {exc.args[0]}") from None
+        hash_name = sig[b"a"].split(b"-")[-1].decode("ascii", "replace")
+        key = (policy.body_algorithm.__name__, hash_name)
+        if key not in self.body_hashes:
+            self.body_hashes[key] = hashlib.new(hash_name, policy.canonicalize_body(self.body)).digest()
+        return self.body_hashes[key]
+
+    def body_matches(self, sig: dict[bytes, bytes]) -> bool:
+        try:
+            expected = base64.b64decode(re.sub(rb"\s+", b"", sig.get(b"bh", b"")))
+        except (TypeError, ValueError) as exc:
+            raise dkim.MessageFormatError(f"bh= is not base64: {exc}") from None
+        return self.body_hash(sig) == expected
+
+    def verify_sig_process(self, sig, include_headers, sig_header, dnsfunc):
+        if b"l" in sig:  # never reached: check_tags refuses l=; dkimpy handles it the slow way
+            return super().verify_sig_process(sig, include_headers, sig_header, dnsfunc)
+        if not self.body_matches(sig):
+            raise dkim.ValidationError("body hash mismatch")
+        without_bh = {k: v for k, v in sig.items() if k != b"bh"}
+        # dkimpy canonicalizes every header field for every signature, though it hashes
+        # only the fields named in h= (picked by name, bottom up) and the signature field
+        # itself (passed separately): with many signatures that is quadratic. Hand it only
+        # the named fields; their order among themselves is kept, so it picks the same ones.
+        named = set(include_headers)
+        everything = self.headers
+        self.headers = [h for h in everything if h[0].lower() in named]
+        try:
+            return super().verify_sig_process(without_bh, include_headers, sig_header, dnsfunc)
+        finally:
+            self.headers = everything
 
 
 class _QuietLogger(logging.LoggerAdapter):

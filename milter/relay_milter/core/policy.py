@@ -9,13 +9,12 @@ from __future__ import annotations
 import email.utils
 import inspect
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
-import authres
-
 from relay_milter import defaults
-from relay_milter.core import limits
+from relay_milter.core import authresults, headerchecks, limits
 from relay_milter.core.addresses import (
     AddressError,
     Decoded,
@@ -275,6 +274,8 @@ class Policy:
             tenant,
             self.keys,
             other_signing_domains=self._signing_domains - {tenant.signing_domain},
+            present=Counter(n.lower() for n, _ in msg.headers),
+            max_candidates=self.settings.max_hop_signatures,
         )
         if not result.passed:
             if result.temporary:
@@ -286,24 +287,25 @@ class Policy:
         return self._accept(tx, tenant, msg, author, message_id, self.authentication_results(result), result)
 
     def _submission_eom(self, tx: Transaction, tenant: Tenant, msg: Message, author: str, message_id: str) -> Disposition:
-        ar = authres.AuthenticationResultsHeader(
-            authserv_id=self.settings.authserv,
-            results=[authres.SMTPAUTHAuthenticationResult(result="pass", smtp_auth=tx.auth_user)],
-        ).header_value()
+        ar = authresults.header_value(self.settings.authserv, "auth", "pass", [("smtp.auth", tx.auth_user or "")])
         return self._accept(tx, tenant, msg, author, message_id, ar, None)
 
     def _accept(
         self, tx: Transaction, tenant: Tenant, msg: Message, author: str, message_id: str, auth_results: str, dkim: DkimResult | None
     ) -> Disposition:
-        """The sender check both ways in share, then the transformation."""
+        """The sender checks both ways in share, the recipient binding of signed
+        ingress, then the transformation."""
+        who = f"user {tx.auth_user}" if tx.auth_user else "this tenant"
+        refusal = None
         if not tenant.sender_allowed(author):
-            who = f"user {tx.auth_user}" if tx.auth_user else "this tenant"
+            refusal = headerchecks.Refusal("550", "5.7.1", f"From address {author} is not allowed for {who}")
+        refusal = refusal or headerchecks.sender_fields(msg.headers, tenant, who)
+        if dkim is not None and refusal is None:
+            recipients = [d.address for _, d in tx.recipients]
+            refusal = headerchecks.recipient_binding(msg.headers, recipients, dkim.signed_headers, tenant)
+        if refusal:
             return Disposition(
-                Verdict.reject("550", "5.7.1", f"From address {author} is not allowed for {who}"),
-                tenant,
-                dkim=dkim,
-                header_from=author,
-                message_id=message_id,
+                Verdict.reject(*refusal), tenant, dkim=dkim, header_from=author, message_id=message_id
             )
         return Disposition(
             Verdict(Action.ACCEPT),
@@ -330,7 +332,7 @@ class Policy:
                 deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
             elif lname == "dkim-signature" and _signature_domain(value) == tenant.signing_domain:
                 deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
-            elif lname == "authentication-results" and _authserv_id(value) == self.settings.authserv.lower():
+            elif lname == "authentication-results" and authresults.claims(value, self.settings.authserv):
                 # RFC 8601 section 5: remove forged results claiming to be ours.
                 deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
             elif lname == "reply-to" and tenant.headers.reply_to:
@@ -349,17 +351,19 @@ class Policy:
         yield HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, f" {tenant.id}")
 
     def authentication_results(self, result: DkimResult) -> str:
-        res = authres.DKIMAuthenticationResult(
-            result="pass" if result.passed else ("temperror" if result.temporary else "fail"),
-            reason=result.reason if not result.passed else None,
-            header_d=result.domain or None,
-            header_i=result.identity or None,
-            header_s=result.selector or None,
-            header_a=result.algorithm or None,
-        )
-        if result.b_prefix:
-            res.properties.append(authres.core.AuthenticationResultProperty("header", "b", result.b_prefix))
-        return authres.AuthenticationResultsHeader(authserv_id=self.settings.authserv, results=[res]).header_value()
+        """Our Authentication-Results value. i= (and every other copied value) is
+        attacker text: authresults emits it only as a valid, quoted-if-needed pvalue."""
+        res = "pass" if result.passed else ("temperror" if result.temporary else "fail")
+        props = [
+            ("header.d", result.domain),
+            ("header.i", result.identity),
+            ("header.a", result.algorithm),
+            ("header.s", result.selector),
+            ("header.b", result.b_prefix),
+        ]
+        if not result.passed:
+            props.insert(0, ("reason", result.reason))
+        return authresults.header_value(self.settings.authserv, "dkim", res, [(n, v) for n, v in props if v])
 
 
 def _single_mailbox(value: str) -> str | None:
@@ -380,6 +384,3 @@ def _signature_domain(value: str) -> str:
     m = re.search(r"(?:^|;)\s*d\s*=\s*([^;\s]+)", value)
     return m.group(1).lower().rstrip(".") if m else ""
 
-
-def _authserv_id(value: str) -> str:
-    return value.strip().split(";", 1)[0].split()[0].lower() if value.strip() else ""

@@ -49,12 +49,13 @@ def run_demo(keep: bool = False) -> int:
                     "headers": {"strip": ["X-Platform-Trace"], "reply_to": "replies@acme.example", "envelope_sender": "bounces@acme.example"},
                     "submission_users": ["crm-app"],
                 },
+                allow_bcc=None,  # the default: recipients bound to the signed To/Cc
             ),
             Sink("acme-smarthost", tls=lab.smarthost_cert("mx.acme.demo.test")),
             tls="verify", ca_file=str(lab.ca_file), tls_match="mx.acme.demo.test",
         )
         lab.add_tenant(
-            TenantSpec("globex", "globex.relay.demo.test", "hop.globex.demo.test", "s1", globex_key, ["globex.example"], pin_key=False),
+            TenantSpec("globex", "globex.relay.demo.test", "hop.globex.demo.test", "s1", globex_key, ["globex.example"], pin_key=False, allow_bcc=None),
             Sink("globex-smarthost"),
         )
         click.echo("  acme:   RSA-2048 key pinned in the tenant file; smarthost " f"127.0.0.1:{lab.sinks['acme'].port} (TLS, verified against a demo CA)")
@@ -149,7 +150,7 @@ def run_demo(keep: bool = False) -> int:
         click.echo("      " + (out.strip() or "(empty)").replace("\n", "\n      "))
 
         if keep:
-            click.secho(f"\nThe lab keeps running under {lab.base}. Try:", bold=True)
+            click.secho(f"\nThe lab keeps running under {lab.base} (root only) and {lab.instance} (Postfix). Try:", bold=True)
             click.echo(f"  postqueue -c {lab.config_dir} -p")
             click.echo(f"  swaks --server 127.0.0.1:{lab.smtp_port} --to x=example.org@acme.relay.demo.test   # unsigned: 550")
             click.echo(f"  tail -f {lab.maillog} {lab.milter_log}")

@@ -11,6 +11,7 @@ Everything listens on 127.0.0.1 only. Needs root (Postfix starts as root).
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
@@ -87,6 +88,13 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeo
         proc.wait(timeout)
 
 
+def _remove_orphan(base: Path, instance: Path) -> None:
+    """At exit: a caller that removed the lab's base directory itself (not ``destroy``)
+    leaves the Postfix instance next to it; remove that too."""
+    if not base.exists() and instance.exists():
+        shutil.rmtree(instance, ignore_errors=True)
+
+
 # -- keys ----------------------------------------------------------------------
 
 
@@ -123,12 +131,19 @@ def ed25519_key() -> DkimKey:
     return DkimKey(base64.b64encode(raw_priv), f"v=DKIM1; k=ed25519; p={base64.b64encode(raw_pub).decode()}", "ed25519-sha256")
 
 
+# What the lab signs, as docs/security.md recommends: every header the relay requires
+# whenever present, each listed twice (oversigned), so a field added after signing, or a
+# second instance of one, breaks the signature.
+SIGNED_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "reply-to", "mime-version", "content-type")
+OVERSIGNED = SIGNED_HEADERS * 2
+
+
 def sign(
     message: bytes,
     key: DkimKey,
     domain: str,
     selector: str,
-    headers: tuple[str, ...] = ("from", "to", "subject", "date", "message-id"),
+    headers: tuple[str, ...] = OVERSIGNED,
     canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
     **kwargs,
 ) -> bytes:
@@ -339,24 +354,37 @@ class TenantSpec:
     sender_domains: list[str]
     pin_key: bool = True
     extra: dict = field(default_factory=dict)
+    # The tenant file's allow_bcc; None leaves it out (the product default, false: every
+    # decoded recipient must be in the signed To/Cc). Lab tenants allow Bcc-style sending
+    # unless told otherwise, because older end-to-end tests send one signed message to
+    # many envelope recipients; tests of the binding and the demo use None or False.
+    allow_bcc: bool | None = True
 
 
 class Lab:
     """A private relay: Postfix + milter + DNS + sinks, all under one /var/tmp directory."""
 
     def __init__(self, base: Path | None = None):
-        # Under /var so maillog_file is accepted (maillog_file_prefixes), and
-        # world-traversable so Postfix's unprivileged daemons reach the milter socket.
+        # Under /var so maillog_file is accepted (maillog_file_prefixes). Root only (0700):
+        # the event store, the logs, the settings, the secrets and the TLS key are in here.
         self.base = Path(base or tempfile.mkdtemp(prefix="relay-lab-", dir="/var/tmp"))
-        os.chmod(self.base, 0o755)
-        self.config_dir = self.base / "postfix"
-        self.queue_dir = self.base / "queue"
-        self.data_dir = self.base / "data"
+        self.base.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base, 0o700)
+        # The Postfix instance lives next to it, laid out like /etc/postfix, /var/spool/postfix
+        # and /var/lib/postfix on a host: Postfix's unprivileged daemons must reach their data
+        # directory, the sasldb and the milter socket, which a 0700 base would hide.
+        self.instance = self.base.with_name(self.base.name + ".postfix")
+        self.instance.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(self.instance, 0o755)
+        atexit.register(_remove_orphan, self.base, self.instance)
+        self.config_dir = self.instance / "postfix"
+        self.queue_dir = self.instance / "queue"
+        self.data_dir = self.instance / "data"
         self.tenants_dir = self.base / "tenants"
         self.settings_file = self.base / "relay.yaml"
         self.maillog = self.base / "maillog"
         self.milter_log = self.base / "milter.log"
-        self.milter_socket = self.base / "run" / "milter.sock"
+        self.milter_socket = self.instance / "run" / "milter.sock"
         self.smtp_port = free_port()
         self.submission_port = free_port()
         self.sasl_db = self.config_dir / "sasl" / "sasldb2"  # the default location
@@ -402,6 +430,8 @@ class Lab:
         }
         if spec.pin_key:
             doc["public_key"] = spec.key.txt
+        if spec.allow_bcc is not None:
+            doc["allow_bcc"] = spec.allow_bcc
         doc.update(spec.extra)
         (self.tenants_dir / f"{spec.id}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -430,6 +460,8 @@ class Lab:
                 "record_wait": 5,
                 "webhook_backoff_base": 1,
                 "webhook_backoff_max": 4,
+                # The lab's webhook receivers listen on loopback, which webhooks reach only when allowed.
+                "webhook_allow_networks": ["127.0.0.0/8"],
             },
         }
 
@@ -537,6 +569,7 @@ class Lab:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+        shutil.rmtree(self.instance, ignore_errors=True)
 
     # mail ------------------------------------------------------------------------
 

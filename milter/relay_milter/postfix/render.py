@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,23 +87,118 @@ def render_files(tenants: TenantSet, settings: Settings, templates: Path | None 
     return files
 
 
-def write_files(files: dict[str, str], out: Path) -> list[Path]:
+class UnsafeDirectory(ConfigError):
+    """An output directory root should not write into (owned or writable by someone else)."""
+
+
+def _check_dir(fd: int, path: Path, require_empty: bool = False) -> None:
+    """Root writes only into directories that only it (the caller's identity) controls."""
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        raise UnsafeDirectory(
+            f"{path}: owned by uid {st.st_uid}, not by uid {os.geteuid()}: refusing to write there "
+            "(use a new directory, or one you own that only you can write to)"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeDirectory(
+            f"{path}: mode {st.st_mode & 0o777:04o}: group or others can write there; refusing to write "
+            "(chmod go-w, or use a new directory)"
+        )
+    if require_empty and os.listdir(fd):
+        raise UnsafeDirectory(f"{path}: not empty: render into a new or empty directory")
+
+
+def _open_dir(path: Path, create: bool, mode: int = 0o755) -> int:
+    """Open (and with ``create`` make, if missing) a directory without following a symlink."""
+    if create:
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise UnsafeDirectory(f"{path}: cannot create ({exc.strerror}); its parent directory must exist") from None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise UnsafeDirectory(f"{path}: cannot open as a directory ({exc.strerror}); a symlink is not followed") from None
+
+
+def _subdir(parent_fd: int, parent: Path, name: str, mode: int) -> int:
+    """Open (create if need be) ``name`` under ``parent_fd`` and check it like the top."""
+    try:
+        os.mkdir(name, mode, dir_fd=parent_fd)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    except OSError as exc:
+        raise UnsafeDirectory(f"{parent / name}: cannot open as a directory ({exc.strerror})") from None
+    try:
+        _check_dir(fd, parent / name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_at(dir_fd: int, name: str, text: str, mode: int) -> None:
+    """Write a file in the directory ``dir_fd`` by a fresh temporary name (O_EXCL|O_NOFOLLOW:
+    never an existing file or a planted symlink), then rename it over ``name``."""
+    data = text.encode("utf-8")
+    for _ in range(100):
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise UnsafeDirectory(f"cannot create a temporary file for {name}")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+
+
+def write_files(files: dict[str, str], out: Path, require_empty: bool = False) -> list[Path]:
+    """Write rendered files under ``out``, which must be owned by the caller (root) and not
+    writable by group or others (``require_empty``: also new or empty, as for ``render --out``).
+
+    Every directory is opened without following symlinks and checked the same way, and every
+    file is created under a fresh name with O_EXCL|O_NOFOLLOW and renamed into place, so
+    nothing planted in the directory is ever opened for writing."""
+    out = Path(out)
+    top = _open_dir(out, create=require_empty)
     written = []
-    for name, text in files.items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        if is_secret(name):
-            os.chmod(path.parent, 0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)  # an old tmp file may have had another mode
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-        else:
-            tmp.write_text(text, encoding="utf-8")
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        written.append(path)
+    try:
+        _check_dir(top, out, require_empty=require_empty)
+        for name, text in files.items():
+            *parts, base = name.split("/")
+            secret = is_secret(name)
+            fds = [top]
+            try:
+                where = out
+                for i, part in enumerate(parts):
+                    last = i == len(parts) - 1
+                    mode = 0o700 if secret and last else 0o755
+                    fds.append(_subdir(fds[-1], where, part, mode))
+                    where = where / part
+                if secret:
+                    os.fchmod(fds[-1], 0o700)
+                _write_at(fds[-1], base, text, 0o600 if secret else 0o644)
+            finally:
+                for fd in fds[1:]:
+                    os.close(fd)
+            written.append(out / name)
+    finally:
+        os.close(top)
     return written
 
 
@@ -140,11 +239,44 @@ def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = Tr
     return CheckResult(not problems, problems)
 
 
+class _Signalled(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _cleanup_on_signals():
+    """SIGTERM and SIGINT unwind the stack (so ``with`` blocks clean up: the staging
+    directory holds the password tables), then the process dies of the same signal, as
+    the sender expects. Only in the main thread (the only place Python runs handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise _Signalled(signum)
+
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, handler) for sig in sigs}
+    try:
+        yield
+    except _Signalled as exc:
+        for sig in sigs:
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), exc.signum)
+        raise SystemExit(128 + exc.signum)  # not reached: the default action ends the process
+    finally:
+        for sig, old in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, old)
+
+
 def render_and_check(tenants: TenantSet, settings: Settings, templates: Path | None = None) -> tuple[dict[str, str], CheckResult]:
     files = render_files(tenants, settings, templates)
-    with tempfile.TemporaryDirectory(prefix="relay-staging-") as tmp:
+    with _cleanup_on_signals(), tempfile.TemporaryDirectory(prefix="relay-staging-") as tmp:
         staging = Path(tmp)
-        write_files(files, staging)
+        write_files(files, staging, require_empty=True)
         # postfix check inspects the queue directory; it must exist to be checked.
         result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
     return files, result
@@ -156,6 +288,14 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
     The previous versions are kept in <config>/relay/previous/ for rollback.
     """
     live = settings.config_directory
+    # Nothing is written (backups included) unless root alone controls the directories.
+    for path in (live, live / "relay", live / "relay" / "previous"):
+        if path == live or path.exists() or path.is_symlink():
+            fd = _open_dir(path, create=False)
+            try:
+                _check_dir(fd, path)
+            finally:
+                os.close(fd)
     changed = [name for name, text in files.items() if _read(live / name) != text]
     stale = [
         str(p.relative_to(live))

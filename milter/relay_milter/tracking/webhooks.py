@@ -25,16 +25,17 @@ import hashlib
 import hmac
 import json
 import logging
+import http.client
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import httpx
 
 from relay_milter import defaults
 from relay_milter.config import TenantSecrets, TenantSet, TrackingSettings
-from relay_milter.tracking import transport
+from relay_milter.tracking import egress, transport
 from relay_milter.tracking.events import Event, Kind, iso
 from relay_milter.logs import event as log_event
 
@@ -248,10 +249,26 @@ def _where(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
-def post(http: httpx.Client, url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int | None, str]:
+def egress_connector(allow: Iterable[egress.IPNetwork] = ()) -> transport.Connector:
+    """Connections the egress policy allows: public unicast addresses, plus ``allow``
+    (settings ``tracking.webhook_allow_networks``), judged on the resolved address."""
+    allowed = tuple(allow)
+
+    def connect(host: str, port: int, deadline: float) -> Any:
+        return egress.connect(host, port, deadline, allowed)
+
+    return connect
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float, allow: Iterable[egress.IPNetwork] = (),
+         http: httpx.Client | None = None) -> tuple[int | None, str]:
     """POST and return (HTTP status or None, error text; "" on 2xx). The error text is the
     status alone ("HTTP 500"): the receiver's answer is not stored. ``timeout`` bounds the
-    whole request."""
+    whole request. ``http`` is the worker's pooled client (its connector applies the egress
+    policy); without one, a one-off client connects to what egress allows (``allow``)."""
+    if http is None:
+        with transport.client(egress_connector(allow)) as once:
+            return post(url, body, headers, timeout, http=once)
     where = _where(url)
     try:
         status = transport.post(http, url, body, headers, timeout)
@@ -355,7 +372,8 @@ class WebhookSender:
         self.secrets = secrets
         self.settings = settings
         self.clock = clock
-        self.connector = connector or transport.plain_connector
+        # Connections go where egress allows (public, or tracking.webhook_allow_networks).
+        self.connector = connector or egress_connector(settings.webhook_allow_networks)
         self._workers: dict[str, _TenantWorker] = {}
         self._lock = threading.Lock()
         self._parked: set[str] = set()  # tenants without a usable webhook (logged once)
@@ -446,7 +464,7 @@ class WebhookSender:
 
     def _send(self, http: httpx.Client, row: "OutboxRow", url: str, secret: str, timeout: float) -> str:
         body = row.payload.encode("utf-8")
-        status, error = post(http, url, body, self.headers(row, secret, body), timeout)
+        status, error = post(url, body, self.headers(row, secret, body), timeout, http=http)
         if status is not None and 200 <= status < 300:
             return ""
         return error or f"HTTP {status}"

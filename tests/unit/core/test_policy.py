@@ -19,7 +19,7 @@ from relay_milter.lab import ed25519_key, free_port, make_message, rsa_key, sign
 from relay_milter.core.policy import Action, EditOp, HeaderEdit, Message, Policy, Transaction
 
 ACME_RCPT = "<alice=example.org@acme.relay.test>"
-GLOBEX_RCPT = "<bob=example.org@globex.relay.test>"
+GLOBEX_RCPT = "<alice=example.org@globex.relay.test>"
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,23 @@ def signed(keys, tenant="acme", sender=None, key=None, domain=None, selector="s1
         return sign(msg, key or keys[tenant], domain or f"hop.{tenant}.test", selector, **sign_kw)
 
 
+NOT_REPLY_TO = ("from", "to", "subject", "date", "message-id", "mime-version", "content-type")
+
+
+def decoys(raw: bytes, count: int) -> bytes:
+    """``count`` DKIM-Signature fields with the tenant's d=/s=, a random bh= and b=, on top."""
+    import base64
+    import os
+
+    sig = re.match(rb"DKIM-Signature:(.*?)\r\n(?![ \t])", raw, re.S).group(1)
+    tags = dict(t.strip().split(b"=", 1) for t in re.sub(rb"\s+", b"", sig).split(b";") if b"=" in t)
+    fields = [
+        b"DKIM-Signature: " + b"; ".join(k + b"=" + v for k, v in (tags | {b"bh": base64.b64encode(os.urandom(32)), b"b": b"AAAA"}).items()) + b"\r\n"
+        for _ in range(count)
+    ]
+    return b"".join(fields) + raw
+
+
 # -- end of message: a golden table -------------------------------------------------
 
 EOM_CASES = [
@@ -91,13 +108,29 @@ EOM_CASES = [
     ("subject changed", lambda k: (signed(k).replace(b"Subject: Test", b"Subject: Pwned"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "signed headers changed"),
     ("l= body length", lambda k: (signed(k, length=True), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", r"body length limit \(l=\)"),
     ("subject not signed", lambda k: (signed(k, headers=("from", "to", "date")), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", "required header.*subject"),
-    ("signature older than max_signature_age", lambda k: (signed(k, "aged", key=k["other"], at=time.time() - 7200), ["<c=example.org@aged.relay.test>"], "news@aged.example"), Action.REJECT, "5.7.21", r"older than 3600s"),
+    ("signature older than max_signature_age", lambda k: (signed(k, "aged", key=k["other"], at=time.time() - 7200), ["<alice=example.org@aged.relay.test>"], "news@aged.example"), Action.REJECT, "5.7.21", r"older than 3600s"),
     ("duplicate From", lambda k: (b"From: ceo@evil.example\r\n" + signed(k), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "2 from header fields"),
     ("duplicate Subject", lambda k: (b"Subject: second\r\n" + signed(k), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "2 subject header fields"),
     ("From not allowed", lambda k: (signed(k, sender="ceo@evil.example"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.1", "From address ceo@evil.example is not allowed"),
     ("two From mailboxes", lambda k: (signed(k, mutate=lambda m: m.replace(b"From: Platform Sender <news@acme.example>", b"From: news@acme.example, ceo@acme.example")), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "exactly one valid mailbox"),
     ("weak 512-bit key", lambda k: (signed(k, "weak"), ["<c=example.org@weak.relay.test>"], "news@weak.example"), Action.REJECT, "5.7.21", "key not acceptable.*too small"),
-    ("signature age limit, fresh", lambda k: (signed(k, "aged", key=k["other"]), ["<c=example.org@aged.relay.test>"], "news@aged.example"), Action.ACCEPT, "", ""),
+    ("signature age limit, fresh", lambda k: (signed(k, "aged", key=k["other"]), ["<alice=example.org@aged.relay.test>"], "news@aged.example"), Action.ACCEPT, "", ""),
+    # issue 11: signed headers, signature age, candidate cap, author fields, recipient binding
+    ("Reply-To present, not signed", lambda k: (signed(k, extra_headers=(("Reply-To", "pay@evil.example"),), headers=NOT_REPLY_TO), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", r"required header\(s\): reply-to"),
+    ("Cc present, not signed", lambda k: (signed(k, extra_headers=(("Cc", "alice@example.org"),), headers=NOT_REPLY_TO), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", r"required header\(s\): cc"),
+    ("Reply-To added above an oversigned signature", lambda k: (b"Reply-To: pay@evil.example\r\n" + signed(k), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "signed headers changed"),
+    ("second Content-Type above a once-signed one", lambda k: (b"Content-Type: text/html\r\n" + signed(k, headers=NOT_REPLY_TO), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", r"every instance of: content-type \(2 present, 1 signed\)"),
+    ("Content-Type changed after signing", lambda k: (signed(k).replace(b"charset=utf-8", b"charset=koi8-r"), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.20", "signed headers changed"),
+    ("oversigned and no Reply-To: accepted", lambda k: (signed(k, headers=NOT_REPLY_TO + NOT_REPLY_TO + ("reply-to", "cc")), [ACME_RCPT], "news@acme.example"), Action.ACCEPT, "", ""),
+    ("signature two days old (default max_signature_age)", lambda k: (signed(k, at=time.time() - 2 * 86400), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", r"older than 86400s"),
+    ("4 candidate signatures (max_hop_signatures 3)", lambda k: (decoys(signed(k), 3), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.21", r"message has 4 signatures by d=hop.acme.test s=s1, more than the 3 examined"),
+    ("2 decoys with bogus bh= above the real signature", lambda k: (decoys(signed(k), 2), [ACME_RCPT], "news@acme.example"), Action.ACCEPT, "", ""),
+    ("Sender of another tenant", lambda k: (signed(k, extra_headers=(("Sender", "news@globex.example"),)), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.1", "Sender address news@globex.example is not allowed for this tenant"),
+    ("Resent-From of another tenant", lambda k: (signed(k, extra_headers=(("Resent-From", "a@acme.example, news@globex.example"),)), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.7.1", "Resent-From address news@globex.example"),
+    ("Resent-Sender not a mailbox", lambda k: (signed(k, extra_headers=(("Resent-Sender", "nobody"),)), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "Resent-Sender header field must hold valid mailboxes"),
+    ("Sender of the tenant", lambda k: (signed(k, extra_headers=(("Sender", "desk@acme.example"),)), [ACME_RCPT], "news@acme.example"), Action.ACCEPT, "", ""),
+    ("recipient not in the signed To/Cc (replay)", lambda k: (signed(k), [ACME_RCPT, "<eve=example.net@acme.relay.test>"], "news@acme.example"), Action.REJECT, "5.7.1", r"recipient\(s\) eve@example.net not in the signed To/Cc"),
+    ("recipient in the signed Cc", lambda k: (signed(k, extra_headers=(("Cc", "Eve <EVE@example.net>"),)), [ACME_RCPT, "<eve=example.net@acme.relay.test>"], "news@acme.example"), Action.ACCEPT, "", ""),
     ("8-bit garbage in an unsigned header (limits.py)", lambda k: (signed(k, mutate=lambda m: m.replace(b"MIME-Version", b"X-Junk: \xff\xfe\x80\r\nMIME-Version")), [ACME_RCPT], "news@acme.example"), Action.REJECT, "5.6.0", "X-Junk contains bytes that are not valid UTF-8"),
 ]
 
@@ -214,4 +247,34 @@ def test_signature_tag_policy(policy, tags, pattern):
 
     sig = {b"a": b"rsa-sha256", b"h": b"from:to:subject", b"t": str(int(time.time())).encode()} | tags
     assert re.search(pattern, check_tags(sig, policy.tenants.by_id("acme"), time.time()))
-    assert check_tags({b"a": b"ed25519-sha256", b"h": b"From : To : Subject"}, policy.tenants.by_id("acme"), time.time()) is None
+    fresh = str(int(time.time())).encode()  # t= is needed: max_signature_age is on by default
+    assert check_tags({b"a": b"ed25519-sha256", b"h": b"From : To : Subject", b"t": fresh}, policy.tenants.by_id("acme"), time.time()) is None
+
+
+# -- Authentication-Results (issue 11, findings 3 and 4) -----------------------------
+
+
+def _op(edit) -> str:
+    return getattr(edit.op, "value", edit.op)  # a plain string or an Enum member
+
+
+@pytest.mark.parametrize(
+    "authserv", ["relay.test", "RELAY.TEST", "(trusted) relay.test", "relay.test(x)", '"relay.test"', "relay.test.", '"Relay.\\Test."']
+)
+def test_forged_authentication_results_in_every_spelling_are_removed(policy, keys, authserv):
+    raw = (
+        f"Authentication-Results: {authserv}; dkim=pass header.d=hop.acme.test\r\n"
+        "Authentication-Results: mx.other.example; spf=pass\r\n"
+    ).encode() + signed(keys)
+    d = run(policy, raw)
+    assert d.verdict.action is Action.ACCEPT
+    deletes = [e for e in d.header_edits if _op(e) == "delete" and e.name.lower() == "authentication-results"]
+    assert [e.index for e in deletes] == [1]  # ours (the first); mx.other.example's stays
+
+
+def test_identity_from_the_signature_is_quoted_in_our_authentication_results(policy, keys):
+    identity = "x dkim=pass header.d=bank.example reason=ok@hop.acme.test"
+    d = run(policy, signed(keys, domain="hop.acme.test", identity=identity.encode()))
+    assert d.verdict.action is Action.ACCEPT, d.verdict
+    [ar] = [e.value.strip() for e in d.header_edits if e.name == "Authentication-Results"]
+    assert ar.startswith(f'relay.test; dkim=pass header.d=hop.acme.test header.i="{identity}" header.a=rsa-sha256 header.s=s1 header.b=')

@@ -121,6 +121,25 @@ def test_submission_needs_no_dkim_but_checks_the_from_header(policy):
     assert d.header_edits == ()
 
 
+@pytest.mark.parametrize("field", ["Sender", "Resent-From", "Resent-Sender"])
+def test_submission_holds_sender_and_resent_fields_to_the_sender_policy(policy, field):
+    d = submit(policy, make_message("news@acme.example", "bob@example.org", extra_headers=((field, "news@globex.example"),)))
+    assert (d.verdict.action, d.verdict.code, d.verdict.dsn) == (Action.REJECT, "550", "5.7.1")
+    assert f"{field} address news@globex.example is not allowed for user app1" in d.verdict.reason
+    ok = submit(policy, make_message("news@acme.example", "bob@example.org", extra_headers=((field, "desk@acme.example"),)))
+    assert ok.verdict.action is Action.ACCEPT, ok.verdict
+
+
+def test_submission_recipients_are_not_bound_to_to_and_cc(policy):
+    # A login is no replay: Bcc-style recipients are fine on submission (allow_bcc is for signed ingress).
+    tx = Transaction(client_ip="10.1.2.3", auth_user="app1")
+    assert policy.on_mail(tx, "<news@acme.example>").ok
+    for r in ("<bob@example.org>", "<hidden@example.net>"):
+        assert policy.on_rcpt(tx, r).ok
+    d = policy.on_eom(tx, to_message(make_message("news@acme.example", "bob@example.org")))
+    assert d.verdict.action is Action.ACCEPT, d.verdict
+
+
 def test_submission_refuses_duplicate_from(policy):
     raw = b"From: ceo@globex.example\r\n" + make_message("news@acme.example", "bob@example.org")
     d = submit(policy, raw)

@@ -133,7 +133,7 @@ def test_smarthost_password_only_in_a_root_only_table(tmp_path):
     tenants = tmp_path / "tenants"
     shutil.copytree(EXAMPLES, tenants)
     g = tenants / "globex.yaml"
-    g.write_text(g.read_text().replace("  tls: encrypt\n", "  tls: encrypt\n  auth: {username: relay@globex.example}\n"))
+    g.write_text(g.read_text().replace("  tls: encrypt\n", "  tls: verify\n  auth: {username: relay@globex.example}\n"))
     secrets = tmp_path / "secrets.yaml"
     secrets.write_text("globex: {smarthost_password: 'Pa55-word-for-globex'}\n")
     secrets.chmod(0o600)

@@ -319,7 +319,7 @@ def test_logfmt_round_trip_with_the_milters_own_quoting(value):
 
     encoded = logfmt_value(value)
     parsed = parse_logfmt(f"a={encoded} b=1")
-    expected = value.encode("ascii", "backslashreplace").decode().replace("\n", "\\n")
+    expected = value.encode("ascii", "backslashreplace").decode().replace("\n", "\\n").replace("\t", "\\t")
     if len(expected) > 512:
         expected = expected[:509] + "..."
     assert parsed == {"a": expected, "b": "1"}

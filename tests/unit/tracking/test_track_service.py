@@ -59,7 +59,8 @@ def env(tmp_path):
         "maillog_file": str(tmp_path / "maillog"),
         "secrets_file": str(secrets),
         "tracking": {"events_dsn": f"sqlite:///{tmp_path}/events.db", "node": "relay1",
-                     "milter_log_file": str(tmp_path / "milter.log"), "poll_interval": 0.1},
+                     "milter_log_file": str(tmp_path / "milter.log"), "poll_interval": 0.1,
+                     "webhook_allow_networks": ["127.0.0.0/8"]},  # the receiver is on loopback
     }))
     tenants = write_tenants(tmp_path / "tenants", [tenant_doc("acme")])
     return tmp_path, settings, tenants, secrets

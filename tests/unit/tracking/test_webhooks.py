@@ -159,7 +159,9 @@ def receiver():
         yield r
 
 
-SETTINGS = TrackingSettings(poll_interval=0.05, webhook_backoff_base=30, webhook_backoff_max=3600)
+# The receiver is on loopback, which webhooks may only reach when allowed explicitly.
+LOOPBACK = ["127.0.0.0/8"]
+SETTINGS = TrackingSettings(poll_interval=0.05, webhook_backoff_base=30, webhook_backoff_max=3600, webhook_allow_networks=LOOPBACK)
 
 
 def sender(store: Store, receiver: WebhookReceiver, clock: Clock, settings: TrackingSettings = SETTINGS, **urls: str | None) -> WebhookSender:
@@ -255,7 +257,7 @@ def test_backoff_grows_between_attempts(store, receiver, cap, expected):
     record(store, "acme", 1)
     receiver.default_status = 503
     clock = Clock(T0 + 100)
-    settings = TrackingSettings(webhook_backoff_base=30, webhook_backoff_max=cap)
+    settings = TrackingSettings(webhook_backoff_base=30, webhook_backoff_max=cap, webhook_allow_networks=LOOPBACK)
     s = sender(store, receiver, clock, settings)
     waits = []
     for attempt in range(1, len(expected) + 1):
