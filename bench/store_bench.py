@@ -45,7 +45,8 @@ BATCH = 5000
 
 def fill(store: Store, n: int, seed: int = 13) -> dict[str, list[str]]:
     """``n`` events: messages of 1-2 recipients, RECEIVED then RELAYED (one in ten deferred
-    first), over 20 tenants and 2 nodes, 1 % with a webhook row. Returns sample keys."""
+    first), over 20 tenants and 2 nodes, 1 % with a webhook row (all but the newest 100
+    delivered at the end, as in a steady state). Returns sample keys."""
     rng = random.Random(seed)
     keys: dict[str, list[str]] = {"queue_id": [], "message_id": [], "recipient": [], "upstream_id": []}
     written = m = 0
@@ -80,6 +81,9 @@ def fill(store: Store, n: int, seed: int = 13) -> dict[str, list[str]]:
             print(f"\r  {written:,} events, {written / (time.monotonic() - started):,.0f}/s", end="", file=sys.stderr)
     if sys.stderr.isatty():
         print(file=sys.stderr)
+    # A steady state: the webhook workers have delivered all but the newest 100 rows.
+    with store.transaction() as tx:
+        tx._c.execute("UPDATE outbox SET delivered_at = created WHERE id <= (SELECT MAX(id) - 100 FROM outbox)")
     return keys
 
 

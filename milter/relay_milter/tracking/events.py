@@ -88,5 +88,7 @@ class Event:
         data = dict(row)
         if isinstance(data.get("tls"), str):
             data["tls"] = json.loads(data["tls"])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in _FIELDS})
+
+
+_FIELDS = frozenset(f.name for f in fields(Event))
