@@ -76,8 +76,8 @@ def replay(obj: Context, tenant: str, start: str, yes: bool) -> None:
     deduplicates on it drops what it already has); webhook-id is new.
 
     \b
-    Exit codes: 0 queued, 1 no event to replay, 3 configuration error or unknown
-    tenant, 4 event store unavailable.
+    Exit codes: 0 queued, 1 no event to replay, 2 bad --from, 3 configuration
+    error or unknown tenant, 4 event store unavailable.
     """
     tenants, settings = obj.load()
     if tenants.by_id(tenant) is None:

@@ -12,10 +12,18 @@ captured request cannot be replayed later; receivers check it with ``verify_sign
     from relay_milter.tracking.webhooks import verify_signature
     ok = verify_signature(secret, request.headers["X-Relay-Signature"], request.body)
 
-Order: one event per POST, and only the oldest undelivered row of a tenant is ever sent
-(the store's ``outbox_due``). A failing receiver holds back that tenant's later events,
-never another tenant's. Failed attempts are retried with exponential backoff
-(``backoff``), without a maximum: the backlog shows in metrics and ``relayctl stats``.
+The Standard Webhooks headers (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``;
+``standard_headers``) are sent as well, so receivers can verify with those libraries.
+
+Order and isolation: one event per POST, and only the oldest undelivered row of a tenant
+is ever sent (the store's ``outbox_head``). Each tenant has its own worker thread and
+keep-alive connection pool (``_TenantWorker``, ``transport.client``): a failing or hanging
+receiver holds back that tenant's later events, never another tenant's. Failed attempts
+are retried with exponential backoff (``backoff``), without a maximum: the backlog shows in
+metrics and ``relayctl stats``. Connections go only where the egress policy allows
+(``egress``), and ``webhook.timeout`` bounds each whole request (``transport``).
+
+Replays (``replay``) queue a tenant's events again from a sequence number, marked as such.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ import hashlib
 import hmac
 import json
 import logging
-import http.client
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable

@@ -19,7 +19,7 @@ from relay_milter.tracking.webhooks import record_event
 from support.factories import tenant_doc, write_tenants
 from support.webhook_receiver import WebhookReceiver
 
-from .test_retention import dsn, store  # noqa: F401 - fixtures (SQLite and PostgreSQL)
+from .test_retention import dsn  # noqa: F401 - fixture (SQLite and PostgreSQL)
 
 RELAYCTL = [sys.executable, "-m", "relay_milter.cli"]
 
