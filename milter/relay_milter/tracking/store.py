@@ -148,6 +148,7 @@ _V2_INDEXES: tuple[Index, ...] = (
 
 _EVENT_COLUMNS = _V1_EVENT_COLUMNS + _V2_EVENT_COLUMNS
 EVENT_FIELDS = tuple(c[0] for c in _EVENT_COLUMNS)
+EVENT_FIELDS_V1 = tuple(c[0] for c in _V1_EVENT_COLUMNS)  # the events columns of schema version 1
 TABLES = _V1_TABLES + _V2_TABLES
 INDEXES = _V1_INDEXES + _V2_INDEXES
 

@@ -193,3 +193,31 @@ def test_backup_refuses_postgresql(tmp_path, pg_dsn):
     tenants_dir = write_tenants(tmp_path / "tenants", [tenant_doc("acme")])
     r = CliRunner().invoke(main, ["--tenants", str(tenants_dir), "--settings", str(settings), "backup", str(tmp_path / "x.db")])
     assert r.exit_code == 3 and "pg_dump" in r.output
+
+
+def test_a_version_1_store_is_upgraded_with_sequences_and_counters(dsn):
+    """A store written by the previous release: its events get sequence numbers in id order
+    and the counters start from what is there; new events carry on from both."""
+    from relay_milter.tracking.store import EVENT_FIELDS_V1, schema_sql
+
+    with open_store(dsn, migrate=False) as old, old.transaction() as tx:
+        for statement in schema_sql(old.dialect):
+            tx._c.execute(statement)
+        tx._c.execute("INSERT INTO schema_version (version) VALUES (1)")
+        names = list(EVENT_FIELDS_V1)
+        rows = [("RECEIVED", T0, "relay1", "acme", "Q1"), ("RELAYED", T0 + 1, "relay1", "acme", "Q1"),
+                ("RECEIVED", T0 + 2, "relay2", "globex", "Q2"), ("REJECTED", T0 + 3, "relay1", None, None),
+                ("RECEIVED", T0 + 4, "relay1", "acme", "Q3")]
+        for kind, ts, node, tenant, qid in rows:
+            values = dict.fromkeys(names) | {"kind": kind, "ts": ts, "node": node, "tenant": tenant, "queue_id": qid}
+            tx._c.execute(f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                          [values[n] for n in names])
+    with open_store(dsn) as s:
+        assert [r["version"] for r in s._query("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        assert [(e.queue_id, e.seq) for e in s.events(tenant="acme")] == [("Q1", 1), ("Q1", 2), ("Q3", 3)]
+        assert [e.seq for e in s.events(tenant="globex")] == [1]
+        assert s.event_counts("relay1") == {("acme", "RECEIVED"): 2, ("acme", "RELAYED"): 1, ("-", "REJECTED"): 1}
+        assert s.event_counts("relay2") == {("globex", "RECEIVED"): 1}
+        [new] = msg(s, "Q4", T0 + 10)[:1]
+        assert new.seq == 4
+        assert s.event_counts("relay1")[("acme", "RECEIVED")] == 3
