@@ -101,3 +101,52 @@ def test_second_tracker_refused_and_tenant_changes_reach_the_running_one(env):
     again = subprocess.run([*base, "track", "--once"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 3  # the tenant file is still invalid: the configuration error, not the claim
     assert "another tracker" not in again.stderr
+
+
+def test_a_tracker_killed_mid_post_resends_only_that_event_with_the_same_ids(env):
+    """SIGKILL while a POST is in flight (the receiver holds it): after a restart that one
+    event is sent again, with the same X-Relay-Event-Id and webhook-id, then the rest in
+    order, each once."""
+    import signal
+
+    tmp_path, settings, tenants, secrets = env
+    base = [*RELAYCTL, "--tenants", str(tenants), "--settings", str(settings)]
+    with WebhookReceiver() as rx:
+        secrets.write_text(yaml.safe_dump({"acme": {"webhook_secret": token_urlsafe(24)}}))
+        write_tenants(tenants, [tenant_doc("acme", webhook={"url": rx.url, "timeout": 60})])
+        with open_store(f"sqlite:///{tmp_path}/events.db") as s, s.transaction() as tx:
+            eids = [record_event(tx, Event(Kind.RECEIVED, 1_795_000_000.0 + i, "relay1", tenant="acme", queue_id=f"Q{i}"),
+                                 webhook=True) for i in range(3)]
+        rx.hold()
+        log = tmp_path / "track.log"
+        proc = subprocess.Popen([*base, "track", "--log-file", str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(3000):
+                if rx.arrived:
+                    break
+                threading.Event().wait(0.02)
+            assert [r.event_id for r in rx.arrived] == [eids[0]]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        rx.release()
+        log2 = tmp_path / "track2.log"
+        again = subprocess.Popen([*base, "track", "--log-file", str(log2)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(3000):
+                if len(rx.arrived) >= 4 and len(rx.delivered()) >= 4:
+                    break
+                threading.Event().wait(0.02)
+        finally:
+            again.terminate()
+            again.wait(30)
+        assert again.returncode == 0
+        got = [(r.event_id, r.headers["webhook-id"]) for r in rx.arrived]
+    assert [e for e, _ in got] == [eids[0], eids[0], eids[1], eids[2]]
+    assert got[0] == got[1]  # the in-flight one again: same event id, same webhook-id
+    assert len({w for _, w in got[1:]}) == 3
+    with open_store(f"sqlite:///{tmp_path}/events.db") as s:
+        assert s.outbox_backlog() == {}
