@@ -690,6 +690,8 @@ class TrackingSettings(_Strict):
     record_wait: float = Field(defaults.TRACK_RECORD_WAIT, ge=0, le=600)
     webhook_backoff_base: float = Field(defaults.WEBHOOK_BACKOFF_BASE, gt=0, le=3600)
     webhook_backoff_max: float = Field(defaults.WEBHOOK_BACKOFF_MAX, gt=0, le=86400)
+    # relayctl prune's default --older-than: a duration (30d, 12w, 90d).
+    retention: str = Field(defaults.TRACK_RETENTION, pattern=r"^[1-9]\d*[hdw]$")
     # Webhook URLs must resolve to public addresses; these networks are allowed besides
     # (e.g. [10.20.0.0/16] for a receiver on the internal network). Loopback, link-local
     # (cloud metadata at 169.254.169.254), private, multicast and reserved addresses are

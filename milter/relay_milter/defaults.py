@@ -67,6 +67,8 @@ EVENTS_DSN = "sqlite:////var/lib/tenant-relay/events.db"
 # The milter's own log: the tracker reads its record of each accepted message here.
 MILTER_LOG_FILE = "/var/log/tenant-relay/milter.log"
 TRACK_POLL_INTERVAL = 0.5
+# relayctl prune: events and delivered webhook rows older than this are removed.
+TRACK_RETENTION = "90d"
 # A queued message waits this long for the milter's record before it is recorded without it.
 TRACK_RECORD_WAIT = 10.0
 # Postfix's minimal_backoff_time: the next-retry estimate when the queue file says nothing.

@@ -7,14 +7,15 @@
     tracking   trace, queue, stats, requeue, hold, release, metrics
     status     status (Nagios exit codes)
     keys       key rotate
+    history    events, webhooks replay, prune, backup
     demo       demo
     reputation ip list | failover | restore, reputation check | watch
 
 Shared by all of them: ``context`` (global options, the event store; ``lastgood`` behind
-it, the applied tenant set for operator commands) and ``errors`` (the exit-code table and
-``fail()``). ``operator`` and ``probe`` are helpers of check and apply. Command modules
-import those, never this one, so there is no import cycle (pyproject.toml's import-linter
-contract holds the layers).
+it, the applied tenant set for operator commands), ``formats`` (time arguments, event
+tables) and ``errors`` (the exit-code table and ``fail()``). ``operator`` and ``probe``
+are helpers of check and apply. Command modules import those, never this one, so there
+is no import cycle (pyproject.toml's import-linter contract holds the layers).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import click
 
 from relay_milter import __version__
-from relay_milter.cli import certs, configure, demo, keys, reputation, services, status, tracking, users
+from relay_milter.cli import certs, configure, demo, history, keys, reputation, services, status, tracking, users
 from relay_milter.cli.context import DEFAULT_SETTINGS, DEFAULT_TENANTS, Context
 from relay_milter.cli.errors import NAGIOS_NOTE, reported, table
 
@@ -86,6 +87,6 @@ def main(ctx: click.Context, tenants_dir: Path, settings_file: Path | None) -> N
     ctx.obj = Context(tenants_dir, settings_file)
 
 
-for _module in (configure, services, users, certs, tracking, status, keys, reputation, demo):
+for _module in (configure, services, users, certs, tracking, history, status, keys, reputation, demo):
     for _command in _module.COMMANDS:
         main.add_command(_command)

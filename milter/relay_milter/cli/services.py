@@ -6,7 +6,9 @@ import functools
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -59,9 +61,14 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
     Reads settings maillog_file and tracking.milter_log_file, resumes from the checkpoint
     in the event store (tracking.events_dsn, or RELAY_EVENTS_DSN), writes RECEIVED,
     RELAYED, DEFERRED, BOUNCED and REJECTED events, and pushes them to the tenants'
-    webhooks through the store's outbox. SIGTERM finishes the current batch and exits 0.
-    Tenant changes need a restart (the Ansible role does it). With a broken tenant file
-    it warns and uses the tenant set `relayctl apply` last activated.
+    webhooks through the store's outbox (one worker per tenant). SIGTERM finishes the
+    current batch and exits 0.
+
+    Tenant and secrets file changes are picked up within a second without a restart;
+    an invalid change is logged (event=reload_failed) and the last good set stays.
+    One tracker per node name and store: a second one exits 3 and names the first.
+    With a broken tenant file at start it warns and uses the tenant set `relayctl apply`
+    last activated.
     """
     from relay_milter import logs
     from relay_milter.config import load_secrets
@@ -73,71 +80,142 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
     log = logging.getLogger("relay.tracker")
 
     store = open_store(settings, create=True)
+    live = _Live(obj, settings, tenants, secrets)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # until main_loop installs its own
         signal.signal(sig, lambda *_: stop.set())
-    webhooks = not no_webhooks and any(t.webhook for t in tenants)
-    workers = []
-    if webhooks:
-        workers.append(functools.partial(_webhook_loop, settings, tenants, secrets))
+    workers = [live.watch]
+    if not no_webhooks:
+        workers.append(functools.partial(_webhook_loop, live))
     if settings.tracking.metrics_file:
-        workers.append(functools.partial(_metrics_loop, settings, tenants))
+        workers.append(functools.partial(_metrics_loop, live))
 
     def announce() -> None:
         logs.event(log, logging.INFO, None, "track_start", node=settings.node, maillog=settings.maillog_file,
                    milter_log=settings.tracking.milter_log_file, store=store.safe_dsn)
 
     try:
-        main_loop(settings, tenants, store, stop, once=once, from_start=from_start, workers=workers, on_start=announce)
+        main_loop(settings, tenants, store, stop, once=once, from_start=from_start, workers=workers, on_start=announce,
+                  on_tracker=live.attach, heartbeat=live.beat)
         if once:
-            if webhooks:
-                _send_webhooks_once(settings, tenants, secrets)
-            _write_metrics(settings, tenants, store)
+            if not no_webhooks:
+                _send_webhooks_once(live)
+            _write_metrics(live, store)
     finally:  # a ConfigError from main_loop still exits 3 (cli.errors.reported)
         store.close()
         logs.event(log, logging.INFO, None, "track_stop")
 
 
-def _webhook_loop(settings: Settings, tenants: TenantSet, secrets, stop: threading.Event) -> None:
-    """Webhooks go out from their own thread with their own store connection, so a slow
+class _Live:
+    """What the tracker's threads share and a tenant change replaces: the tenant set and
+    secrets (swapped into the tracker and the webhook sender), and the tracker's heartbeat."""
+
+    def __init__(self, obj: Context, settings: Settings, tenants: TenantSet, secrets: dict):
+        self.obj = obj
+        self.settings = settings
+        self.tenants = tenants
+        self.secrets = secrets
+        self.tracker: Any = None
+        self.sender: Any = None
+        self.last_run: float | None = None
+
+    def attach(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    def beat(self) -> None:
+        self.last_run = time.time()
+
+    def _fingerprint(self) -> tuple:
+        from relay_milter.milter.reloader import fingerprint
+
+        secrets = self.settings.secrets_file
+        try:
+            st = secrets.stat() if secrets else None
+        except OSError:
+            st = None
+        return fingerprint(self.obj.tenants_dir), (st.st_mtime_ns, st.st_size) if st else None
+
+    def reload(self) -> bool:
+        """Load the tenant and secrets files again; swap them in if they are valid."""
+        from relay_milter import logs
+        from relay_milter.config import ConfigError, load_secrets, load_tenants
+
+        log = logging.getLogger("relay.tracker")
+        try:
+            tenants = load_tenants(self.obj.tenants_dir)
+            secrets = load_secrets(self.settings.secrets_file, tenants)
+        except ConfigError as exc:
+            logs.event(log, logging.ERROR, None, "reload_failed", reason=str(exc).replace("\n", "; "),
+                       kept=",".join(t.id for t in self.tenants))
+            return False
+        self.tenants, self.secrets = tenants, secrets
+        if self.tracker is not None:
+            self.tracker.tenants = tenants
+        if self.sender is not None:
+            self.sender.update(tenants, secrets)
+        logs.event(log, logging.INFO, None, "reload", tenants=",".join(t.id for t in tenants))
+        return True
+
+    def watch(self, stop: threading.Event, interval: float = 1.0) -> None:
+        """Reload when a tenant file or the secrets file changes (checked every second)."""
+        seen = self._fingerprint()
+        while not stop.wait(interval):
+            try:
+                now = self._fingerprint()
+                if now != seen:
+                    seen = now
+                    self.reload()
+            except Exception:  # never let the watcher die silently
+                logging.getLogger("relay.tracker").exception("NOQUEUE: event=reload_error")
+
+
+def _webhook_loop(live: _Live, stop: threading.Event) -> None:
+    """Webhooks go out from their own threads with their own store connections, so a slow
     endpoint never holds up event recording."""
     from relay_milter.tracking.webhooks import WebhookSender
 
-    store = open_store(settings, create=True)
+    store = open_store(live.settings, create=True)
     try:
-        WebhookSender(store, tenants, secrets, settings.tracking).run(stop)
+        live.sender = WebhookSender(store, live.tenants, live.secrets, live.settings.tracking, connector=_connector(live.settings))
+        live.sender.run(stop)
     finally:
+        live.sender = None
         store.close()
 
 
-def _send_webhooks_once(settings: Settings, tenants: TenantSet, secrets) -> None:
+def _connector(settings: Settings):
+    """How webhook connections are made (the egress policy hooks in here)."""
+    return None
+
+
+def _send_webhooks_once(live: _Live) -> None:
     from relay_milter.tracking.webhooks import WebhookSender
 
-    store = open_store(settings, create=True)
+    store = open_store(live.settings, create=True)
     try:
-        WebhookSender(store, tenants, secrets, settings.tracking).run_once()
+        with WebhookSender(store, live.tenants, live.secrets, live.settings.tracking, connector=_connector(live.settings)) as sender:
+            sender.run_once()
     finally:
         store.close()
 
 
-def _metrics_loop(settings: Settings, tenants: TenantSet, stop: threading.Event) -> None:
-    store = open_store(settings, create=True)
+def _metrics_loop(live: _Live, stop: threading.Event) -> None:
+    store = open_store(live.settings, create=True)
     try:
         while True:
-            _write_metrics(settings, tenants, store)
-            if stop.wait(settings.tracking.metrics_interval):
+            _write_metrics(live, store)
+            if stop.wait(live.settings.tracking.metrics_interval):
                 break
     finally:
         store.close()
 
 
-def _write_metrics(settings: Settings, tenants: TenantSet, store) -> None:
+def _write_metrics(live: _Live, store) -> None:
     """Rewrite the node-exporter textfile: events, queue per tenant, webhook backlog, mail
     waiting on a smarthost name that does not resolve."""
+    settings, tenants = live.settings, live.tenants
     if not settings.tracking.metrics_file:
         return
-    import time
-
     from relay_milter import logs
     from relay_milter.postfix import queue as ops
     from relay_milter.postfix.reroute import unresolved_metric
@@ -151,7 +229,8 @@ def _write_metrics(settings: Settings, tenants: TenantSet, store) -> None:
         except ops.OpsError as exc:  # Postfix down: the other series are still worth writing
             logs.event(log, logging.WARNING, None, "metrics_queue_unavailable", error=str(exc))
             queue = None
-        snap = prom.collect([t.id for t in tenants], store, queue, tracker_last_run=time.time())
+        snap = prom.collect([t.id for t in tenants], store, queue, tracker_last_run=live.last_run, node=settings.node,
+                            certificates=[settings.tls_cert_file] if settings.tls_cert_file else ())
         extra = unresolved_metric(queued if queue is not None else None, [t.id for t in tenants])
         prom.write_textfile(settings.tracking.metrics_file, prom.render(snap) + extra)
     except Exception:  # metrics must never stop tracking

@@ -8,10 +8,8 @@ says which it uses and what code 1 means for it.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,71 +17,16 @@ import click
 
 from relay_milter.cli.context import Context, human_age, open_store
 from relay_milter.cli.errors import ExitCode, fail, warn
+from relay_milter.cli.formats import human_age, parse_when, trace_table  # noqa: F401 - re-exported
 from relay_milter.postfix import queue as ops
-from relay_milter.tracking.events import Event, Kind, iso
+from relay_milter.tracking.events import Kind, iso
 
 if TYPE_CHECKING:
     from relay_milter.config import Settings, TenantSet
 
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-# -- helpers (pure, tested in test_ops.py) -------------------------------------------------
-
-
-def parse_when(text: str, now: float) -> float:
-    """``now``, a duration back from now (``90s``, ``15m``, ``24h``, ``7d``, ``2w``) or an
-    ISO 8601 time (``2026-11-25``, ``2026-11-25T08:00:00+01:00``; no zone means UTC)."""
-    value = text.strip()
-    if value == "now":
-        return now
-    m = _DURATION.match(value)
-    if m:
-        return now - int(m.group(1)) * _UNITS[m.group(2)]
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"{text!r} is neither 'now', a duration like 15m, 24h or 7d, nor an ISO 8601 time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
-
-
-def _tls_text(tls: dict | None) -> str:
-    if not tls:
-        return "-"
-    if not tls.get("established", True):
-        return "none"
-    return " ".join(str(tls[k]) for k in ("protocol", "cipher") if tls.get(k)) or str(tls.get("level") or "yes")
-
-
-def _code_text(ev: Event) -> str:
-    return " ".join(x for x in (ev.response_code, ev.dsn) if x) or "-"
-
-
-def trace_table(events: list[Event]) -> list[str]:
-    """One aligned line per event; the reason (free text) goes last, unpadded."""
-    header = ("TIME", "TENANT", "QUEUE ID", "EVENT", "RECIPIENT", "RELAY", "CODE", "TLS", "REASON")
-    rows = [
-        (
-            (iso(ev.ts) or "-").replace(".000Z", "Z"),
-            ev.tenant or "-",
-            ev.queue_id or "-",
-            ev.kind.value,
-            ev.recipient or "-",
-            ev.relay or "-",
-            _code_text(ev),
-            _tls_text(ev.tls),
-            ev.reason or "-",
-        )
-        for ev in events
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1]
-        for r in [header, *rows]
-    ]
+# -- helpers (pure, tested in test_queue.py) ------------------------------------------------
 
 
 def queue_table(rows: list[ops.TenantQueue]) -> list[str]:
@@ -132,13 +75,15 @@ def _queue(settings: Settings, tenants: TenantSet) -> list[ops.QueuedMessage]:
 
 @click.command()
 @click.argument("key")
+@click.option("--since", default=None, metavar="WHEN", help="Only events at or after WHEN: a duration back (24h, 7d) or an ISO 8601 time.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Match KEY against its most recent LIMIT events only (a busy recipient).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of events (times in ISO 8601 UTC).")
 @click.pass_obj
-def trace(obj: Context, key: str, as_json: bool) -> None:
+def trace(obj: Context, key: str, since: str | None, limit: int | None, as_json: bool) -> None:
     """Show every recorded event of the messages matching KEY.
 
-    KEY is a Message-ID (with or without <>), a Postfix queue id or a recipient
-    address. Events come from the event store that `relayctl track` fills; one
+    KEY is a Message-ID (with or without <>), a Postfix queue id, a recipient
+    address or the platform's upstream id (X-Upstream-ID). Events come from the event store that `relayctl track` fills; one
     line per recipient per attempt, oldest first: time (UTC), tenant, queue id,
     event, recipient, relay, SMTP code and DSN, TLS protocol and cipher, reason.
 
@@ -147,9 +92,13 @@ def trace(obj: Context, key: str, as_json: bool) -> None:
     4 event store unavailable.
     """
     _, settings = obj.load(last_good=True)
+    try:
+        t0 = parse_when(since, time.time()) if since is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
     store = open_store(settings)
     try:
-        events = store.trace(key)
+        events = store.trace(key, since=t0, limit=limit)
     except Exception as exc:
         fail(ExitCode.UNAVAILABLE, f"event store: {exc}")
     finally:
@@ -394,7 +343,8 @@ def metrics(obj: Context, out: Path | None) -> None:
     """Write the Prometheus metrics once, for node-exporter's textfile collector.
 
     \b
-    relay_events_total{tenant,event}             events recorded (counter)
+    relay_events_total{node,tenant,event}        events recorded by this node (counter)
+    relay_delivery_delay_seconds{node,tenant}    delay of relayed deliveries (histogram)
     relay_queue_messages{tenant,queue}           messages per Postfix queue
     relay_queue_oldest_deferred_seconds{tenant}  oldest deferred message age
     relay_webhook_backlog{tenant}                undelivered webhook notifications
@@ -416,7 +366,8 @@ def metrics(obj: Context, out: Path | None) -> None:
     summary = ops.queue_summary(messages, time.time())
     store = open_store(settings)
     try:
-        snap = prom.collect([t.id for t in tenants], store, summary)
+        snap = prom.collect([t.id for t in tenants], store, summary, node=settings.node,
+                            certificates=[settings.tls_cert_file] if settings.tls_cert_file else ())
     except Exception as exc:
         fail(ExitCode.UNAVAILABLE, f"event store: {exc}")
     finally:

@@ -59,6 +59,9 @@ class Event:
     next_retry: float | None = None  # DEFERRED: estimate of the next attempt
     size: int | None = None
     client: str | None = None  # ingress client, e.g. localhost[127.0.0.1]
+    seq: int | None = None  # per-tenant sequence number, assigned by the store
+    delay: float | None = None  # Postfix delay=: seconds from arrival to the end of this attempt
+    delays: str | None = None  # Postfix delays=a/b/c/d (before qmgr, in qmgr, connect, transmit)
     id: int | None = None  # assigned by the store
 
     def __post_init__(self) -> None:
@@ -85,5 +88,7 @@ class Event:
         data = dict(row)
         if isinstance(data.get("tls"), str):
             data["tls"] = json.loads(data["tls"])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in _FIELDS})
+
+
+_FIELDS = frozenset(f.name for f in fields(Event))

@@ -81,7 +81,7 @@ _QUEUED = re.compile(r"^from=<(?P<from>[^<>]*)>, size=(?P<size>\d{1,12}), nrcpt=
 _EXPIRED = re.compile(r"^from=<(?P<from>[^<>]*)>, status=expired, returned to sender$")
 _DELIVERY = re.compile(
     r"^to=<(?P<to>[^<>]*)>, (?:orig_to=<(?P<orig>[^<>]*)>, )?relay=(?P<relay>[^\s,]+), "
-    r"(?:conn_use=\d+, )?delay=(?P<delay>\d+(?:\.\d+)?), delays=[\d./]+, dsn=(?P<dsn>[245]\.\d{1,3}\.\d{1,3}), "
+    r"(?:conn_use=\d+, )?delay=(?P<delay>\d+(?:\.\d+)?), delays=(?P<delays>[\d./]+), dsn=(?P<dsn>[245]\.\d{1,3}\.\d{1,3}), "
     r"status=(?P<status>sent|deferred|bounced|expired)(?: \((?P<text>.*)\))?$"
 )
 _TLS = re.compile(
@@ -179,6 +179,7 @@ class Delivery(PostfixLine):
     orig_recipient: str | None
     relay: str
     delay: float
+    delays: str  # a/b/c/d: before qmgr, in qmgr, connection setup, transmission
     dsn: str
     status: str  # sent | deferred | bounced | expired
     reason: str  # status and Postfix's text, e.g. "sent (250 2.0.0 Ok)"
@@ -469,6 +470,7 @@ def _queue_line(program: str, qid: str, rest: str, base: dict) -> PostfixRecord 
             orig_recipient=m.group("orig"),
             relay=m.group("relay"),
             delay=float(m.group("delay")),
+            delays=m.group("delays"),
             dsn=m.group("dsn"),
             status=status,
             reason=f"{status} ({text})" if text is not None else status,

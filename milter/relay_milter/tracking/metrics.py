@@ -5,15 +5,20 @@ every few seconds is the least moving part. ``render`` is pure (a snapshot in, e
 text out); ``write_textfile`` replaces the file with rename(2), so node-exporter never
 reads half a file; ``collect`` gathers a snapshot from the store and the queue.
 
-Series (all gauges except the counter):
+Series (all gauges except the counters and the histogram):
 
-    relay_events_total{tenant,event}            events recorded by the tracker (counter)
+    relay_events_total{node,tenant,event}       events recorded by this node's tracker (counter)
+    relay_delivery_delay_seconds{node,tenant}   Postfix delay= of RELAYED deliveries (histogram)
     relay_queue_messages{tenant,queue}          messages in each Postfix queue
     relay_queue_oldest_deferred_seconds{tenant} age of the oldest deferred message (0: none)
     relay_webhook_backlog{tenant}               webhook notifications not yet delivered
-    relay_tracker_last_run_timestamp_seconds    when the tracker last committed a batch
+    relay_tracker_last_run_timestamp_seconds    when the tracker last completed a pass (its heartbeat)
+    relay_tls_certificate_expiry_timestamp_seconds{file}  notAfter of the relay's certificate
 
 ``event`` is the event kind as in ``relayctl trace`` and webhooks (RELAYED, DEFERRED, ...).
+The counters come from per-node rows the tracker updates in the transaction that records
+the events: reading them costs the same at a thousand events as at a million, each node
+exports only its own (sum them across nodes), and pruning old events never lowers them.
 Every configured tenant gets every queue series, zeros included, so a series does not
 vanish when a queue drains (alerts on absent series are error-prone).
 """
@@ -28,6 +33,9 @@ from pathlib import Path
 from typing import Protocol
 
 from relay_milter.tracking.events import Kind
+from relay_milter.tracking.store import DELAY_BUCKETS
+
+DELAY_BUCKET_LABELS: tuple[str, ...] = tuple(f"{b:g}" for b in DELAY_BUCKETS)
 
 # Postfix's queues, in the order their series are written (postconf(5), queue_directory).
 QUEUES: tuple[str, ...] = ("active", "deferred", "hold", "incoming", "maildrop")
@@ -54,10 +62,14 @@ class Snapshot:
     queue: Sequence[QueueRow] | None = None
     webhook_backlog: Mapping[str, int] | None = None  # tenant -> undelivered rows
     tracker_last_run: float | None = None  # epoch seconds
+    node: str | None = None  # labels the per-node counters
+    delays: Mapping[str, Mapping] | None = None  # tenant -> {"buckets": {le: n}, "sum", "count"}
+    certificates: Mapping[str, float] | None = None  # certificate file -> notAfter (epoch seconds)
 
 
 class MetricsStore(Protocol):
-    def event_counts(self) -> dict[tuple[str, str], int]: ...
+    def event_counts(self, node: str | None = None) -> dict[tuple[str, str], int]: ...
+    def delay_histograms(self, node: str) -> dict[str, dict]: ...
     def outbox_backlog(self) -> dict[str, int]: ...
 
 
@@ -98,10 +110,25 @@ def render(snap: Snapshot) -> str:
         for t in snap.tenants:
             for k in Kind:
                 counts.setdefault((t, k.value), 0)
+        node = {"node": snap.node} if snap.node else {}
         out += _family(
             "relay_events_total", "counter", "Delivery events recorded by the tracker, by tenant and event kind.",
-            (({"tenant": t, "event": e}, n) for (t, e), n in sorted(counts.items())),
+            ((node | {"tenant": t, "event": e}, n) for (t, e), n in sorted(counts.items())),
         )
+    if snap.delays is not None:
+        node = {"node": snap.node} if snap.node else {}
+        hists = {t: snap.delays.get(t, {}) for t in sorted(set(snap.tenants) | set(snap.delays))}
+        lines = [
+            "# HELP relay_delivery_delay_seconds " + escape_help("Postfix's delay (arrival to the smarthost's 2xx) of relayed deliveries, by tenant."),
+            "# TYPE relay_delivery_delay_seconds histogram",
+        ]
+        for t, h in hists.items():
+            buckets = h.get("buckets", {})
+            for le in [*DELAY_BUCKET_LABELS, "+Inf"]:
+                lines += _family("relay_delivery_delay_seconds_bucket", "", "", [(node | {"tenant": t, "le": le}, buckets.get(le, 0))])[2:]
+            lines += _family("relay_delivery_delay_seconds_sum", "", "", [(node | {"tenant": t}, round(h.get("sum", 0), 3))])[2:]
+            lines += _family("relay_delivery_delay_seconds_count", "", "", [(node | {"tenant": t}, h.get("count", 0))])[2:]
+        out += lines
     if snap.queue is not None:
         rows = {r.tenant: r for r in snap.queue}
         names = sorted(set(snap.tenants) | set(rows))
@@ -130,6 +157,12 @@ def render(snap: Snapshot) -> str:
             "Unix time of the tracker's last committed batch.",
             [({}, round(snap.tracker_last_run, 3))],
         )
+    if snap.certificates:
+        out += _family(
+            "relay_tls_certificate_expiry_timestamp_seconds", "gauge",
+            "Unix time at which the relay's own TLS certificate expires (notAfter).",
+            (({"file": f}, round(t)) for f, t in sorted(snap.certificates.items())),
+        )
     return "\n".join(out) + "\n" if out else ""
 
 
@@ -155,17 +188,34 @@ def write_textfile(path: Path | str, text: str) -> None:
         raise
 
 
+def certificate_expiry(path: Path | str) -> float | None:
+    """notAfter of the first certificate in a PEM file (epoch seconds), None if unreadable."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc.timestamp()
+
+
 def collect(
     tenants: Iterable[str],
     store: MetricsStore | None,
     queue: Sequence[QueueRow] | None,
     tracker_last_run: float | None = None,
+    node: str | None = None,
+    certificates: Iterable[Path | str] = (),
 ) -> Snapshot:
-    """A snapshot from the store (events, webhook backlog) and an attributed queue summary."""
+    """A snapshot from the store (this node's counters, webhook backlog) and an attributed
+    queue summary."""
     return Snapshot(
         tenants=tuple(tenants),
-        event_counts=store.event_counts() if store is not None else None,
+        node=node,
+        event_counts=store.event_counts(node) if store is not None else None,
+        delays=store.delay_histograms(node) if store is not None and node else None,
         queue=queue,
         webhook_backlog=store.outbox_backlog() if store is not None else None,
         tracker_last_run=tracker_last_run,
+        certificates={str(p): t for p in certificates if (t := certificate_expiry(p)) is not None},
     )

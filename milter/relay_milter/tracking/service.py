@@ -25,6 +25,8 @@ def main_loop(
     from_start: bool = False,
     workers: Iterable[Callable[[threading.Event], None]] = (),
     on_start: Callable[[], None] | None = None,
+    on_tracker: Callable[[Tracker], None] | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> int:
     """Run the tracker until SIGTERM/SIGINT (or ``stop``); return the exit status (0).
 
@@ -34,13 +36,31 @@ def main_loop(
     committed, so a restart continues exactly there. ``workers`` (the webhook sender, the
     metrics writer) run on their own threads with ``stop`` and are joined on the way out.
     ``once`` processes what is in the files now and returns (workers are not started).
+    ``on_tracker`` gets the tracker (a tenant reload swaps its ``tenants``); ``heartbeat``
+    is called after every completed pass (relay_tracker_last_run_timestamp_seconds).
+
+    Only one tracker may run per node name and store: the node is claimed first
+    (``store.claim_node``) and a second tracker fails with a ConfigError naming it.
     """
+    claim = store.claim_node(settings.node) if hasattr(store, "claim_node") else None
+    try:
+        return _run(settings, tenants, store, stop, once, from_start, workers, on_start, on_tracker, heartbeat)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _run(settings, tenants, store, stop, once, from_start, workers, on_start, on_tracker, heartbeat) -> int:
     tracker = Tracker(settings, tenants, store, from_start=from_start)
+    if on_tracker is not None:
+        on_tracker(tracker)
     try:
         written = tracker.run_once()
     except BaseException:
         tracker.close()
         raise
+    if heartbeat is not None:
+        heartbeat()
     if once:
         tracker.close()
         logs.event(log, logging.INFO, None, "tracker_once", events=written)
@@ -52,7 +72,7 @@ def main_loop(
     if on_start is not None:
         on_start()
     try:
-        tracker.run(stop)
+        tracker.run(stop, heartbeat)
     finally:
         stop.set()
         for t in threads:

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 from relay_milter.config import ConfigError
 from relay_milter.tracking.events import Event, Kind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # -- schema (one description, rendered per dialect) ---------------------------------
 
@@ -65,7 +65,8 @@ class Index:
     where: str = ""  # partial index predicate (same syntax in both dialects)
 
 
-_EVENT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+# Version 1, as released (never edit: stores created by it are upgraded from exactly this).
+_V1_EVENT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("kind", "text", True),
     ("ts", "real", True),
     ("node", "text", True),
@@ -85,11 +86,10 @@ _EVENT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("size", "int", False),
     ("client", "text", False),
 )
-EVENT_FIELDS = tuple(c[0] for c in _EVENT_COLUMNS)
 
-TABLES: tuple[Table, ...] = (
+_V1_TABLES: tuple[Table, ...] = (
     Table("schema_version", (("version", "int", True),)),
-    Table("events", (("id", "id", True),) + _EVENT_COLUMNS),
+    Table("events", (("id", "id", True),) + _V1_EVENT_COLUMNS),
     Table("checkpoints", (("node", "text", True), ("stream", "text", True), ("value", "text", True)), ("node", "stream")),
     Table("state", (("node", "text", True), ("queue_id", "text", True), ("value", "text", True)), ("node", "queue_id")),
     Table(
@@ -109,7 +109,7 @@ TABLES: tuple[Table, ...] = (
     ),
 )
 
-INDEXES: tuple[Index, ...] = (
+_V1_INDEXES: tuple[Index, ...] = (
     Index("events_queue_id", "events", ("queue_id",)),
     Index("events_message_id", "events", ("message_id",)),
     Index("events_recipient", "events", ("recipient",)),
@@ -120,26 +120,77 @@ INDEXES: tuple[Index, ...] = (
     Index("outbox_pending", "outbox", ("tenant", "id"), "delivered_at IS NULL"),
 )
 
+# Version 2: per-tenant sequence numbers, Postfix's delay per delivery, replays, per-node
+# counters kept by the writer (never recomputed by a scan), and the indexes that trace by
+# upstream id, events from a cursor and prune need.
+_V2_EVENT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("seq", "int", False),  # per tenant, from 1; None for events without a tenant
+    ("delay", "real", False),  # Postfix delay= (seconds from arrival to this attempt)
+    ("delays", "text", False),  # Postfix delays=a/b/c/d
+)
+_V2_OUTBOX_COLUMNS: tuple[tuple[str, str, bool], ...] = (("replay", "int", False),)
+_V2_TABLES: tuple[Table, ...] = (
+    Table("tenant_seq", (("tenant", "text", True), ("last", "int", True)), ("tenant",)),
+    # metric: "events" (label = kind), "delay_bucket" (label = upper bound; per bucket, not
+    # cumulative), "delay_sum", "delay_count"
+    Table(
+        "counters",
+        (("node", "text", True), ("metric", "text", True), ("tenant", "text", True), ("label", "text", True), ("value", "real", True)),
+        ("node", "metric", "tenant", "label"),
+    ),
+)
+_V2_INDEXES: tuple[Index, ...] = (
+    Index("events_tenant_seq", "events", ("tenant", "seq")),
+    Index("events_upstream_id", "events", ("upstream_id",)),
+    Index("outbox_delivered", "outbox", ("delivered_at",), "delivered_at IS NOT NULL"),
+    Index("outbox_pending_event", "outbox", ("event_id",), "delivered_at IS NULL"),
+)
 
-def schema_sql(dialect: str) -> list[str]:
-    """CREATE statements for ``dialect`` ("sqlite" or "postgresql"), all idempotent."""
+_EVENT_COLUMNS = _V1_EVENT_COLUMNS + _V2_EVENT_COLUMNS
+EVENT_FIELDS = tuple(c[0] for c in _EVENT_COLUMNS)
+EVENT_FIELDS_V1 = tuple(c[0] for c in _V1_EVENT_COLUMNS)  # the events columns of schema version 1
+TABLES = _V1_TABLES + _V2_TABLES
+INDEXES = _V1_INDEXES + _V2_INDEXES
+
+
+def _create(tables: Sequence[Table], indexes: Sequence[Index], dialect: str) -> list[str]:
     col = 0 if dialect == "sqlite" else 1
     out = []
-    for table in TABLES:
+    for table in tables:
         parts = [f"{name} {_TYPES[kind][col]}{' NOT NULL' if notnull and kind != 'id' else ''}" for name, kind, notnull in table.columns]
         if table.primary_key:
             parts.append(f"PRIMARY KEY ({', '.join(table.primary_key)})")
         out.append(f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(parts)})")
-    for ix in INDEXES:
+    for ix in indexes:
         where = f" WHERE {ix.where}" if ix.where else ""
         out.append(f"CREATE INDEX IF NOT EXISTS {ix.name} ON {ix.table} ({', '.join(ix.columns)}){where}")
     return out
 
 
-# Version -> statements (per dialect) that bring the previous version up to it. Version 1
-# renders the current description; the first change to TABLES/INDEXES must pin version 1
-# to its literal statements and add version 2 with the ALTERs (never edit a released one).
-MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql}
+def schema_sql(dialect: str) -> list[str]:
+    """Version 1's CREATE statements for ``dialect`` ("sqlite" or "postgresql"), idempotent."""
+    return _create(_V1_TABLES, _V1_INDEXES, dialect)
+
+
+def _v2(dialect: str) -> list[str]:
+    col = 0 if dialect == "sqlite" else 1
+    out = [f"ALTER TABLE events ADD COLUMN {n} {_TYPES[k][col]}" for n, k, _ in _V2_EVENT_COLUMNS]
+    out += [f"ALTER TABLE outbox ADD COLUMN {n} {_TYPES[k][col]}" for n, k, _ in _V2_OUTBOX_COLUMNS]
+    out += _create(_V2_TABLES, _V2_INDEXES, dialect)
+    # Existing events: sequence numbers in id order, and the counters they add up to.
+    out += [
+        "UPDATE events SET seq = r.n FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY id) AS n"
+        " FROM events WHERE tenant IS NOT NULL) r WHERE events.id = r.id",
+        "INSERT INTO tenant_seq (tenant, last) SELECT tenant, MAX(seq) FROM events WHERE tenant IS NOT NULL GROUP BY tenant",
+        "INSERT INTO counters (node, metric, tenant, label, value)"
+        " SELECT node, 'events', COALESCE(tenant, '-'), kind, COUNT(*) FROM events GROUP BY node, COALESCE(tenant, '-'), kind",
+    ]
+    return out
+
+
+# Version -> statements (per dialect) that bring the previous version up to it (never edit
+# a released one; add the next version with its ALTERs).
+MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql, 2: _v2}
 
 
 def _check_event_columns() -> None:
@@ -168,6 +219,16 @@ class OutboxRow:
     attempts: int
     next_attempt: float
     created: float
+    replay: int | None = None  # 1: re-sent by `relayctl webhooks replay`
+
+
+# Upper bounds (seconds) of the delivery delay histogram: relay_delivery_delay_seconds.
+DELAY_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it (0.5, 1, 300, +Inf)."""
+    return "+Inf" if bound == float("inf") else f"{bound:g}"
 
 
 def redact_dsn(dsn: str) -> str:
@@ -199,7 +260,7 @@ def _placeholders(n: int) -> str:
 
 _EVENT_SELECT = f"SELECT id, {', '.join(EVENT_FIELDS)} FROM events"
 _INSERT_EVENT = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES ({_placeholders(len(EVENT_FIELDS))}) RETURNING id"
-_OUTBOX_COLUMNS = "o.id, o.tenant, o.event_id, o.payload, o.attempts, o.next_attempt, o.created"
+_OUTBOX_COLUMNS = "o.id, o.tenant, o.event_id, o.payload, o.attempts, o.next_attempt, o.created, o.replay"
 # The oldest undelivered row of each tenant, if it is due. A later row of the same tenant
 # is never returned while an earlier one is pending: per-tenant order is the contract.
 # The recursive CTE is a "loose index scan" over the partial index (tenant, id): each
@@ -233,6 +294,10 @@ class _Conn(ABC):
     @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
 
+    @abstractmethod
+    def delete_count(self, sql: str, params: Sequence[Any]) -> int:
+        """Run a DELETE (or UPDATE); return how many rows it changed."""
+
     def insert(self, sql: str, params: Sequence[Any]) -> int:
         """Run an INSERT ... RETURNING id."""
         rows = self.query_write(sql, params)
@@ -255,15 +320,49 @@ class Tx:
 
     def __init__(self, conn: _Conn):
         self._c = conn
+        self._counts: dict[tuple[str, str, str, str], float] = {}
 
     # -- events ----
     def add_event(self, ev: Event) -> int:
-        """Record ``ev``; its ``id`` is set and returned."""
+        """Record ``ev``: its tenant's next sequence number (``ev.seq``) and ``id`` are set,
+        and this node's counters (events by kind; the RELAYED delay histogram) move in the
+        same transaction. Returns the id."""
+        if ev.tenant:
+            rows = self._c.query_write(
+                "INSERT INTO tenant_seq (tenant, last) VALUES (?, 1)"
+                " ON CONFLICT (tenant) DO UPDATE SET last = tenant_seq.last + 1 RETURNING last",
+                [ev.tenant],
+            )
+            ev.seq = int(rows[0]["last"])
         row = ev.row()
         ev.id = self._c.insert(_INSERT_EVENT, [row[name] for name in EVENT_FIELDS])
+        tenant = ev.tenant or "-"
+        self.count(ev.node, "events", tenant, ev.kind.value)
+        if ev.kind is Kind.RELAYED and ev.delay is not None:
+            # One row per bucket, not cumulative: the reader adds them up (one write here).
+            bound = next((b for b in DELAY_BUCKETS if ev.delay <= b), float("inf"))
+            self.count(ev.node, "delay_bucket", tenant, _le(bound))
+            self.count(ev.node, "delay_sum", tenant, "", ev.delay)
+            self.count(ev.node, "delay_count", tenant, "")
         return ev.id
 
-    def queue_webhook(self, ev: Event, body: str) -> None:
+    def count(self, node: str, metric: str, tenant: str, label: str, by: float = 1) -> None:
+        """Add ``by`` to one of ``node``'s counters (written when the transaction commits:
+        one upsert per counter touched, however many events it counts)."""
+        key = (node, metric, tenant, label)
+        self._counts[key] = self._counts.get(key, 0) + by
+
+    def flush(self) -> None:
+        """Write the counter increments gathered so far (called before every commit)."""
+        for (node, metric, tenant, label), by in sorted(self._counts.items()):
+            self._c.execute(
+                "INSERT INTO counters (node, metric, tenant, label, value) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (node, metric, tenant, label) DO UPDATE SET value = counters.value + excluded.value",
+                [node, metric, tenant, label, by],
+            )
+        self._counts.clear()
+
+    def queue_webhook(self, ev: Event, body: str, replay: bool = False) -> None:
         """Queue ``body`` (the exact bytes to POST, built by the caller from the recorded
         event) for ``ev``'s tenant. Called in the transaction that recorded ``ev``, so an
         event is never recorded without its delivery."""
@@ -271,10 +370,11 @@ class Tx:
             raise ValueError("queue_webhook needs a recorded event (add_event first)")
         if not ev.tenant:
             raise ValueError(f"event {ev.id}: a webhook needs a tenant")
+        now = time.time()
         self._c.execute(
-            "INSERT INTO outbox (tenant, event_id, payload, attempts, next_attempt, created)"
-            " VALUES (?, ?, ?, 0, ?, ?)",
-            [ev.tenant, ev.id, body, ev.ts, time.time()],
+            "INSERT INTO outbox (tenant, event_id, payload, attempts, next_attempt, created, replay)"
+            " VALUES (?, ?, ?, 0, ?, ?, ?)",
+            [ev.tenant, ev.id, body, now if replay else ev.ts, now, 1 if replay else None],
         )
 
     # -- checkpoints ----
@@ -327,6 +427,19 @@ class Tx:
             )
         return [OutboxRow(**r) for r in heads]
 
+    def outbox_head(self, tenant: str, now: float) -> OutboxRow | None:
+        """``tenant``'s oldest undelivered row if it is due, else None. PostgreSQL: None
+        also when another node holds the tenant's lock (it is sending for it)."""
+        if self._c.shared and not self._c.lock_tenants([tenant]):
+            return None
+        rows = self._c.query(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE o.tenant = ? AND o.delivered_at IS NULL ORDER BY o.id LIMIT 1",
+            [tenant],
+        )
+        if not rows or rows[0]["next_attempt"] > now:
+            return None
+        return OutboxRow(**rows[0])
+
     def outbox_done(self, row_id: int, now: float) -> None:
         self._c.execute(
             "UPDATE outbox SET delivered_at = ?, last_attempt = ?, attempts = attempts + 1 WHERE id = ? AND delivered_at IS NULL",
@@ -340,6 +453,26 @@ class Tx:
             " WHERE id = ? AND delivered_at IS NULL",
             [now, error[:2000], next_attempt, row_id],
         )
+
+
+class NodeClaim:
+    """A held claim on a node name (``Store.claim_node``); ``release`` gives it up. The
+    claim also ends when the process dies (an flock, a PostgreSQL session lock)."""
+
+    def __init__(self, release: Callable[[], None]):
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release, release = None, self._release
+            release()
+
+
+def _node_taken(node: str, dsn: str, holder: str) -> ConfigError:
+    return ConfigError(
+        f"node {node}: another tracker is already running for this node name on {dsn}{holder}; "
+        "run one tracker per node (stop the other), or give this relay its own tracking.node"
+    )
 
 
 class Store(ABC):
@@ -451,22 +584,30 @@ class Store(ABC):
             params.append(int(limit))
         return [Event.from_row(r) for r in self._query(sql, params)]
 
-    def trace(self, key: str) -> list[Event]:
+    def trace(self, key: str, since: float | None = None, limit: int | None = None) -> list[Event]:
         """Every event of every message ``key`` identifies, ordered by ts, id.
 
-        ``key`` is a Message-ID (with or without <>), a Postfix queue id, or a recipient
-        (decoded or encoded). Messages are matched first, then all their events are read:
-        by (node, queue id), since queue ids are only unique per node, and by Message-ID,
-        which links a message's rejections and its copies on other nodes.
+        ``key`` is a Message-ID (with or without <>), a Postfix queue id, a recipient
+        (decoded or encoded) or the platform's upstream id (X-Upstream-ID). Messages are
+        matched first (with ``since``: by their events at or after it; with ``limit``: the
+        most recent ``limit`` matching events), then all their events are read: by (node,
+        queue id), since queue ids are only unique per node, and by Message-ID, which links
+        a message's rejections and its copies on other nodes.
         """
         key = key.strip()
         if not key:
             return []
-        seeds = self._query(
-            "SELECT id, node, queue_id, message_id FROM events"
-            " WHERE queue_id = ? OR message_id IN (?, ?) OR recipient IN (?, ?) OR original_recipient IN (?, ?)",
-            [key, *normalize_message_id(key), key, key.lower(), key, key.lower()],
-        )
+        where = ("(queue_id = ? OR message_id IN (?, ?) OR recipient IN (?, ?) OR original_recipient IN (?, ?)"
+                 " OR upstream_id = ?)")
+        params: list[Any] = [key, *normalize_message_id(key), key, key.lower(), key, key.lower(), key]
+        if since is not None:
+            where += " AND ts >= ?"
+            params.append(since)
+        sql = f"SELECT id, node, queue_id, message_id FROM events WHERE {where}"
+        if limit is not None:
+            sql += " ORDER BY id DESC LIMIT ?"
+            params.append(int(limit))
+        seeds = self._query(sql, params)
         if not seeds:
             return []
         ids = {r["id"] for r in seeds}
@@ -484,7 +625,58 @@ class Store(ABC):
         for chunk in _chunks(missing, 500):
             for r in self._query(f"{_EVENT_SELECT} WHERE id IN ({_placeholders(len(chunk))})", chunk):
                 found[r["id"]] = Event.from_row(r)
-        return sorted(found.values(), key=lambda e: (e.ts, e.id or 0))
+        out = sorted(found.values(), key=lambda e: (e.ts, e.id or 0))
+        if since is not None:
+            out = [e for e in out if e.ts >= since]
+        return out
+
+    # -- retention, backup ----
+    def prune(self, cutoff: float, batch: int = 5000, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+        """Delete delivered outbox rows delivered before ``cutoff``, then events recorded
+        before it, ``batch`` rows per transaction (the tracker keeps writing in between).
+        Kept always: undelivered outbox rows and their events, the tracker's state, and
+        every event of a message still in the queue (it has state). Counters are not
+        touched. Returns (events, outbox rows) deleted."""
+        outbox = events = 0
+        while True:
+            with self.transaction() as tx:
+                n = tx._c.delete_count(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE delivered_at IS NOT NULL"
+                    " AND delivered_at < ? ORDER BY id LIMIT ?)", [cutoff, batch])
+            outbox += n
+            if progress:
+                progress(events, outbox)
+            if n < batch:
+                break
+        while True:
+            with self.transaction() as tx:
+                n = tx._c.delete_count(
+                    "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.ts < ?"
+                    " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id AND o.delivered_at IS NULL)"
+                    " AND NOT EXISTS (SELECT 1 FROM state s WHERE s.node = e.node AND s.queue_id = e.queue_id)"
+                    " ORDER BY e.id LIMIT ?)", [cutoff, batch])
+            events += n
+            if progress:
+                progress(events, outbox)
+            if n < batch:
+                break
+        return events, outbox
+
+    def backup(self, target: Path | str) -> None:
+        """Copy the store to ``target`` consistently while it is in use (SQLite's online
+        backup API). PostgreSQL: use pg_dump (docs/tracking.md)."""
+        raise ConfigError(f"{self.safe_dsn}: relayctl backup copies an SQLite store; back up PostgreSQL with pg_dump (docs/tracking.md)")
+
+    def events_after(self, tenant: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        """``tenant``'s events with a sequence number above ``after``, in sequence order:
+        a cursor for pulling (``relayctl events``) and for replays."""
+        return [Event.from_row(r) for r in self._query(
+            f"{_EVENT_SELECT} WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?", [tenant, int(after), int(limit)])]
+
+    def first_seq_since(self, tenant: str, since: float) -> int | None:
+        """The sequence number of ``tenant``'s first event at or after ``since``."""
+        rows = self._query("SELECT MIN(seq) AS s FROM events WHERE tenant = ? AND ts >= ?", [tenant, since])
+        return int(rows[0]["s"]) if rows and rows[0]["s"] is not None else None
 
     def stats(self, since: float, until: float, tenant: str | None = None) -> dict[str, dict[str, int]]:
         """{tenant: {kind: count}} for since <= ts < until; every kind is present (0 if
@@ -500,10 +692,43 @@ class Store(ABC):
             counts[r["kind"]] = int(r["n"])
         return out
 
-    def event_counts(self) -> dict[tuple[str, str], int]:
-        """(tenant or "-", kind) -> all-time total: monotonic counters for metrics."""
-        rows = self._query("SELECT tenant, kind, COUNT(*) AS n FROM events GROUP BY tenant, kind")
-        return {(r["tenant"] or "-", r["kind"]): int(r["n"]) for r in rows}
+    def event_counts(self, node: str | None = None) -> dict[tuple[str, str], int]:
+        """(tenant or "-", kind) -> all-time total of events recorded by ``node`` (None: all
+        nodes), from the counters the writer keeps: one row per series, never a scan of
+        the events, and never lowered by ``prune``."""
+        sql = "SELECT tenant, label, SUM(value) AS n FROM counters WHERE metric = 'events'"
+        params: list[Any] = []
+        if node is not None:
+            sql += " AND node = ?"
+            params.append(node)
+        rows = self._query(sql + " GROUP BY tenant, label", params)
+        return {(r["tenant"], r["label"]): int(r["n"]) for r in rows}
+
+    def delay_histograms(self, node: str) -> dict[str, dict[str, Any]]:
+        """tenant -> {"buckets": {le: cumulative count}, "sum": seconds, "count": n} of
+        ``node``'s RELAYED deliveries (Postfix's delay=)."""
+        out: dict[str, dict[str, Any]] = {}
+        rows = self._query("SELECT metric, tenant, label, value FROM counters WHERE node = ? AND metric LIKE 'delay_%'", [node])
+        labels = [_le(b) for b in (*DELAY_BUCKETS, float("inf"))]
+        for r in rows:
+            h = out.setdefault(r["tenant"], {"buckets": dict.fromkeys(labels, 0), "sum": 0.0, "count": 0})
+            if r["metric"] == "delay_bucket":
+                h["buckets"][r["label"]] = int(r["value"])
+            elif r["metric"] == "delay_sum":
+                h["sum"] = float(r["value"])
+            elif r["metric"] == "delay_count":
+                h["count"] = int(r["value"])
+        for h in out.values():  # stored per bucket; Prometheus buckets are cumulative
+            total = 0
+            for le in labels:
+                total += h["buckets"][le]
+                h["buckets"][le] = total
+        return out
+
+    def outbox_due_tenants(self, now: float) -> list[str]:
+        """Tenants whose oldest undelivered row is due, the longest waiting first."""
+        rows = self._query(f"{_OUTBOX_HEADS} ORDER BY o.next_attempt, o.id", [now])
+        return [r["tenant"] for r in rows]
 
     def outbox_backlog(self) -> dict[str, int]:
         """tenant -> webhook rows not delivered yet (only tenants with a backlog)."""
@@ -587,6 +812,10 @@ class _SqliteConn(_Conn):
         self._begin_write()
         self.store._writer.execute(sql, params)
 
+    def delete_count(self, sql: str, params: Sequence[Any]) -> int:
+        self._begin_write()
+        return self.store._writer.execute(sql, params).rowcount
+
     def finish(self, commit: bool) -> None:
         if not self.writing:
             return
@@ -646,7 +875,9 @@ class _SqliteStore(Store):
         conn = _SqliteConn(self)
         self._local.active = True
         try:
-            yield Tx(conn)
+            tx = Tx(conn)
+            yield tx
+            tx.flush()
         except BaseException:
             conn.finish(commit=False)
             raise
@@ -659,6 +890,54 @@ class _SqliteStore(Store):
     def _read(self) -> Iterator[_Conn]:
         yield _SqliteConn(self)  # never writes: always the read connection
 
+    def claim_node(self, node: str) -> NodeClaim:
+        """Claim ``node`` for this tracker: an exclusive flock on a file next to the
+        database, which holds the claimant's pid and host for the message a second
+        tracker gets."""
+        import fcntl
+        import socket
+
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", node)
+        path = Path(f"{self.path}.tracker-{safe}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise _node_taken(node, self.safe_dsn, f" ({holder}, lock {path})" if holder else f" (lock {path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+        def release() -> None:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+        return NodeClaim(release)
+
+    def backup(self, target: Path | str, pages: int = 1024) -> None:
+        """SQLite's online backup API, ``pages`` pages per step: a consistent copy while the
+        tracker writes (a plain copy of a WAL database is not). The copy is checked with
+        PRAGMA integrity_check; a failed copy is removed."""
+        target = Path(target)
+        dest = sqlite3.connect(str(target))
+        try:
+            src = self._connect()
+            try:
+                src.backup(dest, pages=pages)
+            finally:
+                src.close()
+            dest.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            ok = dest.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(f"integrity check of the copy: {ok}")
+        except BaseException:
+            dest.close()
+            target.unlink(missing_ok=True)
+            raise
+        dest.close()
+
     def close(self) -> None:
         with self._write_lock, self._read_lock:
             self._writer.close()
@@ -669,6 +948,8 @@ class _SqliteStore(Store):
 
 # Namespace of our advisory locks (first key of the two-int form): "tR".
 _LOCK_NAMESPACE = 0x7452
+# Session locks that keep one tracker per node name: "tS".
+_NODE_NAMESPACE = 0x7453
 
 
 def tenant_lock_key(tenant: str) -> int:
@@ -695,6 +976,11 @@ class _PgConn(_Conn):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         with self.conn.cursor() as cur:
             cur.execute(self._sql(sql), list(params))
+
+    def delete_count(self, sql: str, params: Sequence[Any]) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute(self._sql(sql), list(params))
+            return cur.rowcount
 
     def lock_tenants(self, tenants: Iterable[str]) -> set[str]:
         got = set()
@@ -747,7 +1033,9 @@ class _PgStore(Store):
         if conn.info.transaction_status != TransactionStatus.IDLE:
             raise RuntimeError("nested event store transaction")
         with conn.transaction():
-            yield Tx(_PgConn(conn))
+            tx = Tx(_PgConn(conn))
+            yield tx
+            tx.flush()
 
     @contextmanager
     def _read(self) -> Iterator[_Conn]:
@@ -755,6 +1043,26 @@ class _PgStore(Store):
 
     def _migration_lock(self, conn: _Conn) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(?, 0)", [_LOCK_NAMESPACE])
+
+    def claim_node(self, node: str) -> NodeClaim:
+        """Claim ``node`` for this tracker: a session advisory lock on a connection of its
+        own, held while the tracker runs (gone with the process or the connection)."""
+        import psycopg
+
+        name = f"relayctl-track {node}"[:63]
+        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT, application_name=name)
+        key = tenant_lock_key(node)
+        ok = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [_NODE_NAMESPACE, key]).fetchone()[0]
+        if not ok:
+            rows = conn.execute(
+                "SELECT a.pid, a.client_addr::text, a.backend_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.objsubid = 2 AND l.granted",
+                [_NODE_NAMESPACE, key & 0xFFFFFFFF],
+            ).fetchall()
+            conn.close()
+            holder = f" (PostgreSQL backend pid {rows[0][0]}, client {rows[0][1] or 'local'}, since {rows[0][2]:%Y-%m-%d %H:%M:%S%z})" if rows else ""
+            raise _node_taken(node, self.safe_dsn, holder)
+        return NodeClaim(conn.close)
 
     def close(self) -> None:
         with self._lock:

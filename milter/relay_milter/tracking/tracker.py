@@ -163,9 +163,10 @@ class Tracker:
         self._progress()
         return total
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, heartbeat: Callable[[], None] | None = None) -> None:
         """Poll until ``stop`` is set. The batch in progress is finished and committed first.
-        Store or file errors are logged and retried with a growing pause."""
+        Store or file errors are logged and retried with a growing pause. ``heartbeat`` is
+        called after every completed pass."""
         self._stop = stop
         failures = 0
         interval = self.settings.tracking.poll_interval
@@ -175,6 +176,8 @@ class Tracker:
                 try:
                     self.run_once()
                     failures = 0
+                    if heartbeat is not None:
+                        heartbeat()
                     pause = interval
                 except Exception as exc:
                     failures += 1
@@ -478,6 +481,8 @@ class Tracker:
             reason=rec.reason,
             tls=self._tls_for(rec, st),
             next_retry=self._next_retry(qid, rec.ts) if kind is Kind.DEFERRED else None,
+            delay=rec.delay,
+            delays=rec.delays,
         )
         if ev.tenant is None:
             ev.tenant = rec.transport_tenant

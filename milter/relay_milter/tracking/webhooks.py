@@ -12,27 +12,37 @@ captured request cannot be replayed later; receivers check it with ``verify_sign
     from relay_milter.tracking.webhooks import verify_signature
     ok = verify_signature(secret, request.headers["X-Relay-Signature"], request.body)
 
-Order: one event per POST, and only the oldest undelivered row of a tenant is ever sent
-(the store's ``outbox_due``). A failing receiver holds back that tenant's later events,
-never another tenant's. Failed attempts are retried with exponential backoff
-(``backoff``), without a maximum: the backlog shows in metrics and ``relayctl stats``.
+The Standard Webhooks headers (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``;
+``standard_headers``) are sent as well, so receivers can verify with those libraries.
+
+Order and isolation: one event per POST, and only the oldest undelivered row of a tenant
+is ever sent (the store's ``outbox_head``). Each tenant has its own worker thread and
+keep-alive connection pool (``_TenantWorker``, ``transport.client``): a failing or hanging
+receiver holds back that tenant's later events, never another tenant's. Failed attempts
+are retried with exponential backoff (``backoff``), without a maximum: the backlog shows in
+metrics and ``relayctl stats``. Connections go only where the egress policy allows
+(``egress``), and ``webhook.timeout`` bounds each whole request (``transport``).
+
+Replays (``replay``) queue a tenant's events again from a sequence number, marked as such.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
-import http.client
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import urlsplit
+
+import httpx
 
 from relay_milter import defaults
 from relay_milter.config import TenantSecrets, TenantSet, TrackingSettings
-from relay_milter.tracking.egress import DeadlineExceeded, EgressRefused, IPNetwork, http_post
+from relay_milter.tracking import egress, transport
 from relay_milter.tracking.events import Event, Kind, iso
 from relay_milter.logs import event as log_event
 
@@ -94,6 +104,7 @@ def payload(ev: Event, node: str | None = None) -> dict[str, Any]:
             {
                 "meta": {
                     "id": ev.id,
+                    "seq": ev.seq,
                     "queueId": ev.queue_id,
                     "mail": {
                         "id": ev.message_id,
@@ -138,6 +149,29 @@ def record_event(tx: "Tx", ev: Event, webhook: bool = False) -> int:
     if webhook:
         tx.queue_webhook(ev, body(ev))
     return event_id
+
+
+def replay_body(ev: Event) -> str:
+    """The body of a replayed event: the original payload with ``meta.replay: true``."""
+    data = payload(ev)
+    data["meta"]["replay"] = True
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def replay(store: "Store", tenant: str, after: int, batch: int = 1000) -> int:
+    """Queue ``tenant``'s events with a sequence number above ``after`` for sending again,
+    marked as replays (``meta.replay``, header ``X-Relay-Replay: 1``) and signed as usual.
+    They go behind the tenant's pending rows, in sequence order. Returns how many."""
+    queued = 0
+    while True:
+        events = store.events_after(tenant, after, batch)
+        if not events:
+            return queued
+        with store.transaction() as tx:
+            for ev in events:
+                tx.queue_webhook(ev, replay_body(ev), replay=True)
+        queued += len(events)
+        after = events[-1].seq or after
 
 
 # -- signatures -----------------------------------------------------------------------
@@ -192,6 +226,25 @@ def backoff(attempts: int, base: float = defaults.WEBHOOK_BACKOFF_BASE, cap: flo
     return float(min(base * 2 ** min(attempts - 1, 60), cap))
 
 
+# -- Standard Webhooks ------------------------------------------------------------------
+
+
+def standard_headers(secret: str, msg_id: str, body: bytes, t: float) -> dict[str, str]:
+    """The Standard Webhooks header set (standardwebhooks.com) for ``body``: ``webhook-id``,
+    ``webhook-timestamp`` and ``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 over
+    ``f"{id}.{timestamp}.{body}"``). The key is the UTF-8 bytes of the tenant's
+    ``webhook_secret``; in the libraries' ``whsec_`` form that is
+    ``"whsec_" + base64(webhook_secret)`` (``standard_secret``)."""
+    ts = str(int(t))
+    mac = hmac.new(secret.encode(), f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+    return {"webhook-id": msg_id, "webhook-timestamp": ts, "webhook-signature": "v1," + base64.b64encode(mac).decode()}
+
+
+def standard_secret(secret: str) -> str:
+    """The tenant's ``webhook_secret`` as a Standard Webhooks library expects it."""
+    return "whsec_" + base64.b64encode(secret.encode()).decode()
+
+
 # -- sending --------------------------------------------------------------------------
 
 
@@ -203,27 +256,110 @@ def _where(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
-         allow: tuple[IPNetwork, ...] = ()) -> tuple[int | None, str]:
+def egress_connector(allow: Iterable[egress.IPNetwork] = ()) -> transport.Connector:
+    """Connections the egress policy allows: public unicast addresses, plus ``allow``
+    (settings ``tracking.webhook_allow_networks``), judged on the resolved address."""
+    allowed = tuple(allow)
+
+    def connect(host: str, port: int, deadline: float) -> Any:
+        return egress.connect(host, port, deadline, allowed)
+
+    return connect
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float, allow: Iterable[egress.IPNetwork] = (),
+         http: httpx.Client | None = None) -> tuple[int | None, str]:
     """POST and return (HTTP status or None, error text; "" on 2xx). The error text is the
     status alone ("HTTP 500"): the receiver's answer is not stored. ``timeout`` bounds the
-    whole request; only the addresses egress allows (public, or in ``allow``) are used."""
+    whole request. ``http`` is the worker's pooled client (its connector applies the egress
+    policy); without one, a one-off client connects to what egress allows (``allow``)."""
+    if http is None:
+        with transport.client(egress_connector(allow)) as once:
+            return post(url, body, headers, timeout, http=once)
     where = _where(url)
     try:
-        status = http_post(url, body, headers, timeout, allow)
-    except EgressRefused as exc:
+        status = transport.post(http, url, body, headers, timeout)
+    except transport.DeadlineExceeded as exc:
         return None, f"{where}: {exc}"
-    except DeadlineExceeded as exc:
-        return None, f"{where}: {exc}"
-    except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset, bad reply, ...
-        return None, f"{where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__}"
+    except httpx.HTTPError as exc:  # refused, reset, bad reply, ...
+        cause = exc.__context__ or exc.__cause__
+        return None, f"{where}: {type(exc).__name__}" + (f" ({cause})" if cause and str(cause) else (f" ({exc})" if str(exc) else ""))
+    except OSError as exc:  # the connector refused the address, ...
+        return None, f"{where}: {exc.strerror if exc.strerror else exc}"
     if 200 <= status < 300:
         return status, ""
     return status, f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
 
 
+class _Job:
+    """One request to drain a tenant; ``done`` is set when the drain has finished."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.delivered = 0
+
+
+class _TenantWorker:
+    """One tenant's sender thread with its own connection pool. It drains the tenant's
+    outbox strictly in order when asked (``request``) and waits otherwise."""
+
+    def __init__(self, sender: "WebhookSender", tenant: str):
+        self.sender = sender
+        self.tenant = tenant
+        self.http = transport.client(sender.connector)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: _Job | None = None
+        self._stopping = False
+        self.thread = threading.Thread(target=self._loop, name=f"webhooks:{tenant}", daemon=True)
+        self.thread.start()
+
+    def request(self) -> _Job:
+        """Ask for a drain (a no-op while one is already waiting to start)."""
+        with self._lock:
+            if self._pending is None:
+                self._pending = _Job()
+                self._wake.set()
+            return self._pending
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.set()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._wake.wait()
+                with self._lock:
+                    if self._stopping:
+                        job = self._pending
+                        break
+                    job, self._pending = self._pending, None
+                    self._wake.clear()
+                if job is None:
+                    continue
+                try:
+                    job.delivered = self.sender._drain(self)
+                except Exception as exc:  # noqa: BLE001 - logged; the next request retries
+                    log_event(log, logging.ERROR, None, "webhook_sender_error", tenant=self.tenant,
+                              error=f"{type(exc).__name__}: {exc}")
+                finally:
+                    job.done.set()
+            if job is not None:
+                job.done.set()
+        finally:
+            self.http.close()
+
+
 class WebhookSender:
-    """Delivers the outbox: the tracker runs ``run`` in a thread; tests call ``run_once``.
+    """Delivers the outbox: one worker thread per tenant, each with its own keep-alive
+    connection pool, draining its tenant's rows strictly in order. Tenants are independent:
+    a receiver that hangs until its timeout holds up only its own tenant.
+
+    ``run`` (the tracker's thread) polls for tenants with due rows and wakes their workers;
+    ``run_once`` (tests, ``track --once``) drains every due tenant concurrently and waits.
+    ``update`` swaps in new tenants and secrets (a tenant file change) without a restart.
 
     A tenant whose webhook was removed from its tenant file (or who has no secret) keeps
     its undelivered rows: they are logged once and sent if the webhook comes back.
@@ -236,102 +372,160 @@ class WebhookSender:
         secrets: dict[str, TenantSecrets],
         settings: TrackingSettings,
         clock: Callable[[], float] = time.time,
-        batch: int = 50,
+        connector: transport.Connector | None = None,
     ):
         self.store = store
         self.tenants = tenants
         self.secrets = secrets
         self.settings = settings
         self.clock = clock
-        self.batch = batch
+        # Connections go where egress allows (public, or tracking.webhook_allow_networks).
+        self.connector = connector or egress_connector(settings.webhook_allow_networks)
+        self._workers: dict[str, _TenantWorker] = {}
+        self._lock = threading.Lock()
         self._parked: set[str] = set()  # tenants without a usable webhook (logged once)
+        self._closing = False
+
+    # -- configuration --
+    def update(self, tenants: TenantSet, secrets: dict[str, TenantSecrets]) -> None:
+        """New tenant definitions and secrets; the next row sent uses them."""
+        with self._lock:
+            self.tenants, self.secrets = tenants, secrets
 
     def _target(self, tenant: str) -> tuple[str, str, float] | None:
         """(url, secret, timeout) or None when the tenant's webhook is not configured."""
-        t = self.tenants.by_id(tenant)
-        secret = self.secrets.get(tenant)
+        with self._lock:
+            t = self.tenants.by_id(tenant)
+            secret = self.secrets.get(tenant)
         if t is None or t.webhook is None or secret is None or not secret.webhook_secret:
             return None
         return t.webhook.url, secret.webhook_secret, t.webhook.timeout
 
     def _park(self, row: "OutboxRow") -> None:
-        if row.tenant in self._parked:
-            return
-        self._parked.add(row.tenant)
+        with self._lock:
+            if row.tenant in self._parked:
+                return
+            self._parked.add(row.tenant)
         backlog = self.store.outbox_backlog().get(row.tenant, 0)
         why = "no such tenant" if self.tenants.by_id(row.tenant) is None else "no webhook url or webhook_secret"
         log_event(log, logging.WARNING, None, "webhook_parked", tenant=row.tenant, backlog=backlog, reason=why,
                   action="rows kept; they are sent once the tenant has a webhook again")
 
-    def _send(self, row: "OutboxRow", url: str, secret: str, timeout: float) -> str:
-        body = row.payload.encode("utf-8")
-        headers = {
+    def _unpark(self, tenant: str) -> None:
+        with self._lock:
+            if tenant not in self._parked:
+                return
+            self._parked.discard(tenant)
+        log_event(log, logging.INFO, None, "webhook_resumed", tenant=tenant)
+
+    # -- workers --
+    def _worker(self, tenant: str) -> _TenantWorker:
+        with self._lock:
+            worker = self._workers.get(tenant)
+            if worker is None:
+                worker = self._workers[tenant] = _TenantWorker(self, tenant)
+            return worker
+
+    def _drain(self, worker: _TenantWorker) -> int:
+        """Send the tenant's due rows in order until none is due or one fails; returns how
+        many were delivered. Each row is one transaction: on PostgreSQL it holds the
+        tenant's advisory lock over the POST, so two nodes never send the same tenant."""
+        delivered = 0
+        while not self._closing:
+            with self.store.transaction() as tx:
+                row = tx.outbox_head(worker.tenant, self.clock())
+                if row is None:
+                    return delivered
+                target = self._target(row.tenant)
+                if target is None:
+                    self._park(row)
+                    return delivered
+                self._unpark(row.tenant)
+                error = self._send(worker.http, row, *target)
+                at = self.clock()
+                if not error:
+                    tx.outbox_done(row.id, at)
+                else:
+                    retry = at + backoff(row.attempts + 1, self.settings.webhook_backoff_base, self.settings.webhook_backoff_max)
+                    tx.outbox_failed(row.id, at, error, retry)
+            if error:
+                self._log_failed(row, error, retry)
+                return delivered
+            delivered += 1
+            self._log_done(row)
+        return delivered
+
+    def headers(self, row: "OutboxRow", secret: str, body: bytes) -> dict[str, str]:
+        """Every header of one attempt: ours and the Standard Webhooks set. ``webhook-id``
+        is the outbox row (the same on every retry; a replay is a new row)."""
+        now = self.clock()
+        out = {
             "Content-Type": "application/json",
-            "User-Agent": "tenant-relay-webhooks/1",
             "X-Relay-Event-Id": str(row.event_id),
-            defaults.WEBHOOK_SIGNATURE_HEADER: sign(secret, body, self.clock()),
+            defaults.WEBHOOK_SIGNATURE_HEADER: sign(secret, body, now),
+            **standard_headers(secret, f"msg_{row.id}", body, now),
         }
-        status, error = post(url, body, headers, timeout, self.settings.webhook_allow_networks)
+        if row.replay:
+            out["X-Relay-Replay"] = "1"
+        return out
+
+    def _send(self, http: httpx.Client, row: "OutboxRow", url: str, secret: str, timeout: float) -> str:
+        body = row.payload.encode("utf-8")
+        status, error = post(url, body, self.headers(row, secret, body), timeout, http=http)
         if status is not None and 200 <= status < 300:
             return ""
         return error or f"HTTP {status}"
 
-    def run_round(self) -> tuple[int, int]:
-        """One round: the due head row of each tenant, one POST each. Returns (delivered,
-        failed). The transaction stays open over the POSTs: on PostgreSQL it holds the
-        tenants' advisory locks; on SQLite it takes the writer only to record outcomes."""
-        delivered = failed = 0
-        with self.store.transaction() as tx:
-            now = self.clock()
-            due = tx.outbox_due(now, self.batch + len(self._parked))
-            outcomes: list[tuple[OutboxRow, str, float]] = []
-            for row in due:
-                target = self._target(row.tenant)
-                if target is None:
-                    self._park(row)
-                    continue
-                if row.tenant in self._parked:
-                    self._parked.discard(row.tenant)
-                    log_event(log, logging.INFO, None, "webhook_resumed", tenant=row.tenant)
-                outcomes.append((row, self._send(row, *target), self.clock()))
-            for row, error, at in outcomes:
-                if not error:
-                    tx.outbox_done(row.id, at)
-                    delivered += 1
-                    self._log_done(row)
-                else:
-                    retry = at + backoff(row.attempts + 1, self.settings.webhook_backoff_base, self.settings.webhook_backoff_max)
-                    tx.outbox_failed(row.id, at, error, retry)
-                    failed += 1
-                    self._log_failed(row, error, retry)
-        return delivered, failed
+    def due_tenants(self) -> list[str]:
+        return self.store.outbox_due_tenants(self.clock())
 
-    def run_once(self, max_rounds: int = 1000) -> int:
-        """Send everything that is due now, tenant by tenant in order; returns how many rows
-        were delivered. Stops when a round delivers nothing (all heads wait or failed)."""
-        total = 0
-        for _ in range(max_rounds):
-            delivered, _failed = self.run_round()
-            total += delivered
-            if not delivered:
-                break
-        return total
+    def run_once(self) -> int:
+        """Drain every tenant that has a due row, concurrently, and wait; returns how many
+        rows were delivered. A tenant stops at its first failure (its head then waits
+        for its backoff)."""
+        jobs = [self._worker(t).request() for t in self.due_tenants()]
+        for job in jobs:
+            job.done.wait()
+        return sum(job.delivered for job in jobs)
 
     def run(self, stop: threading.Event) -> None:
-        """Deliver until ``stop`` is set. A store or programming error is logged and retried
-        after a pause: the sender thread must not die quietly while the tracker runs."""
+        """Deliver until ``stop`` is set: every poll interval, wake the workers of tenants
+        with due rows. A store error is logged and retried after a pause: the sender must
+        not die quietly while the tracker runs."""
         interval = self.settings.poll_interval
         log_event(log, logging.INFO, None, "webhook_sender_started", store=self.store.safe_dsn)
-        while not stop.is_set():
-            try:
-                delivered, _failed = self.run_round()
-            except Exception as exc:  # noqa: BLE001 - logged, retried
-                log_event(log, logging.ERROR, None, "webhook_sender_error", error=f"{type(exc).__name__}: {exc}")
-                stop.wait(max(interval, 5.0))
-                continue
-            if not delivered:
+        try:
+            while not stop.is_set():
+                try:
+                    for tenant in self.due_tenants():
+                        self._worker(tenant).request()
+                except Exception as exc:  # noqa: BLE001 - logged, retried
+                    log_event(log, logging.ERROR, None, "webhook_sender_error", error=f"{type(exc).__name__}: {exc}")
+                    stop.wait(max(interval, 5.0))
+                    continue
                 stop.wait(interval)
-        log_event(log, logging.INFO, None, "webhook_sender_stopped")
+        finally:
+            self.close()
+            log_event(log, logging.INFO, None, "webhook_sender_stopped")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the workers; a POST in flight finishes (within its deadline) and is recorded."""
+        self._closing = True
+        with self._lock:
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for w in workers:
+            w.stop()
+        end = time.monotonic() + timeout
+        for w in workers:
+            w.thread.join(max(0.0, end - time.monotonic()))
+        self._closing = False
+
+    def __enter__(self) -> "WebhookSender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @staticmethod
     def _qid(row: "OutboxRow") -> str | None:
@@ -342,7 +536,7 @@ class WebhookSender:
 
     def _log_done(self, row: "OutboxRow") -> None:
         log_event(log, logging.INFO, self._qid(row), "webhook_delivered", tenant=row.tenant, event_id=row.event_id,
-                  attempts=row.attempts + 1)
+                  attempts=row.attempts + 1, **({"replay": 1} if row.replay else {}))
 
     def _log_failed(self, row: "OutboxRow", error: str, retry: float) -> None:
         log_event(log, logging.WARNING, self._qid(row), "webhook_failed", tenant=row.tenant, event_id=row.event_id,

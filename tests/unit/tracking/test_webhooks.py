@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def test_payload_relayed_with_tls():
         "meta": {"tenant": "acme", "node": "relay1", "version": "1", "receivedTs": "2026-11-18T11:06:40.250Z"},
         "notifications": [{
             "meta": {
-                "id": 42, "queueId": "89037160377",
+                "id": 42, "seq": None, "queueId": "89037160377",
                 "mail": {"id": "<m1@acme.example>", "upstreamId": "up-42", "email": "alice@example.org",
                          "originalEmail": "alice=example.org@acme.relay.test", "from": "news@acme.example"},
                 "event": {"type": "RELAYED", "state": "FINISHED", "ts": "2026-11-18T11:06:40.250Z",
@@ -125,13 +126,13 @@ class Clock:
         return self.t
 
 
-def tenant(tid: str, url: str | None) -> Tenant:
+def tenant(tid: str, url: str | None, timeout: float = 5) -> Tenant:
     data = dict(
         id=tid, relay_domain=f"{tid}.relay.test", signing_domain=f"hop.{tid}.test", selector="s1",
         allowed_sender_domains=[f"{tid}.example"], smarthost={"host": "127.0.0.1", "port": 2525},
     )
     if url:
-        data["webhook"] = {"url": url, "timeout": 5}
+        data["webhook"] = {"url": url, "timeout": timeout}
     return Tenant.model_validate(data)
 
 
@@ -306,3 +307,80 @@ def test_run_loop_delivers_and_stops(store, receiver):
         thread.join(5)
     assert not thread.is_alive()
     assert json.loads(receiver.requests[0].body)["meta"]["tenant"] == "acme"
+
+
+# -- per-tenant isolation, pooled connections, Standard Webhooks -----------------------------
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0):
+    """Poll ``predicate`` until it is true; fail with ``what`` after a generous timeout."""
+    done = threading.Event()
+    deadline = 0.0
+    while deadline < timeout:
+        value = predicate()
+        if value:
+            return value
+        done.wait(0.02)
+        deadline += 0.02
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_a_hanging_receiver_holds_up_only_its_own_tenant(store):
+    """The issue's slow/fast case: tenant slow's receiver hangs on its first request; tenant
+    fast's 20 events, recorded after slow's 20, are all delivered while slow's first is
+    still unanswered. Then slow's receiver answers and its events follow, in order."""
+    with WebhookReceiver() as slow_rx, WebhookReceiver() as fast_rx:
+        slow_rx.hold()
+        slow = record(store, "slow", 20)
+        fast = record(store, "fast", 20, start=100)
+        # slow's timeout is longer than the test waits: its request hangs, it does not fail.
+        tenants = tenant_set(tenant("slow", slow_rx.url, timeout=120), tenant("fast", fast_rx.url))
+        secrets = {"slow": SECRETS["acme"], "fast": SECRETS["globex"]}
+        s = WebhookSender(store, tenants, secrets, SETTINGS)
+        stop = threading.Event()
+        thread = threading.Thread(target=s.run, args=(stop,))
+        thread.start()
+        try:
+            wait_until(lambda: len(fast_rx.delivered()) == 20, "fast's 20 deliveries")
+            # Ordering, not timing: every fast event arrived before slow's second request.
+            assert len(slow_rx.arrived) == 1 and slow_rx.requests == []
+            assert ids(fast_rx.delivered()) == fast
+            # Pooled keep-alive connections: 20 POSTs, not 20 connections.
+            assert len({r.peer for r in fast_rx.requests}) <= 2
+            wait_until(lambda: store.outbox_backlog() == {"slow": 20}, "fast's last delivery committed")
+            assert len(slow_rx.arrived) == 1
+            slow_rx.release()
+            wait_until(lambda: len(slow_rx.delivered()) == 20, "slow's 20 deliveries")
+            assert ids(slow_rx.delivered()) == slow
+            assert [r.event_id for r in slow_rx.arrived] == slow  # each sent once, in order
+        finally:
+            slow_rx.release()
+            stop.set()
+            thread.join(30)
+    assert not thread.is_alive()
+    assert store.outbox_backlog() == {}
+
+
+def test_standard_webhooks_headers_verify_with_the_reference_library(store, receiver):
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    from relay_milter.tracking.webhooks import standard_secret
+
+    record(store, "acme", 2)
+    clock = Clock(time.time())  # the library checks the timestamp against its own clock
+    s = sender(store, receiver, clock)
+    receiver.respond(500)
+    assert s.run_once() == 0  # the first attempt fails: its retry must carry the same webhook-id
+    clock.t += 30  # the retry is due
+    assert s.run_once() == 2
+    secret = SECRETS["acme"].webhook_secret
+    verifier = Webhook(standard_secret(secret))
+    first, retry, second = receiver.requests
+    for req in (retry, second):
+        assert verifier.verify(req.body, req.headers) == req.json
+        assert verify_signature(secret, req.headers["X-Relay-Signature"], req.body, now=int(req.headers["webhook-timestamp"]))
+    assert first.headers["webhook-id"] == retry.headers["webhook-id"] != second.headers["webhook-id"]
+    with pytest.raises(WebhookVerificationError):
+        verifier.verify(second.body + b" ", second.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(standard_secret("another-secret-456789")).verify(second.body, second.headers)
