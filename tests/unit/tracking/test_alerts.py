@@ -67,7 +67,7 @@ def exported() -> set[str]:
     text = render(Snapshot(
         tenants=("acme",), node="relay1", event_counts={("acme", "RELAYED"): 1}, queue=[Row()],
         webhook_backlog={"acme": 1}, tracker_last_run=1.0,
-        delays={"acme": {"buckets": {"+Inf": 1}, "sum": 1.0, "count": 1}}, certificates={"/x.pem": 2.0},
+        delays={"acme": {"buckets": {"+Inf": 1}, "sum": 1.0, "count": 1}}, certificates={"/etc/tenant-relay/tls/relay.pem": 2.0},  # a label value, never read
     ))
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
