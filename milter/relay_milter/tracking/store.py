@@ -238,6 +238,8 @@ def redact_dsn(dsn: str) -> str:
         port = parts.port
     except ValueError:
         return "<unparsable DSN>"
+    if parts.password is None and not re.search(r"(^|&)password=", parts.query):
+        return dsn  # nothing to hide; urlunsplit would also drop the // of sqlite:////path
     netloc = parts.netloc
     if parts.password is not None:
         host = parts.hostname or ""

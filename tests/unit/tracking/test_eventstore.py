@@ -341,6 +341,8 @@ def test_open_errors_name_the_dsn_without_password(tmp_path):
         open_store("mysql://u:pw@h/db")
     assert redact_dsn("postgresql://u:pw@[::1]:5432/db?sslmode=require") == "postgresql://u:***@[::1]:5432/db?sslmode=require"
     assert redact_dsn("postgresql://u@db1/ev?sslmode=require&password=pw") == "postgresql://u@db1/ev?sslmode=require&password=***"
+    # nothing to hide: shown exactly as configured (an absolute SQLite path keeps its four slashes)
+    assert redact_dsn("sqlite:////var/lib/tenant-relay/events.db") == "sqlite:////var/lib/tenant-relay/events.db"
 
 
 def test_unreadable_sqlite_file_is_a_config_error(tmp_path):
