@@ -71,17 +71,3 @@ def open_store(settings: Settings, required: bool = True, create: bool = False) 
             warn(f"event store unavailable, attributing by sender domain: {exc}")
             return None
         fail(ExitCode.UNAVAILABLE, f"event store unavailable: {exc}")
-
-
-def human_age(seconds: float | None) -> str:
-    """Compact age for tables: 45s, 2m05s, 3h07m, 2d04h."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

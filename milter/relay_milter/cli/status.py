@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from relay_milter.cli.context import human_age
+from relay_milter.cli.formats import human_age
 
 if TYPE_CHECKING:
     from relay_milter.cli.context import Context

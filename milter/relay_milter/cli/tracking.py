@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from relay_milter.cli.context import Context, human_age, open_store
+from relay_milter.cli.context import Context, open_store
 from relay_milter.cli.errors import ExitCode, fail, warn
 from relay_milter.cli.formats import human_age, parse_when, trace_table  # noqa: F401 - re-exported
 from relay_milter.postfix import queue as ops

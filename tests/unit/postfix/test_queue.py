@@ -18,7 +18,7 @@ from relay_milter.tracking import store as eventstore
 from relay_milter.tracking import metrics
 from relay_milter.postfix import queue as ops
 from relay_milter.cli.app import main
-from relay_milter.cli.tracking import human_age, parse_when, trace_table
+from relay_milter.cli.formats import human_age, parse_when, trace_table
 from relay_milter.config import load_tenants
 from relay_milter.tracking.events import Event, Kind
 from relay_milter.tracking.webhooks import record_event
