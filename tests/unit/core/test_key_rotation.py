@@ -45,10 +45,13 @@ def rotating(keys):
     )
 
 
-def verify(t, key, selector, now=NOW):
+def verify(t, key, selector, now=None):
+    """Sign now and verify at ``now`` (default: the moment of verification, never the
+    module's import time: a signature made later would be "in the future" for that)."""
     raw = sign(make_message("news@acme.example", "alice@example.org"), key, t.signing_domain, selector)
     msg = to_message(raw)
-    return verify_hop_signature(msg.raw(), msg.values("DKIM-Signature"), t, KeyResolver(), now=now)
+    when = time.time() if now is None else now
+    return verify_hop_signature(msg.raw(), msg.values("DKIM-Signature"), t, KeyResolver(), now=when)
 
 
 def test_signatures_by_the_current_and_the_previous_key_both_pass(rotating, keys):
