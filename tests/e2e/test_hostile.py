@@ -26,8 +26,9 @@ import pytest
 
 from conftest import ACME, Mailer
 from relay_milter.config import load_settings
-from relay_milter.lab import Lab, Sink, TenantSpec, ed25519_key, rsa_key, sign, wait_for
+from relay_milter.lab import Lab, TenantSpec, ed25519_key, rsa_key, sign, wait_for
 from support.factories import nested, wide
+from support.labtenants import live_tenants
 
 pytestmark = pytest.mark.e2e
 
@@ -246,18 +247,8 @@ CASES = [
 def extra_tenants(lab):
     """Two more tenants on the shared lab for the key cases: ed25519 (must pass) and a 512-bit RSA key."""
     keys = {"edco": ed25519_key(), "weak": rsa_key(512)}
-    mark = len(lab.milter_log_text())
-    for t in (EDCO, WEAK):
-        lab.add_tenant(TenantSpec(**t, key=keys[t["id"]]), Sink(t["id"]).start())
-    lab.relayctl("apply")
-    wait_for(lambda: re.search(r"event=reload tenants=.*edco.*weak", lab.milter_log_text()[mark:]), 15, what="milter reload")
-    yield keys
-    for tid in ("edco", "weak"):
-        (lab.tenants_dir / f"{tid}.yaml").unlink()
-        lab.tenants.pop(tid)
-        lab.sinks.pop(tid).stop()
-    lab.relayctl("apply")
-    wait_for(lambda: "event=reload tenants=acme,globex" in lab.milter_log_text()[mark:], 15, what="milter reload")
+    with live_tenants(lab, *(TenantSpec(**t, key=keys[t["id"]]) for t in (EDCO, WEAK))):
+        yield keys
 
 
 @pytest.fixture

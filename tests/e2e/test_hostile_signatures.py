@@ -19,7 +19,8 @@ import pytest
 
 from conftest import Mailer
 from relay_milter.core.addresses import encode_recipient
-from relay_milter.lab import Lab, Sink, TenantSpec, make_message, rsa_key, sign, wait_for
+from relay_milter.lab import Lab, TenantSpec, make_message, rsa_key, sign, wait_for
+from support.labtenants import live_tenants
 
 pytestmark = pytest.mark.e2e
 
@@ -34,19 +35,13 @@ PASSWORD = base64.b64encode(os.urandom(12)).decode()
 @pytest.fixture(scope="module")
 def tenants(lab):
     keys = {"bound": rsa_key(2048), "bccok": rsa_key(2048)}
-    mark = len(lab.milter_log_text())
-    lab.add_tenant(TenantSpec(**BOUND, key=keys["bound"], allow_bcc=None, extra={"submission_users": ["bound-app"]}), Sink("bound").start())
-    lab.add_tenant(TenantSpec(**BCCOK, key=keys["bccok"], allow_bcc=True), Sink("bccok").start())
-    lab.relayctl("apply")
-    wait_for(lambda: re.search(r"event=reload tenants=.*bccok.*bound", lab.milter_log_text()[mark:]), 15, what="milter reload")
-    lab.add_user("bound-app", PASSWORD)
-    yield keys
-    for tid in ("bound", "bccok"):
-        (lab.tenants_dir / f"{tid}.yaml").unlink()
-        lab.tenants.pop(tid)
-        lab.sinks.pop(tid).stop()
-    lab.relayctl("apply")
-    wait_for(lambda: "event=reload tenants=acme,globex" in lab.milter_log_text()[mark:], 15, what="milter reload")
+    specs = (
+        TenantSpec(**BOUND, key=keys["bound"], allow_bcc=None, extra={"submission_users": ["bound-app"]}),
+        TenantSpec(**BCCOK, key=keys["bccok"], allow_bcc=True),
+    )
+    with live_tenants(lab, *specs):
+        lab.add_user("bound-app", PASSWORD)
+        yield keys
 
 
 @pytest.fixture
