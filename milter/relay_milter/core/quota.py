@@ -3,8 +3,9 @@ milter's policy asks at the moment the tenant of a transaction is known.
 
 - ``messages_per_minute`` / ``messages_per_day``: fixed windows (the UTC minute, the UTC
   day) counted in memory when a message is accepted: O(1) per message, no database. The
-  counters are per milter process, so per node; they survive tenant reloads (the gate is
-  shared) but not a milter restart.
+  counters are per node: one ``Counters`` table shared by every worker process of the
+  milter (``milter/sharedcounters.py``; ``LocalCounters`` in one process). They survive
+  tenant reloads (the gate is shared) but not a milter restart.
 - ``recipients_per_message``: the recipient past the limit gets 452 (RFC 5321 clients send
   the rest in a further transaction).
 - ``max_queued`` / ``max_queue_age``: read from a queue summary that a background thread
@@ -18,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from relay_milter.config import Tenant
 
@@ -34,6 +35,15 @@ class TenantQueue:
     oldest_deferred: float | None = None  # arrival time (epoch) of the oldest deferred message
 
 
+class Counters(Protocol):
+    """Per-tenant message counts of the current UTC minute and day (thread-safe)."""
+
+    def window(self, tenant_id: str, minute: int, day: int, add: int = 0) -> tuple[int, int]:
+        """Start new windows if ``minute``/``day`` moved on, add ``add`` to both counts
+        (atomically), and return (this minute's count, this day's count)."""
+        ...
+
+
 @dataclass
 class _Counter:
     minute: int = -1
@@ -43,11 +53,31 @@ class _Counter:
 
 
 @dataclass
+class LocalCounters:
+    """The counts of one process, in a dict."""
+
+    _counters: dict[str, _Counter] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def window(self, tenant_id: str, minute: int, day: int, add: int = 0) -> tuple[int, int]:
+        with self._lock:
+            c = self._counters.setdefault(tenant_id, _Counter())
+            if c.minute != minute:
+                c.minute, c.per_minute = minute, 0
+            if c.day != day:
+                c.day, c.per_day = day, 0
+            c.per_minute += add
+            c.per_day += add
+            return c.per_minute, c.per_day
+
+
+@dataclass
 class IngressGate:
-    """Shared by every Policy of one milter process (thread-safe)."""
+    """Shared by every Policy of one milter process (thread-safe); its ``counters`` may
+    be shared by several processes."""
 
     clock: Callable[[], float] = time.time
-    _counters: dict[str, _Counter] = field(default_factory=dict)
+    counters: Counters = field(default_factory=LocalCounters)
     _queues: dict[str, TenantQueue] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -82,13 +112,11 @@ class IngressGate:
         limits = tenant.limits
         if limits.messages_per_minute is None and limits.messages_per_day is None:
             return None
-        now = self.clock()
-        with self._lock:
-            c = self._roll(tenant.id, now)
-            if limits.messages_per_minute is not None and c.per_minute >= limits.messages_per_minute:
-                return ("452", RATE_DSN, f"tenant {tenant.id}: limit messages_per_minute ({limits.messages_per_minute}) reached, try again later")
-            if limits.messages_per_day is not None and c.per_day >= limits.messages_per_day:
-                return ("452", RATE_DSN, f"tenant {tenant.id}: limit messages_per_day ({limits.messages_per_day}) reached, try again later")
+        per_minute, per_day = self._window(tenant.id)
+        if limits.messages_per_minute is not None and per_minute >= limits.messages_per_minute:
+            return ("452", RATE_DSN, f"tenant {tenant.id}: limit messages_per_minute ({limits.messages_per_minute}) reached, try again later")
+        if limits.messages_per_day is not None and per_day >= limits.messages_per_day:
+            return ("452", RATE_DSN, f"tenant {tenant.id}: limit messages_per_day ({limits.messages_per_day}) reached, try again later")
         return None
 
     def admit(self, tenant: Tenant) -> tuple[str, str, str] | None:
@@ -106,21 +134,11 @@ class IngressGate:
         """Count one accepted message."""
         if tenant.limits.messages_per_minute is None and tenant.limits.messages_per_day is None:
             return
-        with self._lock:
-            c = self._roll(tenant.id, self.clock())
-            c.per_minute += 1
-            c.per_day += 1
+        self._window(tenant.id, add=1)
 
     def counts(self, tenant_id: str) -> tuple[int, int]:
-        with self._lock:
-            c = self._roll(tenant_id, self.clock())
-            return c.per_minute, c.per_day
+        return self._window(tenant_id)
 
-    def _roll(self, tenant_id: str, now: float) -> _Counter:
-        c = self._counters.setdefault(tenant_id, _Counter())
-        minute, day = int(now // 60), int(now // 86400)
-        if c.minute != minute:
-            c.minute, c.per_minute = minute, 0
-        if c.day != day:
-            c.day, c.per_day = day, 0
-        return c
+    def _window(self, tenant_id: str, add: int = 0) -> tuple[int, int]:
+        now = self.clock()
+        return self.counters.window(tenant_id, int(now // 60), int(now // 86400), add)

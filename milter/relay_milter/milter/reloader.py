@@ -53,13 +53,15 @@ def _file_fingerprint(path: Path) -> tuple:
 class ReloadingPolicy:
     """Holds the current Policy; a watcher thread follows the applied tenant set."""
 
-    def __init__(self, tenants_dir: Path, settings: Settings, interval: float = 1.0):
+    def __init__(self, tenants_dir: Path, settings: Settings, interval: float = 1.0, gate: IngressGate | None = None):
         self.tenants_dir = Path(tenants_dir)
         self.settings = settings
         self.interval = interval
         self.applied = applied_tenants_path(settings)
         self.keys = KeyResolver(settings.dns)
-        self.gate = IngressGate()  # rate counters and queue summary outlive a reload
+        # Rate counters and queue summary outlive a reload; the gate's counters may be
+        # shared by every worker process (milter/sharedcounters.py).
+        self.gate = gate or IngressGate()
         self._seen = fingerprint(self.tenants_dir)
         self._seen_applied = _file_fingerprint(self.applied)
         self._policy = Policy(self._initial(), settings, self.keys, self.gate)
@@ -113,7 +115,7 @@ class ReloadingPolicy:
         except ConfigError as exc:
             logs.event(log, logging.ERROR, None, "reload_failed", reason=str(exc).replace("\n", "; "), kept=self._kept())
             return
-        self._policy = Policy(tenants, self.settings, self.keys)
+        self._policy = Policy(tenants, self.settings, self.keys, self.gate)
         logs.event(log, logging.INFO, None, "reload", tenants=",".join(t.id for t in tenants), source=str(self.applied))
 
     def _files_changed(self) -> None:
