@@ -778,6 +778,9 @@ class Settings(_Strict):
     milter_socket: str = defaults.MILTER_SOCKET
     milter_socket_group: str = defaults.MILTER_SOCKET_GROUP
     milter_socket_mode: int = defaults.MILTER_SOCKET_MODE
+    # Worker processes serving the milter socket (relayctl milter --workers overrides it).
+    # None: one per CPU the milter may run on.
+    milter_workers: int | None = Field(None, ge=1, le=256)
     milter_connect_timeout: str = defaults.MILTER_CONNECT_TIMEOUT
     milter_command_timeout: str = defaults.MILTER_COMMAND_TIMEOUT
     milter_content_timeout: str = defaults.MILTER_CONTENT_TIMEOUT

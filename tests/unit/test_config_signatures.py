@@ -44,6 +44,8 @@ def test_bad_tenant_values_name_file_tenant_and_field(tmp_path, field, value, me
     [
         ("max_hop_signatures", 0, "field max_hop_signatures: Input should be greater than or equal to 1"),
         ("max_hop_signatures", 5000, "field max_hop_signatures: Input should be less than or equal to 1000"),
+        ("milter_workers", 0, "field milter_workers: Input should be greater than or equal to 1"),
+        ("milter_workers", "many", "field milter_workers: Input should be a valid integer"),
         ("authserv_id", "relay example", "field authserv_id: Value error, not an RFC 8601 authserv-id"),
         ("authserv_id", "relay.example;", "field authserv_id: Value error, not an RFC 8601 authserv-id"),
     ],

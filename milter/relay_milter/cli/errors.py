@@ -57,7 +57,8 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.CHECK_FAILED: (
         "Postfix or the event store failed: the staged configuration failed Postfix's checks "
         "(check, apply: nothing was installed) or the reload failed; Postfix or the event store "
-        "is unavailable; an output file cannot be written"
+        "is unavailable; an output file cannot be written; the milter's socket file was removed "
+        "while it ran (milter: restart it)"
     ),
     ExitCode.INTERNAL: (
         "unexpected error: an exception relayctl does not handle (a bug, or an operating-system "

@@ -22,9 +22,19 @@ _LOG_FILE = click.option(
 
 @click.command("milter")
 @_LOG_FILE
+@click.option(
+    "--workers", type=click.IntRange(1, 256), default=None, metavar="N",
+    help="Worker processes serving the socket (default: settings milter_workers, else one per CPU).",
+)
 @click.pass_obj
-def run_milter(obj: Context, log_file: Path | None) -> None:
+def run_milter(obj: Context, log_file: Path | None, workers: int | None) -> None:
     """Run the verifying, rewriting, routing milter (foreground; stop with SIGTERM).
+
+    N worker processes (--workers, settings milter_workers, default one per CPU) serve
+    the one milter socket; this process binds it, forks them and supervises: a worker
+    that dies is replaced (Postfix tempfails only the sessions it was serving), and
+    SIGTERM stops every worker. Log lines name the process (relay.milter[PID]).
+    Exits 4 if a worker's exit removed the socket file (a restart recreates it).
 
     Serves the tenant set `relayctl apply` last checked and activated
     (<config_directory>/relay/tenants.applied.json), and switches to a newly applied
@@ -37,16 +47,30 @@ def run_milter(obj: Context, log_file: Path | None) -> None:
     from relay_milter.milter.adapter import serve
     from relay_milter.milter.backpressure import start_queue_watch
     from relay_milter.milter.reloader import ReloadingPolicy
+    from relay_milter.milter.sharedcounters import SharedCounters
+    from relay_milter.milter.workers import default_workers
+    from relay_milter.core.quota import IngressGate
 
     settings = obj.load_settings()  # exits 3 on invalid settings
     logs.setup(settings.log_level, str(log_file) if log_file else None)
-    source = ReloadingPolicy(obj.tenants_dir, settings)  # a ConfigError exits 3 (cli.errors.reported)
+    # Rate limits are per node: one counter table for every worker.
+    gate = IngressGate(counters=SharedCounters())
+    source = ReloadingPolicy(obj.tenants_dir, settings, gate=gate)  # a ConfigError exits 3 (cli.errors.reported)
     logging.getLogger("relay.milter").info(
         "NOQUEUE: event=config tenants=%s source=%s", ",".join(t.id for t in source.current().tenants), source.source
     )
-    source.watch()
-    start_queue_watch(source, settings)  # backpressure: tenant limits.max_queued / max_queue_age
-    serve(source, settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode)
+
+    def worker_init() -> None:  # in each worker, after the fork: its own threads
+        source.check()  # a replacement worker serves the tenant set applied since the start
+        source.watch()
+        start_queue_watch(source, settings)  # backpressure: tenant limits.max_queued / max_queue_age
+
+    count = workers or settings.milter_workers or default_workers()
+    if not serve(source, settings.libmilter_socket(), settings.milter_socket_group, settings.milter_socket_mode,
+                 workers=count, child_init=worker_init):
+        from relay_milter.cli.errors import ExitCode, fail
+
+        fail(ExitCode.UNAVAILABLE, f"the milter socket {settings.milter_socket} was removed while the milter ran; start it again")
 
 
 @click.command("track")

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +33,9 @@ FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR | 
 # A body up to this size stays in memory; a larger one is spooled to a temporary file as it
 # arrives (the milter's memory per transaction stays bounded while the body is received).
 SPOOL_MEMORY = 1024 * 1024
+# A stopping worker lets the transactions in progress finish for this long (systemd's
+# TimeoutStopSec is 30 s); idle Postfix sessions are closed at once.
+DRAIN_SECONDS = 20.0
 
 
 def load_route_key(config_directory: Path) -> bytes | None:
@@ -60,10 +64,16 @@ class RelayMilter(Milter.Base):
     # (never another tenant's smarthost).
     route_key: bytes = os.urandom(32)
     route_key_dir: Path | None = None
+    # Transactions in progress in this process (MAIL accepted, end of message not yet
+    # answered): a stopping worker waits for them (drain()).
+    _in_flight = 0
+    _in_flight_lock = threading.Lock()
+    _idle = threading.Condition(_in_flight_lock)
 
     def __init__(self) -> None:
         self.policy = self.source.current()
         self.tx = Transaction()
+        self._in_tx = False
         self._headers: list[tuple[str, str]] = []
         self._new_body()
         self._rcpt_args: dict[str, tuple[str, ...]] = {}
@@ -115,7 +125,31 @@ class RelayMilter(Milter.Base):
         self.tx.queue_id = self._macro("i")
         self.tx.auth_user = self._macro("{auth_authen}")
         self.tx.tls_version = self._macro("{tls_version}")
-        return self._answer(self.policy.on_mail(self.tx, mailfrom), "mail", sender=mailfrom)
+        answer = self._answer(self.policy.on_mail(self.tx, mailfrom), "mail", sender=mailfrom)
+        if answer == Milter.CONTINUE:
+            self._begin()
+        return answer
+
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self._in_tx = True
+            with self._in_flight_lock:
+                RelayMilter._in_flight += 1
+
+    def _end(self) -> None:
+        if self._in_tx:
+            self._in_tx = False
+            with self._idle:
+                RelayMilter._in_flight -= 1
+                self._idle.notify_all()
+
+    @classmethod
+    def drain(cls, timeout: float) -> int:
+        """Wait until no transaction is in progress (at most ``timeout`` seconds); the
+        number still in progress."""
+        with cls._idle:
+            cls._idle.wait_for(lambda: cls._in_flight == 0, timeout)
+            return cls._in_flight
 
     def envrcpt(self, to, *params):
         if self.tx.queue_id is None:
@@ -171,6 +205,7 @@ class RelayMilter(Milter.Base):
             )
         finally:
             self._body.close()
+            self._end()
         return Milter.CONTINUE
 
     def _header_edit(self, edit: HeaderEdit) -> Callable[[], object]:
@@ -239,17 +274,24 @@ class RelayMilter(Milter.Base):
     def abort(self):
         self._headers = []
         self._body.close()
+        self._end()
         return Milter.CONTINUE
 
     def close(self):
+        self._end()
         return Milter.CONTINUE
 
 
-def serve(source, socket: str, socket_group: str | None, socket_mode: int, timeout: int = 600) -> None:
-    """Run the milter until SIGTERM/SIGINT (libmilter handles both and drains).
+def serve(source, socket: str, socket_group: str | None, socket_mode: int, timeout: int = 600,
+          workers: int = 1, child_init: Callable[[], None] = lambda: None) -> bool:
+    """Run the milter until SIGTERM/SIGINT; False if the socket file was lost meanwhile.
 
     ``source`` is a Policy or a ReloadingPolicy (anything with ``.current()``).
+    ``workers`` processes serve the socket (milter/workers.py): this process binds it,
+    forks them, and supervises; each runs ``child_init`` (its own threads) first.
     """
+    from relay_milter.milter.workers import WorkerPool, make_nonblocking, socket_path
+
     RelayMilter.source = source
     settings = source.current().settings
     key = load_route_key(settings.config_directory)
@@ -266,20 +308,42 @@ def serve(source, socket: str, socket_group: str | None, socket_mode: int, timeo
     _milter.set_flags(FLAGS)
     _milter.set_exception_policy(Milter.TEMPFAIL)
 
-    path = socket[5:] if socket.startswith("unix:") else None
-    if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        original_open = _milter.opensocket
+    path = socket_path(socket)
+    original_open = _milter.opensocket
 
-        def opensocket(rmsock):  # libmilter creates the socket here: fix its owner and mode
-            result = original_open(rmsock)
+    def opensocket(rmsock):  # libmilter creates the socket here: fix its owner and mode
+        result = original_open(rmsock)
+        if path:
             gid = grp.getgrnam(socket_group).gr_gid if socket_group else -1
             if os.geteuid() == 0 and gid != -1:
                 os.chown(path, -1, gid)
             os.chmod(path, socket_mode)
-            return result
+        make_nonblocking()  # several workers accept on it (milter/workers.py)
+        return result
 
-        _milter.opensocket = opensocket
-    logs.event(log, logging.INFO, None, "start", socket=socket, tenants=len(source.current().tenants))
-    Milter.runmilter("relay-milter", socket, timeout)
-    logs.event(log, logging.INFO, None, "stop")
+    original_main = _milter.main
+
+    def worker_main() -> None:
+        original_main()  # until libmilter stops (SIGTERM): it accepts no more sessions
+        left = RelayMilter.drain(DRAIN_SECONDS)
+        if left:
+            logs.event(log, logging.WARNING, None, "drain_timeout", in_flight=left, waited=DRAIN_SECONDS)
+
+    pool = WorkerPool(workers, serve=worker_main, child_init=child_init, socket_path=path)
+    intact = True
+
+    def main():  # Milter.runmilter calls it once the socket is open: fork the workers here
+        nonlocal intact
+        intact = pool.run()
+
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    _milter.opensocket = opensocket
+    _milter.main = main
+    try:
+        logs.event(log, logging.INFO, None, "start", socket=socket, tenants=len(source.current().tenants), workers=workers)
+        Milter.runmilter("relay-milter", socket, timeout)
+    finally:
+        _milter.opensocket, _milter.main = original_open, original_main
+    logs.event(log, logging.INFO, None, "stop", socket_lost=None if intact else "yes")
+    return intact

@@ -164,3 +164,20 @@ def test_mta_gone_mid_edit_tempfails_with_one_log_line_and_no_traceback(ctx, key
     assert ctx._reply[:2] == ("451", "4.3.0")
     assert "4XyZ1Qd2: event=error stage=eom reason=mta_gone" in caplog.text
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+def test_a_stopping_worker_can_wait_for_transactions_in_progress(ctx, key):
+    """RelayMilter.drain: a transaction counts from an accepted MAIL to its end of message
+    (or abort, or the session's close); what a stopping worker waits for. (Earlier tests'
+    contexts, never closed, may still count: the count is per process.)"""
+    base = RelayMilter.drain(0)
+    assert ctx._envfrom("<news@acme.example>") == Milter.CONTINUE
+    assert RelayMilter.drain(0.01) == base + 1
+    ctx._abort()  # (the test context closes the session too)
+    assert RelayMilter.drain(0) == base
+    assert ctx._connect(host="platform.example", helo="platform.example", ip="127.0.0.1") == Milter.CONTINUE
+    assert ctx._feedFile(io.BytesIO(signed(key)), "news@acme.example", RCPT) == Milter.CONTINUE
+    assert RelayMilter.drain(0) == base  # counted at MAIL, done at end of message
+    assert ctx._envfrom("<news@acme.example>") == Milter.CONTINUE
+    ctx._close()
+    assert RelayMilter.drain(0) == base
