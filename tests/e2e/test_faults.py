@@ -270,12 +270,12 @@ def test_milter_hung_past_its_timeout(flab):
 
     def fault(lab):
         wait_delivered(lab, "milterstop", 8)
-        lab.milter_proc.send_signal(signal.SIGSTOP)
+        lab.signal_milter(signal.SIGSTOP)
         try:
             # Stopped until Postfix has given up on it (milter_command_timeout 3s, milter_content_timeout 4s).
             wait_for(lambda: maillog_count(lab, timed_out) > before, 30, interval=0.1, what="a milter timeout")
         finally:
-            lab.milter_proc.send_signal(signal.SIGCONT)
+            lab.signal_milter(signal.SIGCONT)
 
     before = maillog_count(flab, timed_out)
     _, failures = run_scenario(flab, "milterstop", fault)

@@ -95,14 +95,14 @@ def test_milter_down_means_tempfail_and_no_delivery(acme, lab):
 
 
 def test_milter_hung_past_timeout_means_tempfail(acme, lab):
-    lab.milter_proc.send_signal(signal.SIGSTOP)
+    lab.signal_milter(signal.SIGSTOP)
     try:
         t0 = time.monotonic()
         code, text, _ = acme.send(acme.signed(subject="while the milter hangs"))
         assert 400 <= code < 500, (code, text)
         assert time.monotonic() - t0 < 60
     finally:
-        lab.milter_proc.send_signal(signal.SIGCONT)
+        lab.signal_milter(signal.SIGCONT)
     deliver_marker(acme, lab, "after the milter resumed")
     assert subjects(lab) == ["after the milter resumed"]
 

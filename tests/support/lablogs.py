@@ -3,7 +3,8 @@
 A Postfix ``fatal:`` or ``panic:`` line means a Postfix daemon gave up (the master
 restarts it, so the mail may still flow and a test may pass without it); a
 Python traceback in the milter's log or stderr means the milter hit an error it
-did not expect. ``LogWatch`` remembers where each log ended, and ``problems``
+did not expect, and a milter worker that died (``event=worker_died``) crashed unless a
+test killed it. ``LogWatch`` remembers where each log ended, and ``problems``
 lists what was appended since that breaks the rule.
 
 tests/conftest.py applies this to every e2e test; a test that provokes such a
@@ -20,6 +21,8 @@ from relay_milter.lab import Lab
 
 POSTFIX_FATAL = re.compile(r"\b(?:fatal|panic): ")
 TRACEBACK = "Traceback (most recent call last)"
+# The milter's supervisor replaced a worker that died (a crash, unless a test killed it).
+WORKER_DIED = "event=worker_died"
 
 
 def labs_in(value: Any) -> list[Lab]:
@@ -83,5 +86,7 @@ class LogWatch:
             if POSTFIX_FATAL.search(line)
         ]
         for path in milter:
-            found += [f"{path.name}: {block}" for block in _tracebacks(_read_from(path, self.offsets[path]))]
+            text = _read_from(path, self.offsets[path])
+            found += [f"{path.name}: {block}" for block in _tracebacks(text)]
+            found += [f"{path.name}: {line}" for line in text.splitlines() if WORKER_DIED in line]
         return [f for f in found if not any(a.search(f) for a in allow)]

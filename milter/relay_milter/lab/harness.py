@@ -36,6 +36,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from relay_milter.milter.negotiate import NegotiationError, negotiate
 from relay_milter.postfix.certs import CertPair, make_ca, make_cert
 from relay_milter.postfix.runner import run_postfix
 
@@ -557,21 +558,49 @@ class Lab:
         self.resolv_conf.write_text(f"nameserver {self.dns.address}\noptions attempts:1 timeout:2\n")
         os.chmod(self.resolv_conf, 0o644)
 
-    def start_milter(self) -> None:
+    def start_milter(self, *args: str) -> None:
+        """``relayctl milter`` (its supervisor and its workers, in a process group of their
+        own); back once a worker answers a milter negotiation."""
         if self.milter_socket.exists():
             self.milter_socket.unlink()
-        cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file), "milter", "--log-file", str(self.milter_log)]
-        self.milter_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.base / "milter.stderr", "ab"))
+        cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file), "milter", "--log-file", str(self.milter_log), *args]
+        self.milter_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.base / "milter.stderr", "ab"), start_new_session=True)
         wait_for(lambda: self._milter_up(), 20, what="milter socket")
 
     def _milter_up(self) -> bool:
         if self.milter_proc and self.milter_proc.poll() is not None:
             raise RuntimeError(f"milter exited: {(self.base / 'milter.stderr').read_text()[-2000:]}")
-        return self.milter_socket.exists()
+        if not self.milter_socket.exists():
+            return False
+        try:
+            negotiate(f"unix:{self.milter_socket}", timeout=2)
+        except NegotiationError:
+            return False
+        return True
+
+    def milter_workers(self) -> list[int]:
+        """The pids of the milter's worker processes (the supervisor's children)."""
+        if self.milter_proc is None:
+            return []
+        pid = self.milter_proc.pid
+        try:
+            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+    def signal_milter(self, sig: int) -> None:
+        """Signal the supervisor and every worker (SIGSTOP/SIGCONT: the whole milter hangs)."""
+        if self.milter_proc is not None and self.milter_proc.poll() is None:
+            os.killpg(self.milter_proc.pid, sig)
 
     def stop_milter(self, sig: int = signal.SIGTERM) -> None:
-        stop_process(self.milter_proc, sig)
-        self.milter_proc = None
+        proc, self.milter_proc = self.milter_proc, None
+        stop_process(proc, sig)
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # a worker left behind, if any
+            except ProcessLookupError:
+                pass
 
     def start_tracker(self, *args: str) -> None:
         """``relayctl track`` as a separate process, like the systemd unit runs it."""
