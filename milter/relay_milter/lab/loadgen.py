@@ -391,18 +391,56 @@ class SmtpSinkProcess:
         self.proc = None
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of a process (all its threads), from /proc."""
+def proc_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (the milter's supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime: the process's threads and its reaped children."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of a process (all its threads) and of its descendants, live
+    or reaped (a multi-process milter: the supervisor and every worker), from /proc."""
+    ticks = 0
+    for p in proc_tree(pid):
+        try:
+            ticks += _cpu_ticks(p)
+        except OSError:  # exited meanwhile: its time is in its parent's cutime once reaped
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def proc_memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            name, value = line.split(":", 1)
-            out[name] = int(value.split()[0])
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB, summed over it and its live
+    descendants (pages shared after fork are counted in each: an upper bound), and Pss
+    (proportional set size, shared pages split among the processes sharing them) where
+    /proc allows it."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    pss = 0
+    for p in proc_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name, value = line.split(":", 1)
+                    out[name] += int(value.split()[0])
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    if pss:
+        out["Pss"] = pss
     return out

@@ -85,3 +85,35 @@ def test_without_retry_a_4xx_is_final_and_a_dead_port_is_reported():
     o = res.outcomes["1"]
     assert not o.accepted and not o.refused and o.attempts[0].stage == "connect"
     assert res.unfinished == [o]
+
+
+def test_process_cpu_and_memory_count_the_children_too():
+    """proc_cpu_seconds / proc_memory_kib of a supervisor include its workers, live or
+    reaped (bench.py and the microbench measure the multi-process milter that way)."""
+    import os
+    import signal
+    import time
+
+    from relay_milter.lab.loadgen import proc_cpu_seconds, proc_memory_kib, proc_tree
+
+    me = os.getpid()
+    before = proc_cpu_seconds(me)
+    pid = os.fork()
+    if pid == 0:  # burn half a second of CPU, then wait to be killed
+        end = time.process_time() + 0.5
+        while time.process_time() < end:
+            pass
+        signal.pause()
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 30
+        while proc_cpu_seconds(pid) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid in proc_tree(me)
+        assert proc_cpu_seconds(me) - before >= 0.5  # a live child's time
+        assert proc_memory_kib(me)["VmRSS"] > proc_memory_kib(pid)["VmRSS"] > 0
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert pid not in proc_tree(me)
+    assert proc_cpu_seconds(me) - before >= 0.5  # a reaped child's time (cutime)
