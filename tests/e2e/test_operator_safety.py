@@ -244,7 +244,7 @@ def test_a_valid_edit_is_not_live_until_apply(lab):
         code, text, _ = send(lab, "acme", "before apply")
         assert code == 250, text
         lab.relayctl("apply")
-        wait_for(lambda: re.search(r"event=reload tenants=acme,moved,typo source=\S+tenants.applied.json", lab.milter_log_text()[mark:]), 15, what="reload")
+        wait_for(lambda: lab.milter_reloaded(r"tenants=acme,moved,typo source=\S+tenants.applied.json", mark), 15, what="reload")
         code, text, _ = send(lab, "acme", "after apply")
         assert code == 550 and "5.7.1" in text, (code, text)
     finally:
@@ -312,7 +312,7 @@ def test_rotating_the_hop_key_while_mail_flows_refuses_nothing(lab, tmp_path):
         assert oct(out.stat().st_mode & 0o777) == "0o600"
         mark = len(lab.milter_log_text())
         lab.relayctl("apply")
-        wait_for(lambda: "event=reload tenants=" in lab.milter_log_text()[mark:], 15, what="milter reload")
+        wait_for(lambda: lab.milter_reloaded("tenants=", mark), 15, what="milter reload")
         before = len(results)
         wait_for(lambda: len(results) >= before + 3, 60, what="old-key mail after apply")
         new_txt = re.search(r'IN TXT "([^"]+)"', r.stdout).group(1)
@@ -336,7 +336,7 @@ def test_rotating_the_hop_key_while_mail_flows_refuses_nothing(lab, tmp_path):
     write_tenant(lab, doc)
     mark = len(lab.milter_log_text())
     lab.relayctl("apply")
-    wait_for(lambda: "event=reload tenants=" in lab.milter_log_text()[mark:], 15, what="milter reload")
+    wait_for(lambda: lab.milter_reloaded("tenants=", mark), 15, what="milter reload")
     raw = sign(make_message(sender, "alice@example.org"), lab.keys["acme"], t["signing_domain"], "a1")
     code, text, _ = lab.send(raw, sender, [encode_recipient("alice@example.org", t["relay_domain"])])
     assert code == 550 and "5.7.21" in text and "the key of selector s=a1 expired at 2020-01-01T00:00:00Z (not_after)" in text, text

@@ -43,7 +43,7 @@ def test_add_a_tenant_to_a_running_relay(lab):
     lab.add_tenant(TenantSpec("initech", "initech.relay.test", "hop.initech.test", "s1", key, ["initech.example"]), sink)
     out = lab.relayctl("apply")
     assert "postfix reloaded" in out.stdout, out.stdout
-    wait_for(lambda: "event=reload tenants=acme,initech" in lab.milter_log_text(), 10, what="milter reload")
+    wait_for(lambda: lab.milter_reloaded("tenants=acme,initech "), 10, what="every milter worker reloading")
 
     code, text, _ = send(lab, "initech", key, "initech.relay.test", "hello@initech.example", to="bob@example.net")
     assert code == 250, text

@@ -1,7 +1,7 @@
 """Tenants added to a running lab for one test module, and taken away again.
 
 Both the addition and the removal go through ``relayctl apply`` (the only way a tenant
-change goes live) and wait for the milter's ``event=reload`` line naming the new set."""
+change goes live) and wait for every milter worker's ``event=reload`` line naming the new set."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from relay_milter.lab import Lab, Sink, TenantSpec, wait_for
 def _wait_for_reload(lab: Lab, mark: int) -> None:
     wanted = ",".join(sorted(lab.tenants))
     wait_for(
-        lambda: re.search(rf"event=reload tenants={re.escape(wanted)}(\s|$)", lab.milter_log_text()[mark:]),
+        lambda: lab.milter_reloaded(rf"tenants={re.escape(wanted)}(\s|$)", mark),
         15,
-        what=f"milter reload with tenants {wanted}",
+        what=f"every milter worker reloading with tenants {wanted}",
     )
 
 

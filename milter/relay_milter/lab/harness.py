@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import smtplib
@@ -587,6 +588,15 @@ class Lab:
             return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         except OSError:
             return []
+
+    def milter_reloaded(self, pattern: str, mark: int = 0) -> bool:
+        """Whether every milter worker has logged ``event=reload`` followed by ``pattern``
+        (a regex, e.g. ``tenants=acme,initech``) after offset ``mark`` of the milter log:
+        each worker watches the applied set on its own, within a second of the others."""
+        workers = self.milter_workers()
+        text = self.milter_log_text()[mark:]
+        seen = {int(m.group(1)) for m in re.finditer(rf"relay\.milter\[(\d+)\]: \w+ NOQUEUE: event=reload {pattern}", text)}
+        return bool(workers) and set(workers) <= seen
 
     def signal_milter(self, sig: int) -> None:
         """Signal the supervisor and every worker (SIGSTOP/SIGCONT: the whole milter hangs)."""
