@@ -29,7 +29,9 @@ Exit 0 when every message was accepted as expected, 1 otherwise, 2 on usage erro
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import re
 import os
 import sys
 import threading
@@ -61,6 +63,7 @@ class Run:
     errors: list[str]
     rss_kib: int
     pss_kib: int | None
+    spread: list[int] = dataclasses.field(default_factory=list)  # messages accepted by each worker
 
     @property
     def rate(self) -> float:
@@ -169,6 +172,7 @@ def drive(path: str, envs: list[Envelope], sessions: int, per_session: int, rate
 
 def measure(ml: MicroLab, workers: int, envs: list[Envelope], warmup: list[Envelope], sessions: int, per_session: int) -> Run:
     pid = ml.start(workers)
+    mark = len(ml.lab.milter_log_text())
     try:
         drive(ml.socket, warmup, min(sessions, len(warmup)), per_session)  # keys parsed, caches warm
         cpu0, client0, t0 = proc_cpu_seconds(pid), time.process_time(), time.monotonic()
@@ -179,7 +183,9 @@ def measure(ml: MicroLab, workers: int, envs: list[Envelope], warmup: list[Envel
         missing = len(envs) - sent
         if missing:
             errors.append(f"{missing} messages not sent")
-        return Run(workers, sent, seconds, cpu1 - cpu0, client1 - client0, errors, mem.get("VmRSS", 0), mem.get("Pss"))
+        per_pid = collections.Counter(re.findall(r"relay\.milter\[(\d+)\]: INFO \w+: event=accepted ", ml.lab.milter_log_text()[mark:]))
+        return Run(workers, sent, seconds, cpu1 - cpu0, client1 - client0, errors, mem.get("VmRSS", 0), mem.get("Pss"),
+                   sorted(per_pid.values(), reverse=True))
     finally:
         ml.stop()
 
@@ -189,13 +195,14 @@ def table(runs: list[Run], args, header: str) -> str:
     lines = [
         header,
         "",
-        "| workers | msg/s | × 1 worker | milter CPU ms/msg | client CPU ms/msg | RSS MiB (sum) | PSS MiB | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workers | msg/s | × 1 worker | milter CPU ms/msg | client CPU ms/msg | RSS MiB (sum) | PSS MiB | accepted per worker | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
             f"| {r.workers} | {r.rate:.0f} | {r.rate / base:.2f} | {r.cpu_ms():.2f} | {r.client_ms():.2f} | "
-            f"{r.rss_kib / 1024:.0f} | {'-' if r.pss_kib is None else f'{r.pss_kib / 1024:.0f}'} | {len(r.errors)} |"
+            f"{r.rss_kib / 1024:.0f} | {'-' if r.pss_kib is None else f'{r.pss_kib / 1024:.0f}'} | "
+            f"{'/'.join(map(str, r.spread))} | {len(r.errors)} |"
         )
     return "\n".join(lines)
 
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algs", default="rsa,ed25519", help="hop signature algorithms, alternating (default: %(default)s)")
     ap.add_argument("--sessions", type=int, default=8, help="concurrent milter sessions (default: %(default)s)")
     ap.add_argument("--per-session", type=int, default=10, help="messages per session (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=1, help="measure each worker count this often, interleaved; the run with the median msg/s is shown (default: %(default)s)")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     ap.add_argument("--soak", type=float, default=0, metavar="MINUTES", help="soak mode: N workers at --rate for this long")
     ap.add_argument("--soak-workers", type=int, default=None, help="workers in soak mode (default: the CPUs)")
@@ -277,23 +285,26 @@ def main(argv: list[str] | None = None) -> int:
             return soak(ml, args, envs)
         pool = [envs[i % len(envs)] for i in range(args.messages)]
         warmup = envs[: min(len(envs), 4 * args.sessions)]
-        runs = []
+        all_runs: dict[int, list[Run]] = {w: [] for w in counts}
         load_before = loadavg()
-        for w in counts:
-            log(f"{w} worker(s): {args.messages} messages over {args.sessions} sessions")
-            runs.append(measure(ml, w, pool, warmup, args.sessions, args.per_session))
-            r = runs[-1]
-            log(f"  {r.rate:.0f} msg/s, milter {r.cpu_ms():.2f} ms CPU/msg, client {r.client_ms():.2f} ms CPU/msg, {len(r.errors)} errors")
+        for rep in range(args.repeat):
+            for w in counts:
+                log(f"{w} worker(s), round {rep + 1}/{args.repeat}: {args.messages} messages over {args.sessions} sessions")
+                r = measure(ml, w, pool, warmup, args.sessions, args.per_session)
+                all_runs[w].append(r)
+                log(f"  {r.rate:.0f} msg/s, milter {r.cpu_ms():.2f} ms CPU/msg, client {r.client_ms():.2f} ms CPU/msg, "
+                    f"accepted per worker {r.spread}, {len(r.errors)} errors")
+        runs = [sorted(rs, key=lambda r: r.rate)[len(rs) // 2] for rs in all_runs.values()]
+        errors = [e for rs in all_runs.values() for r in rs for e in r.errors]
         header = (
             f"Milter-only microbench: {args.messages} × {args.size} B messages ({'/'.join(algs)} alternating, keys pinned), "
-            f"{args.sessions} sessions × {args.per_session} messages; {os.cpu_count()} CPUs; "
+            f"{args.sessions} sessions × {args.per_session} messages; {args.repeat} interleaved round(s), the median shown; {os.cpu_count()} CPUs; "
             f"load average {load_before} before, {loadavg()} after."
         )
         out = table(runs, args, header)
         print(out)
         if args.markdown:
             args.markdown.write_text(out + "\n")
-        errors = [e for r in runs for e in r.errors]
         for e in errors[:10]:
             print(f"  error: {e}", file=sys.stderr)
         return 1 if errors else 0
