@@ -26,11 +26,14 @@ WORKER_DIED = "event=worker_died"
 
 
 def labs_in(value: Any) -> list[Lab]:
-    """The lab a fixture value is or holds (a Lab, or an object with a ``lab`` attribute)."""
+    """The labs a fixture value is or holds (a Lab, an object with a ``lab`` attribute, or
+    one with a ``labs`` list: the nodes of a fleet)."""
     if isinstance(value, Lab):
         return [value]
     inner = getattr(value, "lab", None)
-    return [inner] if isinstance(inner, Lab) else []
+    if isinstance(inner, Lab):
+        return [inner]
+    return [lab for lab in getattr(value, "labs", None) or () if isinstance(lab, Lab)]
 
 
 def _size(path: Path) -> int:

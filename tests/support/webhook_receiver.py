@@ -92,8 +92,11 @@ class WebhookReceiver:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
+                try:
+                    self.end_headers()
+                    self.wfile.write(reply)
+                except (BrokenPipeError, ConnectionResetError):  # the client died (a killed tracker)
+                    self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
                 pass

@@ -10,6 +10,7 @@
     history    events, webhooks replay, prune, backup
     demo       demo
     reputation ip list | failover | restore, reputation check | watch
+    drain      drain, undrain
 
 Shared by all of them: ``context`` (global options, the event store; ``lastgood`` behind
 it, the applied tenant set for operator commands), ``formats`` (time arguments, event
@@ -25,7 +26,7 @@ from pathlib import Path
 import click
 
 from relay_milter import __version__
-from relay_milter.cli import certs, configure, demo, history, keys, reputation, services, status, tracking, users
+from relay_milter.cli import certs, configure, demo, drain, history, keys, reputation, services, status, tracking, users
 from relay_milter.cli.context import DEFAULT_SETTINGS, DEFAULT_TENANTS, Context
 from relay_milter.cli.errors import NAGIOS_NOTE, reported, table
 
@@ -87,6 +88,6 @@ def main(ctx: click.Context, tenants_dir: Path, settings_file: Path | None) -> N
     ctx.obj = Context(tenants_dir, settings_file)
 
 
-for _module in (configure, services, users, certs, tracking, history, status, keys, reputation, demo):
+for _module in (configure, services, users, certs, tracking, history, status, keys, reputation, demo, drain):
     for _command in _module.COMMANDS:
         main.add_command(_command)

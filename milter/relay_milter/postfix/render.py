@@ -44,6 +44,7 @@ from relay_milter.core import route
 from relay_milter.postfix.runner import run_postfix
 from relay_milter.config import APPLIED_TENANTS, NOTIFY_TRANSPORT, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
 from relay_milter.core import reputation
+from relay_milter.postfix import drain
 
 OUTPUTS = {
     "main.cf": "main.cf.j2",
@@ -55,7 +56,8 @@ OUTPUTS = {
     "sasl/smtpd.conf": "cyrus_smtpd.conf.j2",
 }
 # Per-tenant tables live in these directories; files of removed tenants are deleted on install.
-PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth")
+# (and relay/drain, the drained node's client table: removed again by undrain).
+PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth", drain.TABLE_DIR)
 SECRET_DIR = "relay/smtp_auth"
 REQUEUE_DIR = "relay/requeue"
 REQUEUE_TABLE = REQUEUE_DIR + "/route.regexp"
@@ -119,6 +121,8 @@ def render_files(
         "sources": source_addresses(tenants, settings, reputation_state),
         "notify_transport": NOTIFY_TRANSPORT,
         "extra_marker": EXTRA_MARKER,
+        # relayctl drain: the listeners answer 421 until undrain (postfix/drain.py).
+        "drain": drain.render_context(settings.config_directory),
     }
     files = {name: env.get_template(tpl).render(**context) for name, tpl in OUTPUTS.items()}
     key_text = _read(settings.config_directory / defaults.ROUTE_KEY_FILE)
@@ -134,6 +138,8 @@ def render_files(
         if t.smarthost.auth:
             password = secrets[t.id].smarthost_password
             files[f"{SECRET_DIR}/{t.id}"] = env.get_template("sasl_passwd.j2").render(t=t, password=password)
+    if context["drain"]:
+        files[drain.TABLE] = drain.table_text()
     if settings.notify:
         files["relay/notify.policy"] = f"{settings.notify.smarthost.nexthop}\t{settings.notify.smarthost.tls_policy}\n"
     # Written last by install(): the milter switches to it only after Postfix has its tables.

@@ -348,6 +348,18 @@ class Tx:
             self.count(ev.node, "delay_count", tenant, "")
         return ev.id
 
+    def lock_sequences(self, tenants: Iterable[str]) -> None:
+        """Take the sequence rows of ``tenants`` now, in sorted order, before any event is
+        added. Two trackers sharing a PostgreSQL store then always lock tenants in the same
+        order: without this, a batch of (acme, globex) on one node and (globex, acme) on
+        another deadlock, and PostgreSQL aborts one of them (it is retried, but late)."""
+        for tenant in sorted(set(tenants)):
+            self._c.execute(
+                "INSERT INTO tenant_seq (tenant, last) VALUES (?, 0)"
+                " ON CONFLICT (tenant) DO UPDATE SET last = tenant_seq.last",
+                [tenant],
+            )
+
     def count(self, node: str, metric: str, tenant: str, label: str, by: float = 1) -> None:
         """Add ``by`` to one of ``node``'s counters (written when the transaction commits:
         one upsert per counter touched, however many events it counts)."""
@@ -736,6 +748,17 @@ class Store(ABC):
         """tenant -> webhook rows not delivered yet (only tenants with a backlog)."""
         rows = self._query("SELECT tenant, COUNT(*) AS n FROM outbox WHERE delivered_at IS NULL GROUP BY tenant")
         return {r["tenant"]: int(r["n"]) for r in rows}
+
+    def checkpoints(self, node: str) -> dict[str, dict]:
+        """stream -> ``node``'s committed read position (``relayctl drain`` compares it with
+        the end of each log)."""
+        rows = self._query("SELECT stream, value FROM checkpoints WHERE node = ?", [node])
+        return {r["stream"]: json.loads(r["value"]) for r in rows}
+
+    def state_count(self, node: str) -> int:
+        """How many queue ids ``node``'s tracker is still following."""
+        rows = self._query("SELECT COUNT(*) AS n FROM state WHERE node = ?", [node])
+        return int(rows[0]["n"])
 
     def queue_tenants(self, node: str, queue_ids: Iterable[str]) -> dict[str, str]:
         """queue id -> tenant for messages in ``node``'s queue: from the tracker's state,

@@ -247,6 +247,7 @@ class Tracker:
         if not events and not self._dirty and not self._deleted and checkpoints == self._committed:
             return
         with self.store.transaction() as tx:
+            tx.lock_sequences(ev.tenant for ev in events if ev.tenant)
             for ev in events:
                 record_event(tx, ev, webhook=self._has_webhook(ev.tenant))
             for key in sorted(self._deleted):
