@@ -361,6 +361,12 @@ class _HopVerifier(dkim.DKIM):
         super().__init__(*args, **kwargs)
         self.body_hashes: dict[tuple[str, str], bytes] = {}
 
+    def set_message(self, message):
+        """dkimpy's set_message with fastcanon.rfc822_parse (same headers and body)."""
+        super().set_message(None)
+        if message:
+            self.headers, self.body = fastcanon.rfc822_parse(message)
+
     def body_hash(self, sig: dict[bytes, bytes]) -> bytes:
         try:
             policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))

@@ -124,3 +124,23 @@ def test_whole_messages_verify_alike_through_the_hop_verifier():
         theirs = dkim.DKIM(message).verify(idx=0, dnsfunc=dnsfunc)
         assert ours == theirs
     assert _HopVerifier(signed).verify(idx=0, dnsfunc=dnsfunc) is True
+
+
+@pytest.mark.parametrize("pinned", ["record", "pem", "dns"])
+def test_hop_keys_are_what_validation_gives(pinned):
+    """Tenant.hop_keys skips validating the current key again: it must equal the validated one."""
+    from relay_milter.config import HopKey
+    from support.factories import tenant
+
+    key = rsa_key(2048)
+    extra = {"keys": [{"selector": "Next", "public_key": ed25519_key().txt}]}
+    if pinned == "pem":
+        private = serialization.load_pem_private_key(key.private_pem, password=None)
+        pem = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        extra["public_key"] = pem.decode()
+    t = tenant("acme", key if pinned != "dns" else None, selector=" S1 ", **extra)
+    current = t.hop_keys[0]
+    assert current == HopKey(selector=t.selector, public_key=t.public_key)
+    assert current.selector == "s1" and (current.public_key is None) == (pinned == "dns")
+    assert [k.selector for k in t.hop_keys] == ["s1", "next"]
+    assert t.hop_key("next") is t.keys[0]
