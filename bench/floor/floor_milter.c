@@ -204,8 +204,9 @@ static sfsistat fl_header(SMFICTX *ctx, char *name, char *value)
 				sig_tag(value, "a", a, sizeof a);
 				sig_tag(value, "s", s, sizeof s);
 				sig_tag(value, "b", tag, sizeof tag);
-				memcpy(b, tag, 8);
-				b[8] = 0;
+				tag[8] = 0;
+				/* base64's '/' is an RFC 2045 tspecial: the relay quotes such a value */
+				snprintf(b, sizeof b, strchr(tag, '/') ? "\"%s\"" : "%s", tag);
 				if (!sig_tag(value, "i", i, sizeof i))
 					snprintf(i, sizeof i, "@%s", m->t->signing_domain);
 				snprintf(m->ar, sizeof m->ar, "%s; dkim=pass header.d=%s header.i=%s header.a=%s header.s=%s header.b=%s",
