@@ -394,11 +394,12 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	smfi_settimeout(600);
+	/* The socket is born 0666 (Postfix's smtpd runs as postfix): a chmod after it exists
+	 * would leave a moment in which a connection is refused and the message tempfails. */
+	umask(0111);
 	if (smfi_opensocket(1) == MI_FAILURE) {
 		fprintf(stderr, "floor_milter: cannot open %s\n", sock);
 		return 1;
 	}
-	if (strncmp(sock, "unix:", 5) == 0)
-		chmod(sock + 5, 0666);
 	return smfi_main() == MI_SUCCESS ? 0 : 1;
 }
