@@ -7,13 +7,16 @@ same smarthost) differ only in the milter in front of them:
   bare      no milter: the ceiling of Postfix on this machine
   opendkim  Debian's OpenDKIM in verify mode (fail closed: bad/missing signature -> reject),
             keys from a local DNS server
+  floor     a minimal C milter (bench/floor/floor_milter.c, libmilter, built with cc at
+            start) that receives the whole message and makes exactly the relay's edits
+            with no checks: what any milter doing this job costs Postfix at least
   relay     our milter doing the full work: verify, tenant checks, rewrite, route
 
 For every cell (message size x concurrent clients x signature algorithm) the
 same pre-signed messages go through each configuration in turn, interleaved, so
-machine noise hits all three alike. Delivery goes to Postfix's `smtp-sink`.
+machine noise hits all of them alike. Delivery goes to Postfix's `smtp-sink`.
 
-Needs root, postfix, opendkim and dnsmasq (deps/apt/bench.txt). Everything
+Needs root, postfix, opendkim, dnsmasq, cc and libmilter-dev (deps/apt/). Everything
 listens on 127.0.0.1 on free ports; DNS is a dnsmasq on a free port that both
 milters use (OpenDKIM's libunbound takes "Nameservers 127.0.0.1@PORT").
 
@@ -49,9 +52,14 @@ from relay_milter.lab.loadgen import (
     send_all,
 )
 from relay_milter.lab import free_port
+from relay_milter.core import route
+from relay_milter.milter.adapter import load_route_key
 from relay_milter.postfix.runner import run_postfix
 
-CONFIGS = ("bare", "opendkim", "relay")
+CONFIGS = ("bare", "opendkim", "floor", "relay")
+# The milters that verify signatures: the probe makes sure they refuse a tampered one.
+VERIFYING = ("opendkim", "relay")
+FLOOR_SOURCE = Path(__file__).resolve().parent / "floor" / "floor_milter.c"
 ALGS = {"rsa": "RSA-2048", "ed25519": "ed25519"}
 
 
@@ -82,6 +90,8 @@ def tenants() -> dict[str, BenchTenant]:
                 key=key,
                 sender_domains=[f"{tid}.example"],
                 pin_key=False,  # key from DNS, like OpenDKIM
+                # Every edit the floor makes, the relay makes too: Reply-To and MAIL FROM included.
+                extra={"headers": {"reply_to": f"support@{tid}.example", "envelope_sender": f"bounces@{tid}.example"}},
             ),
         )
     return out
@@ -227,6 +237,58 @@ class OpenDkim:
         stop_process(self.proc)
 
 
+def build_floor(workdir: Path) -> Path:
+    """Compile bench/floor/floor_milter.c against libmilter (cc, libmilter-dev)."""
+    exe = workdir / "floor_milter"
+    cc = shutil.which("cc") or "cc"
+    r = subprocess.run(
+        [cc, "-O2", "-Wall", "-o", str(exe), str(FLOOR_SOURCE), "-lmilter", "-lpthread"], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"building {FLOOR_SOURCE} failed:\n{r.stderr}")
+    return exe
+
+
+class FloorMilter:
+    """The floor: the C milter on the lab's milter socket, with the tenants' routes and seals."""
+
+    def __init__(self, exe: Path, lab: Lab, ts: dict[str, BenchTenant], authserv: str):
+        key = load_route_key(lab.config_dir)
+        if key is None:
+            raise RuntimeError("relayctl apply wrote no route key")
+        self.lab = lab
+        self.args = [str(exe), f"unix:{lab.milter_socket}", authserv]
+        for t in ts.values():
+            extra = t.spec.extra.get("headers", {})
+            self.args.append(
+                ",".join(
+                    [
+                        t.spec.relay_domain, t.spec.id, route.tenant_seal(key, t.spec.id), t.spec.signing_domain,
+                        extra.get("reply_to", ""), extra.get("envelope_sender", ""),
+                    ]
+                )
+            )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "FloorMilter":
+        sock = self.lab.milter_socket
+        if sock.exists():
+            sock.unlink()
+        stderr = self.lab.base / "floor.stderr"
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=open(stderr, "ab"))
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"floor_milter exited: {stderr.read_text()[-2000:]}")
+            return sock.exists()
+
+        wait_for(up, 15, what="floor milter socket")
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
 def postconf_edit(lab: Lab, *assignments: str) -> None:
     r = run_postfix(["postconf", "-c", str(lab.config_dir), "-e", *assignments])
     if r.returncode != 0:
@@ -241,7 +303,9 @@ class Instance:
     extra: list = field(default_factory=list)
 
 
-def make_instance(name: str, ts: dict[str, BenchTenant], sink: SmtpSinkProcess, base: Path, concurrency: int, dns: BenchDns) -> Instance:
+def make_instance(
+    name: str, ts: dict[str, BenchTenant], sink: SmtpSinkProcess, base: Path, concurrency: int, dns: BenchDns, floor_exe: Path | None
+) -> Instance:
     (base / name).mkdir()
     lab = Lab(base / name)
     for t in ts.values():
@@ -252,6 +316,11 @@ def make_instance(name: str, ts: dict[str, BenchTenant], sink: SmtpSinkProcess, 
     if name == "relay":
         lab.start_milter()
         inst.milter_pid = lab.milter_proc.pid
+    elif name == "floor":
+        # The relay's own rendered Postfix configuration (milter socket, route table, transports).
+        fm = FloorMilter(floor_exe, lab, ts, "relay.lab.test").start()
+        inst.extra.append(fm)
+        inst.milter_pid = fm.proc.pid
     else:
         transport = lab.config_dir / "relay" / "bench_transport"
         transport.write_text(
@@ -367,13 +436,13 @@ def table(cells: list[Cell]) -> str:
     rows = {key: {cfg: median_cell(cs) for cfg, cs in by_cfg.items()} for key, by_cfg in groups.items()}
     head = (
         "| size | clients | sig | bare msg/s | bare p50/p99 ms | OpenDKIM msg/s | OpenDKIM p50/p99 ms "
-        "| relay msg/s | relay p50/p99 ms | relay/bare | relay/OpenDKIM | relay CPU s/1000 msg "
-        "| OpenDKIM CPU s/1000 msg | relay RSS MiB (peak) |\n"
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| floor msg/s | floor p50/p99 ms | relay msg/s | relay p50/p99 ms | floor/bare | relay/bare | relay/OpenDKIM "
+        "| relay/floor | relay CPU s/1000 msg | floor CPU s/1000 msg | OpenDKIM CPU s/1000 msg | relay RSS MiB (peak) |\n"
+        "|---|---:|---|" + "---:|" * 17 + "\n"
     )
     lines = []
     for (size, clients, alg), r in rows.items():
-        b, o, m = r.get("bare"), r.get("opendkim"), r.get("relay")
+        b, o, f, m = r.get("bare"), r.get("opendkim"), r.get("floor"), r.get("relay")
 
         def rate(c):
             if c is None:
@@ -390,9 +459,10 @@ def table(cells: list[Cell]) -> str:
             return f"{a.msgs_per_s / z.msgs_per_s:.2f}x"
 
         lines.append(
-            f"| {size_label(size)} | {clients} | {ALGS[alg]} | {rate(b)} | {lat(b)} | {rate(o)} | {lat(o)} | {rate(m)} | {lat(m)} "
-            f"| {ratio(m, b)} | {ratio(m, o)} | {fmt(m.cpu_s_per_1000 if m else None, '.1f')} "
-            f"| {fmt(o.cpu_s_per_1000 if o else None, '.1f')} "
+            f"| {size_label(size)} | {clients} | {ALGS[alg]} | {rate(b)} | {lat(b)} | {rate(o)} | {lat(o)} "
+            f"| {rate(f)} | {lat(f)} | {rate(m)} | {lat(m)} "
+            f"| {ratio(f, b)} | {ratio(m, b)} | {ratio(m, o)} | {ratio(m, f)} | {fmt(m.cpu_s_per_1000 if m else None, '.2f')} "
+            f"| {fmt(f.cpu_s_per_1000 if f else None, '.2f')} | {fmt(o.cpu_s_per_1000 if o else None, '.2f')} "
             f"| {fmt(m.rss_mib if m else None, '.0f')} ({fmt(m.peak_rss_mib if m else None, '.0f')}) |"
         )
     return head + "\n".join(lines) + "\n"
@@ -457,10 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: run as root (Postfix starts as root)", file=sys.stderr)
         return 2
-    for tool in ("postfix", "smtp-sink", "opendkim", "dnsmasq"):
+    for tool in ("postfix", "smtp-sink", "opendkim", "dnsmasq", "cc"):
         if not (shutil.which(tool) or os.path.exists(f"/usr/sbin/{tool}")):
             print(f"bench: {tool} is missing; run scripts/bootstrap.sh (deps/apt/bench.txt)", file=sys.stderr)
             return 2
+    if not Path("/usr/include/libmilter/mfapi.h").exists():
+        print("bench: libmilter-dev is missing (the floor milter is built against it); run scripts/bootstrap.sh", file=sys.stderr)
+        return 2
     sizes = [int(s) for s in args.sizes.split(",")]
     client_counts = [int(c) for c in args.clients.split(",")]
     algs = [a for a in args.algs.split(",") if a]
@@ -486,9 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dns.start()
         sink.start()
+        floor_exe = build_floor(base) if "floor" in configs else None
         for name in configs:
             log(f"starting {name}")
-            instances[name] = make_instance(name, ts, sink, base, args.concurrency, dns)
+            instances[name] = make_instance(name, ts, sink, base, args.concurrency, dns, floor_exe)
 
         # Probe: every configuration delivers a good message; the verifying ones refuse a tampered one.
         unsupported: set[tuple[str, str]] = set()
@@ -500,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not ok:
                     unsupported.add((name, alg))
                     log(f"  {name} does not accept valid {ALGS[alg]} mail: left out of the table")
-                elif name != "bare" and not refused:
+                elif name in VERIFYING and not refused:
                     raise SystemExit(f"bench: {name} accepted a tampered {alg} message; it is not verifying: {detail}")
 
         for size in sizes:

@@ -510,8 +510,12 @@ class Tenant(_Strict):
 
     @property
     def hop_keys(self) -> tuple[HopKey, ...]:
-        """Every accepted key, the current one (selector/public_key) first."""
-        return (HopKey(selector=self.selector, public_key=self.public_key), *self.keys)
+        """Every accepted key, the current one (selector/public_key) first.
+
+        Built without validating again (read for every message; validating would parse the
+        pinned key each time): this tenant's validators already normalised both values the
+        way HopKey's do."""
+        return (HopKey.model_construct(selector=self.selector, public_key=self.public_key), *self.keys)
 
     def hop_key(self, selector: str) -> HopKey | None:
         return next((k for k in self.hop_keys if k.selector == selector), None)

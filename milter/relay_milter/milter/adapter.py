@@ -4,6 +4,11 @@ Nothing here decides anything. Any exception tempfails the transaction
 (``milter.set_exception_policy(TEMPFAIL)`` plus our own guard at end of
 message), and Postfix's ``milter_default_action = tempfail`` covers a milter
 that is gone or too slow.
+
+Round trips (issue 16): Postfix is told not to send DATA, end-of-headers and unknown
+commands (``@Milter.nocallback``: nothing here needs them) and not to wait for a reply to
+each header field (``@Milter.noreply``: a header never decides anything on its own). A
+header that cannot be taken in is remembered and the message tempfails at end of message.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class RelayMilter(Milter.Base):
         self._headers: list[tuple[str, str]] = []
         self._new_body()
         self._rcpt_args: dict[str, tuple[str, ...]] = {}
+        self._header_error: str | None = None
 
     def _new_body(self) -> None:
         self._body = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, prefix="relay-milter-body-")
@@ -120,6 +126,7 @@ class RelayMilter(Milter.Base):
     def envfrom(self, mailfrom, *params):
         self.policy = self.source.current()  # one policy for the whole transaction
         self._headers = []
+        self._header_error = None
         self._new_body()
         self._rcpt_args = {}
         self.tx.queue_id = self._macro("i")
@@ -157,12 +164,29 @@ class RelayMilter(Milter.Base):
         self._rcpt_args[to] = tuple(params)  # NOTIFY=, ORCPT=: carried to the decoded recipient
         return self._answer(self.policy.on_rcpt(self.tx, to), "rcpt", sender=self.tx.mail_from, rcpt=to)
 
+    @Milter.nocallback
+    def data(self):
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def eoh(self):
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def unknown(self, cmd):
+        return Milter.CONTINUE
+
+    @Milter.noreply
     def header(self, name, value):
-        if isinstance(value, bytes):  # undecodable: keep the bytes through surrogates
-            value = value.decode("utf-8", "surrogateescape")
-        if not self._leading_space():
-            value = " " + value
-        self._headers.append((name, value))
+        # No reply is sent for a header (Postfix does not wait for one): never fail here.
+        try:
+            if isinstance(value, bytes):  # undecodable: keep the bytes through surrogates
+                value = value.decode("utf-8", "surrogateescape")
+            if not self._leading_space():
+                value = " " + value
+            self._headers.append((name, value))
+        except Exception as exc:  # noqa: BLE001 - eom tempfails the message
+            self._header_error = self._header_error or f"{exc.__class__.__name__} in header {name!r}"
         return Milter.CONTINUE
 
     def _leading_space(self) -> bool:
@@ -178,6 +202,12 @@ class RelayMilter(Milter.Base):
 
     def eom(self):
         self.tx.queue_id = self._macro("i") or self.tx.queue_id
+        if self._header_error is not None:
+            self._body.close()
+            logs.event(log, logging.ERROR, self.tx.queue_id, "error", stage="header", reason=self._header_error)
+            return self._answer(
+                Verdict.tempfail("451", "4.3.0", "relay policy error (header), try again later"), "eom"
+            )
         try:
             disposition = self.policy.on_eom(self.tx, Message(tuple(self._headers), self._body_bytes()))
             if not disposition.verdict.ok:

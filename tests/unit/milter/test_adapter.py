@@ -8,7 +8,7 @@ import logging
 
 import Milter
 import pytest
-from Milter.testctx import TestCtx as MilterCtx
+from support.milterctx import MilterCtx
 
 from relay_milter.milter.adapter import RelayMilter
 from relay_milter.config import Settings, load_tenants
@@ -181,3 +181,28 @@ def test_a_stopping_worker_can_wait_for_transactions_in_progress(ctx, key):
     assert ctx._envfrom("<news@acme.example>") == Milter.CONTINUE
     ctx._close()
     assert RelayMilter.drain(0) == base
+
+
+def test_fewer_round_trips_are_negotiated(ctx):
+    """Postfix sends no DATA, end-of-headers or unknown command and waits for no header reply;
+    everything that can refuse (MAIL, RCPT, the body, end of message) still gets a reply."""
+    p = ctx._protocol
+    assert p & Milter.P_NR_HDR and p & Milter.P_NODATA and p & Milter.P_NOEOH and p & Milter.P_NOUNKNOWN
+    assert not p & (Milter.P_NOHDRS | Milter.P_NOBODY | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_BODY)
+    assert ctx._priv.header("Subject", " x") == Milter.NOREPLY
+
+
+def test_a_header_that_cannot_be_taken_in_tempfails_the_message(ctx, key, caplog):
+    class Full(list):
+        def append(self, item):
+            raise MemoryError("simulated")
+
+    assert ctx._envfrom("<news@acme.example>") == Milter.CONTINUE
+    assert ctx._envrcpt(f"<{RCPT}>") == Milter.CONTINUE
+    ctx._priv._headers = Full()
+    assert ctx._priv.header("Subject", " x") == Milter.NOREPLY  # no reply to send: remembered
+    rc = ctx._eom()
+    assert rc == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("451", "4.3.0")
+    assert ctx._addrcpt == [] and ctx._delrcpt == []
+    assert "event=error stage=header" in caplog.text and "MemoryError in header" in caplog.text

@@ -6,7 +6,7 @@ import io
 
 import Milter
 import pytest
-from Milter.testctx import TestCtx as MilterCtx
+from support.milterctx import MilterCtx
 
 from relay_milter.config import Settings
 from relay_milter.core import route
