@@ -4,13 +4,17 @@ Each "host" of the generated inventory is a private relay on this machine
 (``ansible_connection=local``, its own Postfix config/queue/data directories
 under /var/tmp, smtpd on a free loopback port, its own venv and milter), so the
 play never touches the system's /etc/postfix. ``relay_service_manager=direct``
-because PID 1 is not systemd here; the tracker runs too (each node with its own SQLite store).
+because PID 1 is not systemd here; the tracker runs too (each node with its own SQLite store,
+until the fleet moves to one PostgreSQL store: a private cluster on loopback, the inventory's
+"PostgreSQL host", on which the role creates the database and its role).
 
 One converged deployment is shared by the tests below, in file order. Before
 it exists, ``--check --diff`` runs on the fresh hosts and changes nothing; the
 first real run is made with -vvv (no secret may appear in its output or in the
 process table). Then: mail flows through both nodes -> the deployed layout,
-inspected as the service accounts themselves -> logrotate -> a second run is
+inspected as the service accounts themselves -> logrotate -> a duplicate node name
+is refused -> both nodes move to one vaulted PostgreSQL DSN, the role provisions the
+database, and mail through each node is recorded there -> a second run is
 changed=0 -> --check --diff
 shows a tenant change without applying it -> a bad tenant fails the play
 before anything live changes -> one tenant is added and another removed on
@@ -22,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import smtplib
 import stat
 import subprocess
@@ -39,6 +44,7 @@ from relay_milter.tracking.events import Kind
 from relay_milter.tracking.store import open_store
 from relay_milter.lab import DnsServer, Sink, free_port, make_message, rsa_key, sign, wait_for
 from support.factories import unavailable
+from support.pgcluster import PgCluster, find_bindir
 from support.paths import REPO
 
 pytestmark = pytest.mark.e2e
@@ -120,6 +126,10 @@ class Deployment:
         self.dns = DnsServer(self.base, records, local=("#",)).start()
         self.active = ["acme", "globex"]
         self.umbrella_port = free_port()
+        # The fleet's PostgreSQL store (use_postgresql): the cluster and its relays' DSN.
+        self.pg: PgCluster | None = None
+        self.pg_dsn = ""
+        self.db_password = ""
         self.hosts = {}
         for h in HOSTS:
             root = self.base / h
@@ -141,7 +151,7 @@ class Deployment:
 
     # inventory ---------------------------------------------------------------
 
-    def host_vars(self, h: str) -> dict:
+    def host_vars(self, h: str, **tracking) -> dict:
         d = self.hosts[h]
         root = d["root"]
         return {
@@ -166,7 +176,8 @@ class Deployment:
                 "milter_socket": f"unix:{root}/milter/milter.sock",
                 "milter_command_timeout": "10s",
                 "milter_content_timeout": "15s",
-                "tracking": {"poll_interval": 0.2},  # the store: the role's default, in the tracker's directory
+                # the store: the role's default, in the tracker's directory (until use_postgresql)
+                "tracking": {"poll_interval": 0.2, **tracking},
                 "dns": {"nameservers": [self.dns.address], "port": self.dns.port, "timeout": 2},
             },
             "relay_logrotate_file": str(root / "logrotate.conf"),
@@ -174,9 +185,17 @@ class Deployment:
             "relay_bash_completion_file": str(root / "bash_completion.d" / "relayctl"),
         }
 
-    def _write_inventory(self) -> None:
-        inv = {"all": {"children": {"relays": {"hosts": {h: self.host_vars(h) for h in HOSTS}}}}}
+    def write_hosts(self, tracking: dict[str, dict] | None = None) -> None:
+        """The relays, and the PostgreSQL host (this machine again: psql runs there as the
+        postgres account, through su since root needs no password for it)."""
+        relays = {h: self.host_vars(h, **(tracking or {}).get(h, {})) for h in HOSTS}
+        pg_host = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+                   "ansible_become_method": "ansible.builtin.su"}
+        inv = {"all": {"children": {"relays": {"hosts": relays}, "eventstore": {"hosts": {"pg1": pg_host}}}}}
         (self.inventory / "hosts.yml").write_text(yaml.safe_dump(inv, sort_keys=False))
+
+    def _write_inventory(self) -> None:
+        self.write_hosts()
         self.write_tenants()
         main = {
             "relay_service_manager": "direct",
@@ -213,6 +232,7 @@ class Deployment:
             "vault_relay_tenant_secrets": self.secrets,
             "vault_relay_submission_users": self.users,
             "vault_relay_tracker_environment": {"RELAY_TEST_MARKER": self.env_marker},
+            **({"vault_relay_events_dsn": self.pg_dsn} if self.pg_dsn else {}),
         }))
         r = subprocess.run(
             [_tool("ansible-vault"), "encrypt", "--vault-password-file", str(self.vault_password),
@@ -221,6 +241,32 @@ class Deployment:
         )
         plain.unlink()
         assert r.returncode == 0, r.stderr
+
+    def use_postgresql(self) -> None:
+        """Start the PostgreSQL host: a private cluster on loopback that, like a real one,
+        wants the relays' password (scram-sha-256 over TCP; its superuser keeps trust on the
+        local socket the role's psql uses). Then point the inventory at it: one DSN in the
+        vault, the role to create its database and role there."""
+        if find_bindir() is None:
+            unavailable("no PostgreSQL server installed (deps/apt; run scripts/bootstrap.sh)")
+        self.pg = PgCluster().start()
+        (self.pg.data / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "host all postgres 127.0.0.1/32 trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        self.pg.proc.send_signal(signal.SIGHUP)  # reload pg_hba.conf
+        self.db_password = os.urandom(12).hex()
+        self.pg_dsn = f"postgresql://relay:{self.db_password}@127.0.0.1:{self.pg.port}/relay_events"  # pragma: allowlist secret
+        self._write_vault()
+        main = yaml.safe_load((self.group_vars / "main.yml").read_text())
+        main |= {
+            "relay_events_dsn": "{{ vault_relay_events_dsn }}",
+            "relay_events_db_create": True,
+            "relay_events_db_host": "pg1",
+            "relay_events_db_admin_socket": str(self.pg.sockets),
+        }
+        (self.group_vars / "main.yml").write_text(yaml.safe_dump(main, sort_keys=False))
 
     # running -----------------------------------------------------------------
 
@@ -291,10 +337,11 @@ class Deployment:
         return int((self.hosts[h]["run"] / "relay-tracker.pid").read_text())
 
     def events_dsn(self, h: str) -> str:
-        return f"sqlite:///{self.hosts[h]['state']}/tracker/events.db"
+        return self.pg_dsn or f"sqlite:///{self.hosts[h]['state']}/tracker/events.db"
 
     def secret_values(self) -> list[str]:
         values = [v for s in self.secrets.values() for v in s.values()] + list(self.users.values())
+        values += [self.db_password] if self.db_password else []
         return values + [self.env_marker, self.env_marker.split()[0]]  # raw, and its unique part
 
     def live_snapshot(self, h: str) -> dict[str, bytes]:
@@ -316,6 +363,8 @@ class Deployment:
         for s in self.sinks.values():
             s.stop()
         self.dns.stop()
+        if self.pg is not None:
+            self.pg.destroy()
         if os.environ.get("RELAY_KEEP_LAB"):
             print(f"\ndeployment kept at {self.base}")
         else:
@@ -654,6 +703,88 @@ def test_logrotate_rotates_as_the_owners_and_the_tracker_follows(deployment):
         )
     finally:
         store.close()
+
+
+def test_a_duplicate_node_name_is_refused_before_anything_changes(deployment):
+    """Two relays with one node name would share checkpoints in a shared store: the play
+    stops at its first check, naming the name and both hosts."""
+    d = deployment
+    before = {h: d.live_snapshot(h) for h in HOSTS}
+    pids = {h: d.milter_pid(h) for h in HOSTS}
+    d.write_hosts(tracking={"relay2": {"node": "relay1.relay.test"}})  # relay1's myhostname
+    try:
+        r = d.play()
+    finally:
+        d.write_hosts()
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "node names must be unique across the inventory group relays" in out, out[-4000:]
+    assert "relay1.relay.test is the node name of relay1 and relay2" in out, out[-4000:]
+    assert "TASK [relay : Install the relay package" not in out  # stopped before anything else
+    for h in HOSTS:
+        assert d.recap(out)[h]["changed"] == 0
+        assert d.live_snapshot(h) == before[h]
+        assert d.milter_pid(h) == pids[h]
+
+
+def test_the_fleet_moves_to_one_postgresql_store_the_role_provisions(deployment):
+    """One vaulted DSN for every node. The role creates the database and its role on the
+    PostgreSQL host (psql as postgres, the password only ever on standard input), both
+    trackers restart onto it, and mail sent through each node is recorded in the one
+    database under the name of the node that relayed it."""
+    import psycopg
+
+    d = deployment
+    d.use_postgresql()
+    watcher = CmdlineWatcher(d.secret_values())
+    watcher.start()
+    try:
+        r = d.play("-vvv")
+    finally:
+        watcher.stop.set()
+        watcher.join(30)
+    assert r.returncode == 0, _fail(r)
+    out = r.stdout + r.stderr
+    assert d.db_password not in out and watcher.scans > 0 and watcher.leaks == []
+    assert re.search(r"changed: \[relay1 -> pg1\].*\n", out)  # delegated to the PostgreSQL host, once
+    assert "relay2 -> pg1" not in out
+    # What the role made: a login role whose stored SCRAM verifier is of the vault's password
+    # (the cluster checks it: loopback TCP wants a password), owning the database.
+    with psycopg.connect(d.pg.dsn) as conn:
+        [(verifier, owner)] = conn.execute(
+            "SELECT a.rolpassword, pg_get_userbyid(db.datdba) FROM pg_authid a, pg_database db"
+            " WHERE a.rolname = 'relay' AND a.rolcanlogin AND db.datname = 'relay_events'"
+        ).fetchall()
+    assert verifier.startswith("SCRAM-SHA-256$4096:") and owner == "relay"
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(d.pg_dsn.replace(d.db_password, "not-" + d.db_password), connect_timeout=10)
+    for h in HOSTS:
+        environ = Path(f"/proc/{d.tracker_pid(h)}/environ").read_bytes().split(b"\0")
+        assert f"RELAY_EVENTS_DSN={d.pg_dsn}".encode() in environ
+    store = open_store(d.pg_dsn)
+    try:
+        # Each restarted tracker positions itself at the end of its logs first (a new store).
+        def positioned():
+            with psycopg.connect(d.pg.dsn, dbname="relay_events") as conn:
+                nodes = {row[0] for row in conn.execute("SELECT node FROM checkpoints")}
+            return nodes >= {f"{h}.relay.test" for h in HOSTS} or None
+
+        wait_for(positioned, 30, what="both trackers' checkpoints in PostgreSQL")
+        sent = {}
+        for h in HOSTS:
+            got = _send_and_expect(d, h, "acme", "fleet")
+            [mid] = got.header("Message-ID")
+            sent[mid.strip().strip("<>")] = f"{h}.relay.test"
+        relayed = wait_for(
+            lambda: (lambda evs: evs if set(evs) >= set(sent) else None)(
+                {mid: e.node for e in store.events(kinds=[Kind.RELAYED]) if (mid := (e.message_id or "").strip("<>")) in sent}
+            ),
+            30, what="RELAYED events of both nodes in the one PostgreSQL store",
+        )
+    finally:
+        store.close()
+    assert relayed == sent
+    print(f"PostgreSQL store: {len(sent)} messages relayed through {len(HOSTS)} nodes, recorded under {sorted(set(relayed.values()))}")
 
 
 def test_second_run_changes_nothing(deployment):
