@@ -27,10 +27,10 @@ from support.webhook_receiver import WebhookReceiver
 pytestmark = pytest.mark.e2e
 
 HTML = (
-    '<html><body><p>Hello Alice,</p>\r\n'
-    '<p>Read <a href="https://news.example.org/article?id=7&amp;src=mail">the article</a> or '
-    "<a href='https://shop.example.org/cart'>your cart</a>.</p>\r\n"
-    '<p><a href="mailto:help@acme.example">Write to us</a></p>\r\n'
+    '<html><body><p>Hello Alice,</p>\r\n'  # hygiene: not a path (HTML)
+    '<p>Read <a href="https://news.example.org/article?id=7&amp;src=mail">the article</a> or '  # hygiene: not a path (HTML)
+    "<a href='https://shop.example.org/cart'>your cart</a>.</p>\r\n"  # hygiene: not a path (HTML)
+    '<p><a href="mailto:help@acme.example">Write to us</a></p>\r\n'  # hygiene: not a path (HTML)
     "</body></html>\r\n"
 )
 TEXT = "Hello Alice,\r\nRead the article: https://news.example.org/article?id=7&src=mail\r\n"

@@ -265,6 +265,15 @@ def run_web(obj: Context, log_file: Path | None, listen: str | None, create_key:
 
     tenants, settings = obj.load(last_good=True)
     path = settings.engagement.key_file
+    if listen is not None:
+        from pydantic import ValidationError
+
+        from relay_milter.config import EngagementSettings
+
+        try:
+            listen = EngagementSettings(listen=listen).listen
+        except ValidationError:
+            fail(ExitCode.USAGE, f"--listen {listen!r}: not host:port")
     if create_key:
         if path.exists():
             click.echo(f"{path}: exists, kept")
