@@ -357,7 +357,7 @@ def _leaves(msg: email.message.Message) -> list[tuple[str, bytes]]:
     return [(p.get_content_type(), p.get_payload(decode=True)) for p in msg.walk() if not p.is_multipart()]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_tree())
 def test_property_structure_round_trips(tree):
     tree["From"], tree["To"], tree["Subject"] = "a@acme.example", "b@example.org", "p"
