@@ -321,8 +321,8 @@ def rewrite_message(headers: Sequence[tuple[str, str]], body: bytes, link: Calla
         new_body, cte = _entity(_head_of(head_bytes), body, ctx, 0, top=True)
     except BrokenMime as exc:
         return Rewrite(reason=str(exc))
-    except (RecursionError, ValueError, LookupError, UnicodeError) as exc:  # never corrupt: pass through
-        return Rewrite(reason=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever the input does to the parsers: untouched, never half-done
+        return Rewrite(reason=f"rewriter error {type(exc).__name__}: {exc}")
     if new_body is None or new_body == body:
         result.body = None
         result.transfer_encoding = None

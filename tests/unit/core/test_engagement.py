@@ -379,3 +379,14 @@ def test_property_structure_round_trips(tree):
         assert restore(after.decode(cs)) == before.decode(cs).replace("\r\n", "\n").replace("&amp;", "&")
         assert len(PIXEL_RE.findall(after.decode(cs))) == 1
     assert result.pixels == html_count
+
+
+def test_an_error_inside_the_rewriter_leaves_the_message_untouched():
+    raw = message('<p><a href="https://example.com/">x</a></p>\n', text=None)  # hygiene: not a path (HTML)
+    headers, body = split(raw)
+
+    def broken(url: str) -> str:
+        raise KeyError(url)
+
+    result = eng.rewrite_message(headers, body, broken, PIXEL)
+    assert result.body is None and result.reason == "rewriter error KeyError: 'https://example.com/'"
