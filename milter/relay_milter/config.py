@@ -412,6 +412,66 @@ class HopKey(_Strict):
         return None
 
 
+# -- engagement tracking: opens and clicks (issue 15, part B; opt-in) ---------------------
+
+
+def _loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EngagementTracking(_Strict):
+    """Opt-in opens and clicks (docs/tracking.md, "Opens and clicks"). The milter rewrites
+    the links of the tenant's HTML parts to ``base_url/c/<token>`` and adds an open pixel
+    ``base_url/o/<token>``; ``relayctl web`` serves both. Off unless the tenant sets it."""
+
+    # Where `relayctl web` is reached from the internet (behind a TLS reverse proxy):
+    # https://, no query or fragment. http:// only for a loopback host (labs, tests).
+    base_url: str
+    opens: bool = True
+    clicks: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        if not re.fullmatch(r"[A-Za-z0-9._~:/\[\]%-]+", v):
+            raise ValueError(f"not a plain http(s) URL (letters, digits, . _ ~ : / - only): {v!r}")
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"not an https URL without user, query or fragment: {v!r}")
+        if parts.scheme == "http" and not _loopback_host(parts.hostname):
+            raise ValueError(f"must be https (tracking links carry recipients' clicks); http only for loopback: {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _something(self) -> "EngagementTracking":
+        if not (self.opens or self.clicks):
+            raise ValueError("opens and clicks are both off: leave engagement_tracking out instead")
+        return self
+
+
+class EngagementSettings(_Strict):
+    """`relayctl web` and the milter's engagement key (settings ``engagement:``)."""
+
+    # 64 hex digits (256 bits), created by `relayctl web --create-key` (the role runs it at install).
+    key_file: Path = Path(defaults.ENGAGEMENT_KEY_FILE)
+    # Where `relayctl web` listens (plain HTTP; put a TLS reverse proxy in front): host:port.
+    listen: str = defaults.ENGAGEMENT_LISTEN
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[0-9A-Za-z.\-]+):\d{1,5}", v) or not 0 < int(v.rpartition(":")[2]) < 65536:
+            raise ValueError(f"not host:port: {v!r}")
+        return v
+
+
 class Tenant(_Strict):
     id: str
     description: str = ""
@@ -451,6 +511,8 @@ class Tenant(_Strict):
     # Sender reputation (issue 14): the pool address this tenant leaves from, and its ingress limits.
     source_address: IPAddress | None = None
     limits: TenantLimits = TenantLimits()
+    # Opens and clicks (issue 15 part B), off unless set: see EngagementTracking.
+    engagement_tracking: EngagementTracking | None = None
 
     @field_validator("id")
     @classmethod
@@ -801,6 +863,8 @@ class Settings(_Strict):
     dns: DnsSettings = DnsSettings()
     tracking: TrackingSettings = TrackingSettings()
     reputation: ReputationSettings = ReputationSettings()
+    # Opens and clicks (relayctl web, the milter's link tokens): see EngagementSettings.
+    engagement: EngagementSettings = EngagementSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Postfix's notices to the operator (postmaster mail, double bounces): see Notify.
     notify: Notify | None = None

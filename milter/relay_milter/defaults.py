@@ -88,3 +88,7 @@ REPUTATION_STATE_FILE = "/var/lib/tenant-relay/reputation.json"
 REPUTATION_INTERVAL = 300.0
 # How often the milter refreshes its per-tenant queue summary (backpressure).
 QUEUE_SUMMARY_INTERVAL = 5.0
+
+# Engagement tracking (opt-in opens and clicks, relayctl web).
+ENGAGEMENT_KEY_FILE = "/etc/tenant-relay/engagement.key"
+ENGAGEMENT_LISTEN = "127.0.0.1:8480"

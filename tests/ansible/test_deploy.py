@@ -640,12 +640,16 @@ def test_installed_files_have_the_right_owners_and_modes(deployment):
     units = h["root"] / "share" / "systemd"
     milter_unit = (units / "relay-milter.service").read_text()
     tracker_unit = (units / "relay-tracker.service").read_text()
+    web_unit = (units / "relay-web.service").read_text()  # installed even while relay_web_enabled is false
     exec_start = re.search(r"^ExecStart=(\S+)", milter_unit, re.M).group(1)
     assert os.access(exec_start, os.X_OK), exec_start
     assert "User=relay-milter\nGroup=relay-milter\n" in milter_unit and "postfix" not in re.findall(r"^(?:Group|SupplementaryGroups)=.*", milter_unit, re.M)[0]
     assert "User=relay-tracker\nGroup=relay-tracker\n" in tracker_unit
+    assert "User=relay-tracker\nGroup=relay-tracker\n" in web_unit and re.search(r"^ExecStart=\S+ .* web$", web_unit, re.M)
+    key = h["etc"] / "engagement.key"  # made on the host by relayctl web --create-key, read by the milter and web
+    assert stat.S_IMODE(key.stat().st_mode) == 0o640 and grp.getgrgid(key.stat().st_gid).gr_name == "tenant-relay"
     assert re.search(r"^InaccessiblePaths=.*" + re.escape(str(h["config"] / "sasl")) + r"\b", milter_unit, re.M)
-    for unit in (milter_unit, tracker_unit):
+    for unit in (milter_unit, tracker_unit, web_unit):
         for line in ("CapabilityBoundingSet=", "SystemCallFilter=@system-service", "ProtectSystem=strict",
                      "PrivateDevices=yes", "MemoryDenyWriteExecute=yes", "NoNewPrivileges=yes"):
             assert f"\n{line}\n" in unit, line
@@ -661,7 +665,7 @@ def test_units_score_2_or_better_in_systemd_analyze_security(deployment, tmp_pat
         pytest.skip("systemd-analyze not installed")
     units = deployment.hosts["relay1"]["root"] / "share" / "systemd"
     scores = {}
-    for unit in ("relay-milter.service", "relay-tracker.service"):
+    for unit in ("relay-milter.service", "relay-tracker.service", "relay-web.service"):
         shutil.copy(units / unit, tmp_path / unit)
         r = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(tmp_path / unit)],
                            capture_output=True, text=True, timeout=120)

@@ -1,7 +1,7 @@
 """relayctl: the ``relayctl`` command group, assembled from one module per command group.
 
     configure  tenants, render, check, apply
-    services   milter, track
+    services   milter, track, web
     users      user add | remove | list
     certs      cert selfsigned
     tracking   trace, queue, stats, requeue, hold, release, metrics

@@ -1,4 +1,4 @@
-"""relayctl milter | track: the two long-running services (foreground; systemd runs them)."""
+"""relayctl milter | track | web: the long-running services (foreground; systemd runs them)."""
 
 from __future__ import annotations
 
@@ -261,4 +261,77 @@ def _write_metrics(live: _Live, store) -> None:
         log.exception("NOQUEUE: event=metrics_failed")
 
 
-COMMANDS: tuple[click.Command, ...] = (run_milter, run_tracker)
+@click.command("web")
+@_LOG_FILE
+@click.option("--listen", default=None, metavar="HOST:PORT", help="Listen here (default: settings engagement.listen, 127.0.0.1:8480).")
+@click.option("--create-key", is_flag=True, help="Create the engagement key file (settings engagement.key_file) if it is missing, then exit.")
+@click.pass_obj
+def run_web(obj: Context, log_file: Path | None, listen: str | None, create_key: bool) -> None:
+    """Serve engagement tracking: open pixels and tracked links (foreground; SIGTERM stops).
+
+    GET /o/<token> answers a 1x1 GIF and records OPENED; GET /c/<token> answers 302 to the
+    link's original target and records CLICKED; GET /healthz answers "ok". A token whose
+    HMAC (engagement key, settings engagement.key_file) does not verify gets 404 and no
+    redirect. Events go to the event store (tracking.events_dsn or RELAY_EVENTS_DSN) with
+    their webhook, which the running tracker sends. Repeats are counted and marked. No IP
+    address or user agent is recorded. Plain HTTP: put a TLS reverse proxy in front and
+    set the tenants' engagement_tracking.base_url to its https:// address.
+
+    Exit codes: 0 stopped by a signal (or --create-key done), 3 configuration error (no or
+    bad key file), 4 event store unavailable.
+    """
+    import os
+
+    from relay_milter import logs
+    from relay_milter.cli.errors import ExitCode, fail
+    from relay_milter.core import engagement
+    from relay_milter.tracking import web
+
+    tenants, settings = obj.load(last_good=True)
+    path = settings.engagement.key_file
+    if listen is not None:
+        from pydantic import ValidationError
+
+        from relay_milter.config import EngagementSettings
+
+        try:
+            listen = EngagementSettings(listen=listen).listen
+        except ValidationError:
+            fail(ExitCode.USAGE, f"--listen {listen!r}: not host:port")
+    if create_key:
+        if path.exists():
+            click.echo(f"{path}: exists, kept")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(engagement.new_key_text(os.urandom(engagement.KEY_BYTES)))
+        click.echo(f"{path}: created")
+        return
+    try:
+        key = engagement.parse_key(path.read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(ExitCode.CONFIG, f"engagement key {path}: {exc} (create it with `relayctl web --create-key`)")
+    if key is None:
+        fail(ExitCode.CONFIG, f"engagement key {path}: not 64 hex digits")
+    logs.setup(settings.log_level, str(log_file) if log_file else None)
+    store = open_store(settings, create=True)
+    state = {"tenants": tenants, "checked": time.monotonic()}
+
+    def current() -> TenantSet:  # tenant changes (a new webhook) are seen within 5 s
+        if time.monotonic() - state["checked"] > 5:
+            state["checked"] = time.monotonic()
+            try:
+                state["tenants"] = obj.load(last_good=True)[0]
+            except SystemExit:  # a broken change: keep the last set
+                pass
+        return state["tenants"]
+
+    app = web.EngagementApp(key, web.Recorder(store, key, settings, current))
+    try:
+        web.serve(app, listen or settings.engagement.listen)
+    finally:
+        store.close()
+
+
+COMMANDS: tuple[click.Command, ...] = (run_milter, run_tracker, run_web)

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,14 +28,15 @@ import milter as _milter
 
 from relay_milter import logs
 from relay_milter import defaults
-from relay_milter.core import route
+from relay_milter.core import engagement, route
 from relay_milter.core.addresses import dsn_params, strip_brackets
 from relay_milter.defaults import UPSTREAM_ID_HEADER
 from relay_milter.core.policy import Action, Disposition, EditOp, HeaderEdit, Message, Policy, Transaction, Verdict
 
 log = logging.getLogger("relay.milter")
 
-FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR | Milter.DELRCPT | Milter.CHGFROM
+FLAGS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR | Milter.DELRCPT | Milter.CHGFROM
+         | Milter.CHGBODY)  # CHGBODY: engagement tracking replaces the body of tenants that opt in
 # A body up to this size stays in memory; a larger one is spooled to a temporary file as it
 # arrives (the milter's memory per transaction stays bounded while the body is received).
 SPOOL_MEMORY = 1024 * 1024
@@ -47,6 +49,14 @@ def load_route_key(config_directory: Path) -> bytes | None:
     """The route-seal key `relayctl apply` installed (postfix.render, core.route)."""
     try:
         return route.parse_route_key((Path(config_directory) / defaults.ROUTE_KEY_FILE).read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def load_engagement_key(path: Path) -> bytes | None:
+    """The engagement key (`relayctl web --create-key`), or None when missing or invalid."""
+    try:
+        return engagement.parse_key(Path(path).read_text(encoding="ascii"))
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -74,6 +84,9 @@ class RelayMilter(Milter.Base):
     _in_flight = 0
     _in_flight_lock = threading.Lock()
     _idle = threading.Condition(_in_flight_lock)
+    # Engagement tracking (opt-in per tenant): the key of the link tokens (settings
+    # engagement.key_file), read when first needed and again while it is missing.
+    engagement_key: bytes | None = None
 
     def __init__(self) -> None:
         self.policy = self.source.current()
@@ -264,6 +277,7 @@ class RelayMilter(Milter.Base):
         # The seal next to the route marker (the last header edit): it routes the message
         # again if an operator requeues it with postsuper -r (core/route.py).
         self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self._route_key(), d.tenant.id))
+        self._engagement(d)
         logs.event(
             log,
             logging.INFO,
@@ -283,6 +297,53 @@ class RelayMilter(Milter.Base):
             dkim=f"pass d={d.dkim.domain} s={d.dkim.selector} a={d.dkim.algorithm} key={d.dkim.key_source}" if d.dkim else None,
             auth=self.tx.auth_user,
         )
+
+    def _engagement(self, d: Disposition) -> None:
+        """Opens and clicks (tenant option engagement_tracking): rewrite the HTML parts
+        (core/engagement.py) and replace the body. After the policy accepted the message:
+        the hop signature was verified on the body as it arrived. What the rewriter cannot
+        handle is passed through untouched, with the reason in the log."""
+        options = d.tenant.engagement_tracking
+        if options is None:
+            return
+        key = self._engagement_key()
+        qid = self.tx.queue_id
+        if key is None or not qid:
+            logs.event(log, logging.WARNING, qid, "engagement_skipped", tenant=d.tenant.id,
+                       reason="no engagement key" if key is None else "no queue id",
+                       path=str(self.policy.settings.engagement.key_file))
+            return
+        rcpts = [dec.address for _, dec in self.tx.recipients]
+        recipient = rcpts[0] if len(rcpts) == 1 else None  # several recipients: per-message tokens
+        issued, base, tenant = int(time.time()), options.base_url, d.tenant.id
+
+        def link(url: str) -> str:
+            return f"{base}/c/{engagement.make_token(key, engagement.CLICK, tenant, qid, recipient, url, issued)}"
+
+        pixel = f"{base}/o/{engagement.make_token(key, engagement.OPEN, tenant, qid, recipient, None, issued)}"
+        result = engagement.rewrite_message(
+            self._headers, self._body_bytes(), link if options.clicks else (lambda url: None), pixel if options.opens else None
+        )
+        if result.body is not None:
+            self.replacebody(result.body)
+            if result.transfer_encoding:
+                present = any(n.lower() == "content-transfer-encoding" for n, _ in self._headers)
+                if present:
+                    self.chgheader("Content-Transfer-Encoding", 1, " " + result.transfer_encoding)
+                else:
+                    self.addheader("Content-Transfer-Encoding", " " + result.transfer_encoding)
+        logs.event(
+            log, logging.INFO if result.reason is None else logging.WARNING, qid,
+            "engagement" if result.reason is None else "engagement_passthrough",
+            tenant=tenant, links=result.links, pixel=result.pixels, per_message="yes" if recipient is None else None,
+            reason=result.reason, skipped="; ".join(result.skipped) or None,
+        )
+
+    @classmethod
+    def _engagement_key(cls) -> bytes | None:
+        if cls.engagement_key is None:
+            cls.engagement_key = load_engagement_key(cls.source.current().settings.engagement.key_file)
+        return cls.engagement_key
 
     @classmethod
     def _route_key(cls) -> bytes:

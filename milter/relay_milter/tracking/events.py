@@ -7,6 +7,7 @@ is deferred twice and then relayed gives 2 RECEIVED, 4 DEFERRED and 2 RELAYED.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from enum import Enum
@@ -19,6 +20,9 @@ class Kind(str, Enum):
     DEFERRED = "DEFERRED"  # temporary failure; Postfix retries until maximal_queue_lifetime
     BOUNCED = "BOUNCED"  # permanent failure (5xx), or expired in the queue
     REJECTED = "REJECTED"  # refused at ingress (SMTP reply to the upstream client)
+    # Engagement tracking (opt-in; relayctl web): the recipient opened the message / followed a link.
+    OPENED = "OPENED"
+    CLICKED = "CLICKED"
 
     def __str__(self) -> str:
         return self.value
@@ -26,11 +30,17 @@ class Kind(str, Enum):
     @property
     def state(self) -> str:
         """Retarus-style processing state."""
-        return {"RECEIVED": "PROCESSING", "DEFERRED": "RETRYING"}.get(self.value, "FINISHED")
+        return {"RECEIVED": "PROCESSING", "DEFERRED": "RETRYING", "OPENED": "ENGAGED", "CLICKED": "ENGAGED"}.get(
+            self.value, "FINISHED"
+        )
 
     @property
     def final(self) -> bool:
         return self.state == "FINISHED"
+
+    @property
+    def engagement(self) -> bool:
+        return self.value in ("OPENED", "CLICKED")
 
 
 def iso(ts: float | None) -> str | None:
@@ -92,3 +102,26 @@ class Event:
 
 
 _FIELDS = frozenset(f.name for f in fields(Event))
+
+
+# -- engagement (opens and clicks): the detail is kept in the reason, no extra columns ------
+
+_ENGAGEMENT_REASON = re.compile(r"^(first|repeat) (open|click)(?: #(\d+))?(?: (\S+))?$")
+
+
+def engagement_reason(kind: Kind, count: int, url: str | None = None) -> str:
+    """The reason text of an OPENED/CLICKED event: ``first open``, ``repeat open #3``,
+    ``first click https://...``, ``repeat click #2 https://...`` (``count`` counts this one)."""
+    what = "open" if kind is Kind.OPENED else "click"
+    text = f"first {what}" if count <= 1 else f"repeat {what} #{count}"
+    return f"{text} {url}" if url else text
+
+
+def engagement_detail(ev: Event) -> dict[str, Any] | None:
+    """``{"repeat": bool, "count": n, "url": str | None}`` of an OPENED/CLICKED event."""
+    if not ev.kind.engagement:
+        return None
+    m = _ENGAGEMENT_REASON.match(ev.reason or "")
+    if not m:
+        return {"repeat": None, "count": None, "url": None}
+    return {"repeat": m.group(1) == "repeat", "count": int(m.group(3) or 1), "url": m.group(4)}

@@ -43,7 +43,7 @@ import httpx
 from relay_milter import defaults
 from relay_milter.config import TenantSecrets, TenantSet, TrackingSettings
 from relay_milter.tracking import egress, transport
-from relay_milter.tracking.events import Event, Kind, iso
+from relay_milter.tracking.events import Event, Kind, engagement_detail, iso
 from relay_milter.logs import event as log_event
 
 if TYPE_CHECKING:
@@ -59,6 +59,8 @@ _DESCRIPTIONS = {
     Kind.DEFERRED: "Temporary failure: the relay retries the delivery",
     Kind.BOUNCED: "Permanent failure: the message was bounced or expired in the queue",
     Kind.REJECTED: "Refused at ingress: the relay did not accept the message",
+    Kind.OPENED: "Opened: the recipient's mail client loaded the open pixel (engagement tracking)",
+    Kind.CLICKED: "Clicked: the recipient followed a tracked link (engagement tracking)",
 }
 
 # Postfix smtp_tls_security_level values that make TLS mandatory ("may" is opportunistic).
@@ -98,7 +100,7 @@ def payload(ev: Event, node: str | None = None) -> dict[str, Any]:
     """
     if ev.id is None:
         raise ValueError("payload() needs a stored event (id is None)")
-    return {
+    data = {
         "meta": {"tenant": ev.tenant, "node": node or ev.node, "version": PAYLOAD_VERSION, "receivedTs": iso(ev.ts)},
         "notifications": [
             {
@@ -134,6 +136,9 @@ def payload(ev: Event, node: str | None = None) -> dict[str, Any]:
             }
         ],
     }
+    if ev.kind.engagement:  # opens and clicks: {"repeat": bool, "count": n, "url": ...}
+        data["notifications"][0]["content"]["engagement"] = engagement_detail(ev)
+    return data
 
 
 def body(ev: Event) -> str:

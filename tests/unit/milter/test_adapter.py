@@ -206,3 +206,61 @@ def test_a_header_that_cannot_be_taken_in_tempfails_the_message(ctx, key, caplog
     assert ctx._reply[:2] == ("451", "4.3.0")
     assert ctx._addrcpt == [] and ctx._delrcpt == []
     assert "event=error stage=header" in caplog.text and "MemoryError in header" in caplog.text
+
+
+# -- engagement tracking (opt-in, issue 15 part B) ---------------------------------------------
+
+
+def _html_message(key) -> bytes:
+    body = '<html><body><p><a href="https://news.example.org/a">read</a></p></body></html>\r\n'  # hygiene: not a path (HTML)
+    msg = make_message("news@acme.example", "alice@example.org", body=body).replace(
+        b"Content-Type: text/plain; charset=utf-8", b"Content-Type: text/html; charset=utf-8")
+    return sign(msg, key, "hop.acme.test", "s1")
+
+
+@pytest.fixture
+def engaged_ctx(tmp_path, key):
+    doc = tenant_doc("acme", key, smarthost={"host": "127.0.0.1", "port": 2525},
+                     engagement_tracking={"base_url": "https://t.example.net"})
+    write_tenants(tmp_path / "tenants", [doc])
+    settings = Settings(myhostname="relay.test", engagement={"key_file": str(tmp_path / "engagement.key")})
+    RelayMilter.source = Policy(load_tenants(tmp_path / "tenants"), settings)
+    Milter.factory = RelayMilter
+    ctx = MilterCtx()
+    ctx._setsymval("i", "4XyZ1Qd2")
+    assert ctx._connect(host="platform.example", helo="platform.example", ip="127.0.0.1") == Milter.CONTINUE
+    return ctx, tmp_path / "engagement.key"
+
+
+def test_engaged_tenant_gets_its_html_rewritten_after_verification(engaged_ctx, key, caplog, monkeypatch):
+    from relay_milter.core import engagement
+
+    ctx, key_file = engaged_ctx
+    key_file.write_text(engagement.new_key_text(bytes(range(32))))
+    monkeypatch.setattr(RelayMilter, "engagement_key", None)
+    caplog.set_level(logging.INFO, logger="relay.milter")
+    assert ctx._feedFile(io.BytesIO(_html_message(key)), "news@acme.example", RCPT) == Milter.CONTINUE
+    assert ctx._bodyreplaced
+    out = ctx._body.getvalue()
+    token = out.split(b"https://t.example.net/c/")[1].split(b'"')[0].decode()
+    got = engagement.read_token(bytes(range(32)), token, kind=engagement.CLICK)
+    assert (got.tenant, got.queue_id, got.url) == ("acme", "4XyZ1Qd2", "https://news.example.org/a")
+    assert got.rcpt_id == engagement.recipient_id(bytes(range(32)), "acme", "alice@example.org")
+    assert b"https://t.example.net/o/" in out and b"news.example.org" not in out
+    assert "event=engagement tenant=acme links=1 pixel=1" in caplog.text
+
+
+def test_engaged_tenant_without_a_key_is_relayed_untouched_with_a_log_line(engaged_ctx, key, caplog, monkeypatch):
+    ctx, _ = engaged_ctx
+    monkeypatch.setattr(RelayMilter, "engagement_key", None)
+    caplog.set_level(logging.INFO, logger="relay.milter")
+    assert ctx._feedFile(io.BytesIO(_html_message(key)), "news@acme.example", RCPT) == Milter.CONTINUE
+    assert not ctx._bodyreplaced and ctx._reply is None
+    assert "event=engagement_skipped" in caplog.text and 'reason="no engagement key"' in caplog.text
+
+
+def test_tenant_without_engagement_tracking_is_never_rewritten(ctx, key, caplog, monkeypatch):
+    monkeypatch.setattr(RelayMilter, "engagement_key", bytes(32))
+    caplog.set_level(logging.INFO, logger="relay.milter")
+    assert ctx._feedFile(io.BytesIO(_html_message(key)), "news@acme.example", RCPT) == Milter.CONTINUE
+    assert not ctx._bodyreplaced and "event=engagement" not in caplog.text

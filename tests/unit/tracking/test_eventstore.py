@@ -134,11 +134,12 @@ def test_stats_windows_and_counts(store):
     add(store, ev(Kind.REJECTED, 3601, tenant=None))
 
     whole = store.stats(T0, T0 + 7200)
-    assert whole["acme"] == {"RECEIVED": 2, "RELAYED": 2, "DEFERRED": 0, "BOUNCED": 0, "REJECTED": 0}
+    assert whole["acme"] == {"RECEIVED": 2, "RELAYED": 2, "DEFERRED": 0, "BOUNCED": 0, "REJECTED": 0, "OPENED": 0, "CLICKED": 0}
     assert whole["globex"]["RECEIVED"] == 1 and whole["globex"]["RELAYED"] == 1
     assert whole["-"]["REJECTED"] == 1
     # Half-open windows: [T0, T0+1) has the RECEIVED only; T0+3600 belongs to the second hour.
-    assert store.stats(T0, T0 + 1) == {"acme": {"RECEIVED": 2, "RELAYED": 0, "DEFERRED": 0, "BOUNCED": 0, "REJECTED": 0}}
+    assert store.stats(T0, T0 + 1) == {"acme": {"RECEIVED": 2, "RELAYED": 0, "DEFERRED": 0, "BOUNCED": 0, "REJECTED": 0,
+                                                "OPENED": 0, "CLICKED": 0}}
     assert set(store.stats(T0 + 3600, T0 + 7200)) == {"globex", "-"}
     assert store.stats(T0 + 10, T0 + 3600) == {}
     assert set(store.stats(T0, T0 + 7200, tenant="globex")) == {"globex"}
