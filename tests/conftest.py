@@ -31,6 +31,31 @@ def _e2e_unavailable() -> str | None:
     return None
 
 
+# -- in parallel: scripts/test.sh runs pytest-xdist workers with --dist loadgroup --------
+#
+# A test module is the unit of scheduling (its module-scoped lab is started once, on one
+# worker). Modules that change the host itself (the Ansible role converges private
+# relays but creates system accounts; network namespaces) share one group, so they run
+# one after another. Each worker takes only its own residue class of loopback ports and
+# DNS addresses (RELAY_LAB_SLOT, relay_milter.lab.harness.lab_slot).
+
+HOST_GROUP = "host"  # modules that change the host: never two at once
+
+
+def pytest_configure(config):
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker and count:
+        os.environ["RELAY_LAB_SLOT"] = f"{int(worker.removeprefix('gw'))}/{count}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.nodeid.split("::", 1)[0]
+            item.add_marker(pytest.mark.xdist_group(HOST_GROUP if module.startswith("tests/ansible/") else module))
+
+
 # -- every e2e test: no Postfix fatal/panic, no milter traceback (support/lablogs.py) -----
 #
 # Labs are created by fixtures of any scope. Each one is remembered when its fixture

@@ -125,7 +125,13 @@ def test_firewall_admits_only_ssh_and_smtp(namespaces):
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
             )
-        time.sleep(1.5)
+        # every listener answers inside the server's namespace (no firewall on its loopback)
+        # before anything is probed through the firewall
+        for port in (25, 2587, 2222, 8080):
+            deadline = time.monotonic() + 60
+            while _probe(srv, "127.0.0.1", port) != "open":
+                assert time.monotonic() < deadline, f"listener on port {port} never started"
+                time.sleep(0.2)
         results = {port: _probe(cli, srv_ip, port) for port in (25, 2587, 2222, 8080)}
         assert results[25] == "open" and results[2587] == "open" and results[2222] == "open", results
         assert results[8080] in ("TimeoutError", "timeout"), results  # dropped, not refused

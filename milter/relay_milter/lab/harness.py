@@ -47,6 +47,18 @@ _ISSUED_ADDRESSES: set[str] = set()
 _PORTS_LOCK = threading.Lock()
 
 
+def lab_slot() -> tuple[int, int]:
+    """(index, count) from ``RELAY_LAB_SLOT=i/n``: labs in n processes at once (pytest-xdist
+    workers) each take only the ports and DNS addresses of their own residue class mod n,
+    so two processes never hand out the same one. Unset: (0, 1), everything is ours."""
+    raw = os.environ.get("RELAY_LAB_SLOT", "")
+    try:
+        index, count = (int(x) for x in raw.split("/"))
+    except ValueError:
+        return 0, 1
+    return (index, count) if 0 <= index < count else (0, 1)
+
+
 def free_port() -> int:
     """A loopback port nobody listens on, never the same twice in this process.
 
@@ -54,12 +66,13 @@ def free_port() -> int:
     asks for its port later): without the memory, the kernel may offer the same still-unbound
     port twice and the later owner fails with "address already in use".
     """
+    index, count = lab_slot()
     with _PORTS_LOCK:
         while True:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            if port not in _ISSUED_PORTS:
+            if port not in _ISSUED_PORTS and port % count == index:
                 _ISSUED_PORTS.add(port)
                 return port
 
@@ -72,10 +85,11 @@ def free_loopback_address(port: int = 53) -> str:
     its own without touching the host's network configuration.
     """
     rng = random.SystemRandom()
+    index, count = lab_slot()
     with _PORTS_LOCK:
-        for _ in range(200):
+        for _ in range(200 * count):
             addr = f"127.{rng.randrange(1, 255)}.{rng.randrange(0, 256)}.{rng.randrange(1, 255)}"
-            if addr in _ISSUED_ADDRESSES:
+            if addr in _ISSUED_ADDRESSES or int(addr.split(".")[2]) % count != index:
                 continue
             try:
                 for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
