@@ -59,6 +59,8 @@ _DESCRIPTIONS = {
     Kind.DEFERRED: "Temporary failure: the relay retries the delivery",
     Kind.BOUNCED: "Permanent failure: the message was bounced or expired in the queue",
     Kind.REJECTED: "Refused at ingress: the relay did not accept the message",
+    Kind.DELAYED: "Delayed beyond the smarthost: a remote server reported a temporary failure",
+    Kind.COMPLAINED: "Complaint: a feedback report (ARF) about the message",
 }
 
 # Postfix smtp_tls_security_level values that make TLS mandatory ("may" is opportunistic).
@@ -98,6 +100,14 @@ def payload(ev: Event, node: str | None = None) -> dict[str, Any]:
     """
     if ev.id is None:
         raise ValueError("payload() needs a stored event (id is None)")
+    data = _payload(ev, node)
+    if ev.detail is not None:  # bounce tracking (issue 15 A): a report past the smarthost
+        data["notifications"][0]["meta"]["event"]["async"] = bool(ev.detail.get("async"))
+        data["notifications"][0]["content"]["report"] = ev.detail
+    return data
+
+
+def _payload(ev: Event, node: str | None) -> dict[str, Any]:
     return {
         "meta": {"tenant": ev.tenant, "node": node or ev.node, "version": PAYLOAD_VERSION, "receivedTs": iso(ev.ts)},
         "notifications": [
