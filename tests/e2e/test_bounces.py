@@ -258,3 +258,20 @@ def test_an_arf_report_gives_complained(blab):
     assert complained.detail["source"] == "arf" and complained.detail["action"] == "abuse"
     [hook] = hooks_of(blab, mid, "COMPLAINED")
     assert hook.json["notifications"][0]["meta"]["mail"]["email"] == "erin@example.org"
+
+
+def test_the_relays_own_notice_for_a_verp_message_is_discarded_not_left_unrouted(blab):
+    """The smarthost refuses with 5xx: the relay records its (synchronous) BOUNCED, and the
+    non-delivery notice it would send to the VERP return path goes to discard:, never to the
+    deferred unrouted transport."""
+    sink = blab.sinks["acme"]
+    sink.reply = "554 5.7.1 refused by the smarthost"
+    try:
+        mid = send(blab, ["frank@example.org"], "smarthost refuses")
+        evs = wait_events(blab, mid, [Kind.RECEIVED, Kind.BOUNCED])
+    finally:
+        sink.reply = "250 2.0.0 Ok: queued"
+    [bounced] = [e for e in evs if e.kind is Kind.BOUNCED]
+    assert bounced.detail is None and bounced.response_code == "554"
+    wait_for(lambda: "status=sent (recorded-by-bounce-tracking)" in blab.maillog_text(), 30, what="the notice discarded")
+    wait_for(lambda: not blab.queue(), 30, what="an empty queue")
