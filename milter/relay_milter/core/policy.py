@@ -289,7 +289,16 @@ class Policy:
         edits: tuple[HeaderEdit, ...] = ()
         changes: tuple[tuple[str, str], ...] = ()
         if forward:
-            edits = (HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, f" {tenant.id}"),)
+            # A route marker or seal the sender wrote is removed, as on every relayed message.
+            ours = {defaults.ROUTE_HEADER.lower(), defaults.ROUTE_SEAL_HEADER.lower()}
+            seen: dict[str, int] = {}
+            deletes = []
+            for name, _ in msg.headers:
+                n = seen[name.lower()] = seen.get(name.lower(), 0) + 1
+                if name.lower() in ours:
+                    deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
+            edits = tuple(sorted(deletes, key=lambda e: (e.name.lower(), -e.index)))
+            edits += (HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, f" {tenant.id}"),)
             changes = tuple((raw_rcpt, f"<{forward}>") for raw_rcpt, _ in tx.bounce_tokens[:1])
             changes += tuple((raw_rcpt, "") for raw_rcpt, _ in tx.bounce_tokens[1:])
         return Disposition(

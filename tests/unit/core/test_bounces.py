@@ -323,10 +323,13 @@ def test_a_report_without_forward_to_is_logged_and_discarded(tmp_path, key):
 
 
 def test_a_report_with_forward_to_goes_to_the_tenants_smarthost(tmp_path, key):
-    d = report_eom(bounce_policy(tmp_path, key, forward_to="dsn@acme.example"), verp(["a@x.example", "b@x.example"]), POSTFIX_DSN)
+    forged_route = b"X-Relay-Route: globex\r\nX-Relay-Route-Seal: globex.0000\r\n" + POSTFIX_DSN
+    d = report_eom(bounce_policy(tmp_path, key, forward_to="dsn@acme.example"), verp(["a@x.example", "b@x.example"]), forged_route)
     assert not d.bounce_discard and len(d.reports) == 2  # a per-message token: every recipient
     assert d.recipient_changes == ((f"<{verp(['a@x.example', 'b@x.example'])}>", "<dsn@acme.example>"),)
-    assert [(e.name, e.value) for e in d.header_edits] == [(defaults.ROUTE_HEADER, " acme")]
+    # The sender's route marker and seal go; ours is added (the adapter adds the seal).
+    assert [(e.op.value, e.name, e.value) for e in d.header_edits] == [
+        ("delete", "X-Relay-Route", ""), ("delete", "X-Relay-Route-Seal", ""), ("add", defaults.ROUTE_HEADER, " acme")]
 
 
 # -- the tenant option ---------------------------------------------------------------------
