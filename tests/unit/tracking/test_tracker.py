@@ -356,7 +356,7 @@ def test_multi_recipient_deferred_twice_then_relayed_counts_per_recipient(env):
     env.write(script)
     env.run()
     counts = {k: sum(1 for e in env.events() if e.kind is k) for k in Kind}
-    assert counts == {Kind.RECEIVED: 2, Kind.DEFERRED: 4, Kind.RELAYED: 2, Kind.BOUNCED: 0, Kind.REJECTED: 0}
+    assert counts == {Kind.RECEIVED: 2, Kind.DEFERRED: 4, Kind.RELAYED: 2, Kind.BOUNCED: 0, Kind.REJECTED: 0, Kind.DELAYED: 0, Kind.COMPLAINED: 0}
     received = [e for e in env.events() if e.kind is Kind.RECEIVED]
     assert [(e.recipient, e.original_recipient) for e in received] == [
         ("alice@example.org", "alice=example.org@acme.relay.test"),
