@@ -367,6 +367,22 @@ class Webhook(_Strict):
         return v
 
 
+# -- bounce tracking (issue 15 A): VERP return paths, DSN and ARF ingestion ----------------
+
+
+class BounceTracking(_Strict):
+    """Opt-in asynchronous bounce and complaint tracking: the envelope sender becomes a VERP
+    return path under ``domain`` (an MX pointing at the relays), whose DSNs and ARF reports
+    become BOUNCED/DELAYED/COMPLAINED events. ``forward_to``: a copy of each report goes there,
+    through the tenant's smarthost."""
+
+    domain: Domain
+    forward_to: Address | None = None
+
+
+# -- end bounce tracking --
+
+
 def _selector(v: str) -> str:
     v = v.strip().lower()
     if not re.match(rf"^{LABEL}(\.{LABEL})*$", v):
@@ -513,6 +529,8 @@ class Tenant(_Strict):
     limits: TenantLimits = TenantLimits()
     # Opens and clicks (issue 15 part B), off unless set: see EngagementTracking.
     engagement_tracking: EngagementTracking | None = None
+    # Bounce tracking (issue 15 A): VERP return paths under a bounce domain; off by default.
+    bounce_tracking: BounceTracking | None = None
 
     @field_validator("id")
     @classmethod
@@ -589,6 +607,15 @@ class Tenant(_Strict):
                 raise ValueError(f"allowed_senders: {addr} is not in allowed_sender_domains")
         if self.relay_domain in self.allowed_sender_domains:
             raise ValueError("relay_domain must not also be an allowed sender domain")
+        if self.bounce_tracking is not None:
+            bd = self.bounce_tracking.domain
+            if bd in (self.relay_domain, self.signing_domain) or bd in self.allowed_sender_domains:
+                raise ValueError(
+                    f"bounce_tracking.domain: {bd} must be a domain of its own (not the relay, signing or a sender domain)"
+                )
+            fwd = self.bounce_tracking.forward_to
+            if fwd and fwd.rpartition("@")[2] in (bd, self.relay_domain):
+                raise ValueError(f"bounce_tracking.forward_to: {fwd} would loop back into the relay")
         return self
 
     def sender_allowed(self, address: str) -> bool:
@@ -960,12 +987,21 @@ class TenantSet:
         object.__setattr__(self, "_by_relay", {t.relay_domain: t for t in self.tenants})
         object.__setattr__(self, "_by_id", {t.id: t for t in self.tenants})
         object.__setattr__(self, "_by_user", {u: t for t in self.tenants for u in t.submission_users})
+        object.__setattr__(self, "_by_bounce", {t.bounce_tracking.domain: t for t in self.tenants if t.bounce_tracking})
 
     def by_relay_domain(self, domain: str) -> Tenant | None:
         return self._by_relay.get(domain.lower().rstrip("."))  # type: ignore[attr-defined]
 
     def by_id(self, tenant_id: str) -> Tenant | None:
         return self._by_id.get(tenant_id)  # type: ignore[attr-defined]
+
+    def by_bounce_domain(self, domain: str) -> Tenant | None:
+        """The tenant whose bounce_tracking.domain this is (issue 15 A)."""
+        return self._by_bounce.get(domain.lower().rstrip("."))  # type: ignore[attr-defined]
+
+    @property
+    def bounce_domains(self) -> tuple[str, ...]:
+        return tuple(sorted(self._by_bounce))  # type: ignore[attr-defined]
 
     def by_submission_user(self, user: str) -> Tenant | None:
         return self._by_user.get(user)  # type: ignore[attr-defined]
@@ -1065,6 +1101,21 @@ def _cross_check(tenants: list[Tenant], sources: dict[str, Path]) -> list[str]:
             claim("sender", d, t, "allowed_sender_domains")
             if d in all_relay:
                 errors.append(f"{sources[t.id]}: tenant {t.id}: field allowed_sender_domains: {d} is a relay domain")
+    # Bounce domains (issue 15 A): each belongs to one tenant and is no other tenant's relay,
+    # signing or sender domain (mail to it is taken as a report, never relayed).
+    taken = {d: ("relay", t.id) for t in tenants for d in (t.relay_domain,)}
+    taken |= {t.signing_domain: ("signing", t.id) for t in tenants}
+    taken |= {d: ("sender", t.id) for t in tenants for d in t.bounce_domains}
+    for t in tenants:
+        if t.bounce_tracking is None:
+            continue
+        d = t.bounce_tracking.domain
+        claim("bounce", d, t, "bounce_tracking.domain")
+        kind, owner = taken.get(d, (None, None))
+        if owner is not None and owner != t.id:
+            errors.append(
+                f"{sources[t.id]}: tenant {t.id}: field bounce_tracking.domain: {d} is the {kind} domain of tenant {owner}"
+            )
     return errors
 
 

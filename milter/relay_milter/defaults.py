@@ -37,6 +37,9 @@ ROUTE_HEADER = "X-Relay-Route"
 ROUTE_SEAL_HEADER = "X-Relay-Route-Seal"
 # The route key (32 random bytes, created by `relayctl apply` if missing; never rotated by it).
 ROUTE_KEY_FILE = "relay/requeue/route.key"  # relative to the Postfix config directory
+# Bounce tracking (issue 15 A): the VERP token keys (one hex key per line, the first signs),
+# next to the route key, readable by the milter only.
+VERP_KEY_FILE = "relay/requeue/verp.key"
 # Headers a tenant's hop signature must cover unless the tenant says otherwise.
 REQUIRED_SIGNED_HEADERS = ("from", "to", "subject")
 # ... and these too whenever the message has them (every instance): they change what the

@@ -63,7 +63,7 @@ def trace_table(events: list[Event]) -> list[str]:
             (iso(ev.ts) or "-").replace(".000Z", "Z"),
             ev.tenant or "-",
             ev.queue_id or "-",
-            ev.kind.value,
+            ev.kind.value + (" async" if ev.detail and ev.detail.get("async") else ""),  # issue 15 A
             ev.recipient or "-",
             ev.relay or "-",
             _code_text(ev),

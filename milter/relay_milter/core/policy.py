@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from relay_milter import defaults
-from relay_milter.core import authresults, headerchecks, limits
+from relay_milter.core import authresults, bounces, headerchecks, limits
 from relay_milter.core.addresses import (
     AddressError,
     Decoded,
@@ -82,6 +82,8 @@ class Transaction:
     mail_from: str | None = None  # envelope sender without brackets; "" is the null sender
     recipients: list[tuple[str, Decoded]] = field(default_factory=list)
     tenant: Tenant | None = None
+    # Bounce tracking (issue 15 A): recipients that are VERP return paths of ``tenant``.
+    bounce_tokens: list[tuple[str, bounces.Token]] = field(default_factory=list)
 
 
 class EditOp(Enum):
@@ -119,6 +121,12 @@ class Disposition:
     dkim: DkimResult | None = None
     header_from: str = ""
     message_id: str = ""
+    # Bounce tracking (issue 15 A): a report to a VERP return path. ``reports``: (token, report)
+    # pairs to log for the tracker; ``bounce_discard``: nothing to forward, discard once logged.
+    reports: tuple[tuple[bounces.Token, bounces.Report], ...] = ()
+    report_kind: str = ""
+    bounce_discard: bool = False
+    dropped_reports: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,7 @@ class Policy:
             return Verdict.reject("553", "5.1.7", "malformed envelope sender")
         tx.mail_from = addr
         tx.recipients.clear()
+        tx.bounce_tokens.clear()
         tx.tenant = None
         if tx.auth_user is None:
             return CONTINUE  # signed ingress: the tenant comes from the recipients
@@ -195,6 +204,9 @@ class Policy:
     def on_rcpt(self, tx: Transaction, rcpt: str) -> Verdict:
         if tx.auth_user is not None:
             return self._submission_rcpt(tx, rcpt)
+        bounce_tenant = self.tenants.by_bounce_domain(strip_brackets(rcpt).rpartition("@")[2])
+        if bounce_tenant is not None or tx.bounce_tokens:
+            return self._bounce_rcpt(tx, rcpt, bounce_tenant)
         try:
             decoded = decode_recipient(rcpt)
         except AddressError as exc:
@@ -232,6 +244,88 @@ class Policy:
         tx.recipients.append((rcpt, decoded))
         return CONTINUE
 
+    # -- bounce tracking (issue 15 A) ------------------------------------------------
+
+    def _bounce_rcpt(self, tx: Transaction, rcpt: str, tenant: Tenant | None) -> Verdict:
+        """A recipient under a bounce domain: only a return path this relay made (HMAC), never
+        mixed with relay recipients or another tenant's reports; no DKIM, no sender rules."""
+        if tenant is None or (tx.tenant is not None and tx.tenant.id != tenant.id):
+            return Verdict.tempfail("452", "4.5.3", "recipients of another kind or tenant must be sent in a separate transaction")
+        if tx.recipients:
+            return Verdict.tempfail("452", "4.5.3", "bounce reports must be sent in a separate transaction")
+        addr = strip_brackets(rcpt)
+        local, _, domain = addr.rpartition("@")
+        keys = bounces.load_keys(self.settings.config_directory)
+        if not keys:
+            return Verdict.tempfail("451", "4.3.0", "bounce tracking key missing on this relay (run relayctl apply), try again later")
+        token = bounces.verify(local, domain, tenant.id, keys)
+        if token is None:
+            return Verdict.reject("550", "5.1.1", f"<{addr}>: no such bounce address")
+        tx.tenant = tenant
+        tx.bounce_tokens.append((rcpt, token))
+        return CONTINUE
+
+    def _bounce_eom(self, tx: Transaction, msg: Message) -> Disposition:
+        tenant = tx.tenant
+        assert tenant is not None and tenant.bounce_tracking is not None
+        if refusal := limits.check_message(msg.headers, msg.body):
+            return Disposition(Verdict.reject(*refusal), tenant)
+        raw = b"".join(f"{n}:{v}\r\n".encode("utf-8", "surrogateescape") for n, v in msg.headers) + b"\r\n" + msg.body
+        parsed = bounces.parse_report(raw)
+        pairs: list[tuple[bounces.Token, bounces.Report]] = []
+        dropped = 0
+        for report in parsed.reports:
+            # A recipient-bound token counts only for its recipient; an unnamed recipient
+            # (an ARF report without Original-Rcpt-To) is the token's one recipient.
+            token = next(
+                (t for _, t in tx.bounce_tokens if report.recipient is None or t.names(tenant.id, report.recipient)),
+                None,
+            )
+            if token is None:
+                dropped += 1
+            else:
+                pairs.append((token, report))
+        forward = tenant.bounce_tracking.forward_to
+        edits: tuple[HeaderEdit, ...] = ()
+        changes: tuple[tuple[str, str], ...] = ()
+        if forward:
+            # A route marker or seal the sender wrote is removed, as on every relayed message.
+            ours = {defaults.ROUTE_HEADER.lower(), defaults.ROUTE_SEAL_HEADER.lower()}
+            seen: dict[str, int] = {}
+            deletes = []
+            for name, _ in msg.headers:
+                n = seen[name.lower()] = seen.get(name.lower(), 0) + 1
+                if name.lower() in ours:
+                    deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
+            edits = tuple(sorted(deletes, key=lambda e: (e.name.lower(), -e.index)))
+            edits += (HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, f" {tenant.id}"),)
+            changes = tuple((raw_rcpt, f"<{forward}>") for raw_rcpt, _ in tx.bounce_tokens[:1])
+            changes += tuple((raw_rcpt, "") for raw_rcpt, _ in tx.bounce_tokens[1:])
+        return Disposition(
+            Verdict(Action.ACCEPT),
+            tenant,
+            header_edits=edits,
+            recipient_changes=changes,
+            message_id=(msg.values("message-id") or [""])[0].strip(),
+            reports=tuple(pairs),
+            report_kind=parsed.kind,
+            bounce_discard=not forward,
+            dropped_reports=dropped,
+        )
+
+    def verp_sender(self, tx: Transaction, tenant: Tenant) -> str | None:
+        """The VERP return path of an accepted message of a tenant with bounce tracking, or
+        None when the tenant has none. Raises LookupError without a key (the eom tempfails)."""
+        if tenant.bounce_tracking is None or not tx.queue_id:
+            return None
+        keys = bounces.load_keys(self.settings.config_directory)
+        if not keys:
+            raise LookupError("bounce tracking key missing (run relayctl apply)")
+        rcpts = [d.address for _, d in tx.recipients]
+        return bounces.return_path(keys[0], tenant.id, tenant.bounce_tracking.domain, tx.queue_id, rcpts)
+
+    # -- end bounce tracking --
+
     def _login_name(self, auth_user: str) -> str:
         """Cyrus reports "user@realm"; our users live in one realm, myhostname."""
         user, at, realm = auth_user.rpartition("@")
@@ -260,6 +354,8 @@ class Policy:
 
     def on_eom(self, tx: Transaction, msg: Message) -> Disposition:
         tenant = tx.tenant
+        if tenant is not None and tx.bounce_tokens:
+            return self._bounce_eom(tx, msg)
         if tenant is None or not tx.recipients:
             return Disposition(Verdict.tempfail("451", "4.3.0", "no accepted recipients in this transaction"))
         if refusal := limits.check_message(msg.headers, msg.body):
@@ -323,6 +419,10 @@ class Policy:
             return Disposition(
                 Verdict.reject(*refusal), tenant, dkim=dkim, header_from=author, message_id=message_id
             )
+        try:
+            verp = self.verp_sender(tx, tenant)
+        except LookupError as exc:
+            return Disposition(Verdict.tempfail("451", "4.3.0", f"{exc}, try again later"), tenant, header_from=author, message_id=message_id)
         self.gate.accepted(tenant)  # counted once the message is ours
         return Disposition(
             Verdict(Action.ACCEPT),
@@ -330,7 +430,7 @@ class Policy:
             header_edits=tuple(self._header_edits(tenant, msg, auth_results)),
             # Encoded recipients are replaced by the decoded ones; submission recipients stay.
             recipient_changes=tuple((raw, f"<{d.address}>") for raw, d in tx.recipients if d.relay_domain),
-            new_sender=f"<{tenant.headers.envelope_sender}>" if tenant.headers.envelope_sender else None,
+            new_sender=f"<{verp}>" if verp else (f"<{tenant.headers.envelope_sender}>" if tenant.headers.envelope_sender else None),
             dkim=dkim,
             header_from=author,
             message_id=message_id,

@@ -231,6 +231,8 @@ class RelayMilter(Milter.Base):
                     header_from=disposition.header_from,
                     message_id=disposition.message_id,
                 )
+            if disposition.report_kind:
+                return self._apply_report(disposition)
             self._apply(disposition)
         except _milter.error as exc:
             # libmilter refused an edit: the MTA closed the session (Postfix stopped or the
@@ -344,6 +346,60 @@ class RelayMilter(Milter.Base):
         if cls.engagement_key is None:
             cls.engagement_key = load_engagement_key(cls.source.current().settings.engagement.key_file)
         return cls.engagement_key
+
+    # -- bounce tracking (issue 15 A) --
+    def _apply_report(self, d: Disposition) -> int:
+        """A report to a VERP return path: one ``bounce_report`` line per recipient it names
+        (the tracker turns them into BOUNCED/DELAYED/COMPLAINED events of the original
+        message), then forward it to the tenant's forward_to through its smarthost, or
+        discard it (accepted with 250, nothing queued)."""
+        for token, r in d.reports:
+            logs.event(
+                log,
+                logging.INFO,
+                self.tx.queue_id,
+                "bounce_report",
+                tenant=d.tenant.id,
+                orig_queue_id=token.queue_id,
+                kind=r.kind,
+                rcpt=r.recipient,
+                status=r.status,
+                action=r.action,
+                code=r.code,
+                diagnostic=r.diagnostic,
+                remote_mta=r.remote_mta,
+                reporting_mta=r.reporting_mta,
+                source=r.source,
+                scope="message" if token.per_message else "recipient",
+                client=self.tx.client_ip,
+                message_id=d.message_id,
+            )
+        for edit in d.header_edits:
+            self._header_edit(edit)()
+        for old, new in d.recipient_changes:
+            self.delrcpt(old)
+            if new:
+                self.addrcpt(new)
+        forward = d.tenant.bounce_tracking.forward_to if d.tenant.bounce_tracking else None
+        if forward:
+            self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self._route_key(), d.tenant.id))
+        logs.event(
+            log,
+            logging.INFO,
+            self.tx.queue_id,
+            "bounce_accepted",
+            tenant=d.tenant.id,
+            report=d.report_kind,
+            reports=len(d.reports),
+            dropped=d.dropped_reports or None,
+            client=self.tx.client_ip,
+            sender=self.tx.mail_from,
+            forward_to=forward,
+            message_id=d.message_id,
+        )
+        return Milter.DISCARD if d.bounce_discard else Milter.CONTINUE
+
+    # -- end bounce tracking --
 
     @classmethod
     def _route_key(cls) -> bytes:

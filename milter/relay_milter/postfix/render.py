@@ -40,7 +40,7 @@ from pathlib import Path
 import jinja2
 
 from relay_milter import defaults
-from relay_milter.core import route
+from relay_milter.core import bounces, route
 from relay_milter.postfix.runner import run_postfix
 from relay_milter.config import APPLIED_TENANTS, NOTIFY_TRANSPORT, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
 from relay_milter.core import reputation
@@ -129,6 +129,11 @@ def render_files(
     if key_text is None or route.parse_route_key(key_text) is None:
         key_text = route.new_route_key()  # installed with the rest; an existing key is kept
     files[defaults.ROUTE_KEY_FILE] = key_text
+    if any(t.bounce_tracking for t in tenants):  # bounce tracking (issue 15 A): the VERP keys
+        verp_text = _read(settings.config_directory / defaults.VERP_KEY_FILE)
+        if verp_text is None or not bounces.parse_keys(verp_text):
+            verp_text = bounces.new_key_file()  # an existing file (and its rotation) is kept
+        files[defaults.VERP_KEY_FILE] = verp_text
     key = route.parse_route_key(key_text)
     seals = {t.id: route.tenant_seal(key, t.id) for t in tenants}
     files[REQUEUE_TABLE] = env.get_template("requeue_route.regexp.j2").render(**context, seals=seals)
@@ -448,7 +453,9 @@ def share_route_key(config_directory: Path, group: str) -> None:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
         return
-    for path, mode in ((directory, 0o750), (key, 0o640)):
+    verp = config_directory / defaults.VERP_KEY_FILE  # bounce tracking (issue 15 A)
+    shared = [(directory, 0o750), (key, 0o640)] + ([(verp, 0o640)] if verp.is_file() and not verp.is_symlink() else [])
+    for path, mode in shared:
         os.chown(path, -1, gid, follow_symlinks=False)
         os.chmod(path, mode)
 

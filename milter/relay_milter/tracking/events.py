@@ -23,6 +23,10 @@ class Kind(str, Enum):
     # Engagement tracking (opt-in; relayctl web): the recipient opened the message / followed a link.
     OPENED = "OPENED"
     CLICKED = "CLICKED"
+    # Bounce tracking (issue 15 A): reports that reach the tenant's bounce domain after the
+    # smarthost accepted the message (BOUNCED with detail.async too).
+    DELAYED = "DELAYED"  # a remote MTA's delay DSN (RFC 3464 Action: delayed)
+    COMPLAINED = "COMPLAINED"  # a feedback report (ARF, RFC 5965) about the message
 
     def __str__(self) -> str:
         return self.value
@@ -30,9 +34,13 @@ class Kind(str, Enum):
     @property
     def state(self) -> str:
         """Retarus-style processing state."""
-        return {"RECEIVED": "PROCESSING", "DEFERRED": "RETRYING", "OPENED": "ENGAGED", "CLICKED": "ENGAGED"}.get(
-            self.value, "FINISHED"
-        )
+        return {
+            "RECEIVED": "PROCESSING",
+            "DEFERRED": "RETRYING",
+            "DELAYED": "RETRYING",
+            "OPENED": "ENGAGED",
+            "CLICKED": "ENGAGED",
+        }.get(self.value, "FINISHED")
 
     @property
     def final(self) -> bool:
@@ -72,6 +80,8 @@ class Event:
     seq: int | None = None  # per-tenant sequence number, assigned by the store
     delay: float | None = None  # Postfix delay=: seconds from arrival to the end of this attempt
     delays: str | None = None  # Postfix delays=a/b/c/d (before qmgr, in qmgr, connect, transmit)
+    # Bounce tracking (issue 15 A): what a report said ({"async": true, "reportingMta": ...}).
+    detail: dict | None = None
     id: int | None = None  # assigned by the store
 
     def __post_init__(self) -> None:
@@ -91,6 +101,7 @@ class Event:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "id"}
         out["kind"] = self.kind.value
         out["tls"] = json.dumps(self.tls, sort_keys=True) if self.tls is not None else None
+        out["detail"] = json.dumps(self.detail, sort_keys=True) if self.detail is not None else None
         return out
 
     @classmethod
@@ -98,6 +109,8 @@ class Event:
         data = dict(row)
         if isinstance(data.get("tls"), str):
             data["tls"] = json.loads(data["tls"])
+        if isinstance(data.get("detail"), str):
+            data["detail"] = json.loads(data["detail"])
         return cls(**{k: v for k, v in data.items() if k in _FIELDS})
 
 

@@ -79,6 +79,8 @@ class MessageState:
     seen: list[str] = field(default_factory=list)  # recipients with a delivery line
     final: list[str] = field(default_factory=list)  # recipients with a final event
     last: dict[str, Attempt] = field(default_factory=dict)  # recipient -> last deferral
+    # Bounce tracking (issue 15 A): a report to a VERP return path; no tenant events of its own.
+    bounce: bool = False
 
     @property
     def upstream(self) -> bool:

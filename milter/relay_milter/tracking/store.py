@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 from relay_milter.config import ConfigError
 from relay_milter.tracking.events import Event, Kind
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # -- schema (one description, rendered per dialect) ---------------------------------
 
@@ -146,7 +146,10 @@ _V2_INDEXES: tuple[Index, ...] = (
     Index("outbox_pending_event", "outbox", ("event_id",), "delivered_at IS NULL"),
 )
 
-_EVENT_COLUMNS = _V1_EVENT_COLUMNS + _V2_EVENT_COLUMNS
+# Version 3 (bounce tracking, issue 15 A): what a DSN or feedback report said, as JSON.
+_V3_EVENT_COLUMNS: tuple[tuple[str, str, bool], ...] = (("detail", "text", False),)
+
+_EVENT_COLUMNS = _V1_EVENT_COLUMNS + _V2_EVENT_COLUMNS + _V3_EVENT_COLUMNS
 EVENT_FIELDS = tuple(c[0] for c in _EVENT_COLUMNS)
 EVENT_FIELDS_V1 = tuple(c[0] for c in _V1_EVENT_COLUMNS)  # the events columns of schema version 1
 TABLES = _V1_TABLES + _V2_TABLES
@@ -190,7 +193,12 @@ def _v2(dialect: str) -> list[str]:
 
 # Version -> statements (per dialect) that bring the previous version up to it (never edit
 # a released one; add the next version with its ALTERs).
-MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql, 2: _v2}
+def _v3(dialect: str) -> list[str]:
+    col = 0 if dialect == "sqlite" else 1
+    return [f"ALTER TABLE events ADD COLUMN {n} {_TYPES[k][col]}" for n, k, _ in _V3_EVENT_COLUMNS]
+
+
+MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql, 2: _v2, 3: _v3}
 
 
 def _check_event_columns() -> None:
@@ -359,6 +367,12 @@ class Tx:
                 " ON CONFLICT (tenant) DO UPDATE SET last = tenant_seq.last",
                 [tenant],
             )
+
+    def received_events(self, queue_id: str) -> list[Event]:
+        """The RECEIVED events of a queue id, on any node (bounce tracking, issue 15 A: a
+        report names the message by the queue id in its VERP return path)."""
+        rows = self._c.query(f"{_EVENT_SELECT} WHERE queue_id = ? AND kind = ? ORDER BY id", [queue_id, Kind.RECEIVED.value])
+        return [Event.from_row(r) for r in rows]
 
     def count(self, node: str, metric: str, tenant: str, label: str, by: float = 1) -> None:
         """Add ``by`` to one of ``node``'s counters (written when the transaction commits:

@@ -140,6 +140,7 @@ class Tracker:
         self._last_purge = 0.0
         self._stop: threading.Event | None = None
         self._stats = {"maillog_lines": 0, "milter_lines": 0, "events": 0}
+        self._reports: list[MilterRecord] = []  # bounce_report records of this batch (issue 15 A)
         self._last_progress = clock()
         self._waiting: str | None = None
 
@@ -210,6 +211,7 @@ class Tracker:
     def _reset(self) -> None:
         self.close()
         self.messages, self.sessions, self._dirty, self._deleted = {}, {}, set(), set()
+        self._reports = []
 
     def _batch(self) -> tuple[int, bool]:
         milter_lines = self.milter.read(self.batch_lines)
@@ -244,12 +246,17 @@ class Tracker:
 
     def _commit(self, events: list[Event]) -> None:
         checkpoints = {STREAM_MAILLOG: self.maillog.checkpoint(), STREAM_MILTER: self.milter.checkpoint()}
-        if not events and not self._dirty and not self._deleted and checkpoints == self._committed:
+        if not events and not self._reports and not self._dirty and not self._deleted and checkpoints == self._committed:
             return
         with self.store.transaction() as tx:
             tx.lock_sequences(ev.tenant for ev in events if ev.tenant)
             for ev in events:
                 record_event(tx, ev, webhook=self._has_webhook(ev.tenant))
+            for rec in self._reports:
+                report = self._report_event(tx, rec)
+                if report is not None:
+                    record_event(tx, report, webhook=self._has_webhook(report.tenant))
+                    events.append(report)
             for key in sorted(self._deleted):
                 tx.delete_state(self.node, key)
             for key in sorted(self._dirty):
@@ -259,6 +266,7 @@ class Tracker:
                     tx.set_checkpoint(self.node, stream, value)
         self._committed = checkpoints
         self._dirty, self._deleted = set(), set()
+        self._reports = []
 
     def _progress(self) -> None:
         now = self.clock()
@@ -349,6 +357,17 @@ class Tracker:
             if rec.truncated:
                 logs.event(log, logging.WARNING, qid, "tracker_rcpts_truncated", known=len(rec.rcpts), action="RECEIVED is recorded for the listed recipients only")
             self._put(qid, st)
+        elif rec.event in ("bounce_report", "bounce_accepted"):
+            # Bounce tracking (issue 15 A): the report message itself gets no events; each
+            # report line becomes an event of the original message when the batch commits.
+            st = self.messages.get(qid) or MessageState()
+            st.milter = st.bounce = True
+            st.tenant = rec.get("tenant") or st.tenant
+            if st.ts is None:
+                st.ts = rec.ts
+            self._put(qid, st)
+            if rec.event == "bounce_report":
+                self._reports.append(rec)
         elif rec.event == "reject" and rec.get("stage") == "eom":
             # Postfix's own END-OF-MESSAGE line lacks the reply code; the milter's has it.
             st = self.messages.get(qid) or MessageState()
@@ -442,6 +461,9 @@ class Tracker:
         st = self.messages.get(qid)
         if st is None or not st.upstream:
             return []  # relay-generated (bounce notice) or submitted locally
+        if st.bounce:
+            self._drop(qid)  # a report being forwarded: its events are the original's
+            return []
         st.size, st.pf_sender, st.ts = rec.size, rec.sender, rec.ts
         self._touch(qid)
         if st.received:
@@ -551,6 +573,56 @@ class Tracker:
                 client=rec.client,
             )
         ]
+
+    # -- bounce tracking (issue 15 A) --
+    def _report_event(self, tx: Any, rec: MilterRecord) -> Event | None:
+        """The event of one ``bounce_report`` line: BOUNCED (async), DELAYED or COMPLAINED of
+        the original message (by the queue id of its VERP token), for the recipient the
+        report names, which must be one of the message's recipients."""
+        orig_qid, tenant = rec.get("orig_queue_id"), rec.get("tenant")
+        try:
+            kind = Kind(rec.get("kind") or "")
+        except ValueError:
+            return None
+        if not orig_qid or kind not in (Kind.BOUNCED, Kind.DELAYED, Kind.COMPLAINED):
+            return None
+        received = [e for e in tx.received_events(orig_qid) if e.tenant == tenant]
+        rcpt = rec.get("rcpt")
+        known = {e.recipient: e for e in received if e.recipient}
+        if rcpt is None and len(known) == 1:
+            rcpt = next(iter(known))
+        if received and rcpt is not None and rcpt not in known:
+            logs.event(log, logging.WARNING, rec.queue_id, "tracker_report_unmatched", tenant=tenant, orig_queue_id=orig_qid, rcpt=rcpt, kind=kind.value, action="not one of the message's recipients: no event")
+            return None
+        orig = known.get(rcpt) if rcpt else (received[0] if received else None)
+        detail = {
+            "async": True,
+            "source": rec.get("source"),
+            "action": rec.get("action"),
+            "reportingMta": rec.get("reporting_mta"),
+            "remoteMta": rec.get("remote_mta"),
+            "reportQueueId": rec.queue_id,
+            "reportMessageId": rec.get("message_id"),
+            "scope": rec.get("scope"),
+        }
+        return Event(
+            kind=kind,
+            ts=rec.ts,
+            node=self.node,
+            tenant=tenant,
+            queue_id=orig_qid,
+            message_id=orig.message_id if orig else None,
+            upstream_id=orig.upstream_id if orig else None,
+            sender=orig.sender if orig else None,
+            recipient=rcpt,
+            original_recipient=orig.original_recipient if orig and rcpt else None,
+            relay=rec.get("remote_mta") or rec.get("reporting_mta"),
+            response_code=rec.get("code"),
+            dsn=rec.get("status"),
+            reason=rec.get("diagnostic"),
+            client=rec.get("client"),
+            detail={k: v for k, v in detail.items() if v is not None},
+        )
 
     # -- event building --
     def _event(self, kind: Kind, ts: float, qid: str | None, st: MessageState, **fields: Any) -> Event:

@@ -61,6 +61,8 @@ _DESCRIPTIONS = {
     Kind.REJECTED: "Refused at ingress: the relay did not accept the message",
     Kind.OPENED: "Opened: the recipient's mail client loaded the open pixel (engagement tracking)",
     Kind.CLICKED: "Clicked: the recipient followed a tracked link (engagement tracking)",
+    Kind.DELAYED: "Delayed beyond the smarthost: a remote server reported a temporary failure",
+    Kind.COMPLAINED: "Complaint: a feedback report (ARF) about the message",
 }
 
 # Postfix smtp_tls_security_level values that make TLS mandatory ("may" is opportunistic).
@@ -138,6 +140,9 @@ def payload(ev: Event, node: str | None = None) -> dict[str, Any]:
     }
     if ev.kind.engagement:  # opens and clicks: {"repeat": bool, "count": n, "url": ...}
         data["notifications"][0]["content"]["engagement"] = engagement_detail(ev)
+    if ev.detail is not None:  # bounce tracking (issue 15 A): a report past the smarthost
+        data["notifications"][0]["meta"]["event"]["async"] = bool(ev.detail.get("async"))
+        data["notifications"][0]["content"]["report"] = ev.detail
     return data
 
 

@@ -264,3 +264,80 @@ def test_tenant_without_engagement_tracking_is_never_rewritten(ctx, key, caplog,
     caplog.set_level(logging.INFO, logger="relay.milter")
     assert ctx._feedFile(io.BytesIO(_html_message(key)), "news@acme.example", RCPT) == Milter.CONTINUE
     assert not ctx._bodyreplaced and "event=engagement" not in caplog.text
+
+
+# -- bounce tracking (issue 15 A) ------------------------------------------------------------
+
+DSN = (
+    "From: MAILER-DAEMON@mx.example.org\r\nTo: x\r\nSubject: Undelivered\r\nMessage-ID: <dsn.1@mx.example.org>\r\n"
+    "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n"
+    "--b\r\nContent-Type: text/plain\r\n\r\nfailed\r\n"
+    "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.org\r\n\r\n"
+    "Final-Recipient: rfc822; alice@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+    "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n--b--\r\n"
+)
+
+
+def feed_raw(ctx, raw: bytes, sender: str, rcpt: str) -> int:
+    """The callbacks with the bytes as they are: TestCtx._feedFile re-generates the message,
+    which turns a message/delivery-status part into a multipart (Postfix passes it unchanged)."""
+    for step in (lambda: ctx._envfrom(f"<{sender}>"), lambda: ctx._envrcpt(f"<{rcpt}>"), ctx._data):
+        if (rc := step()) != Milter.CONTINUE:
+            return rc
+    head, _, body = raw.partition(b"\r\n\r\n")
+    for line in head.decode().split("\r\n"):
+        name, _, value = line.partition(":")
+        if (rc := ctx._header(name, value.lstrip())) != Milter.CONTINUE:
+            return rc
+    if (rc := ctx._eoh()) != Milter.CONTINUE:
+        return rc
+    if (rc := ctx._feed_body(io.BytesIO(body))) != Milter.CONTINUE:
+        return rc
+    return ctx._eom()
+
+
+@pytest.fixture(params=[None, "dsn@acme.example"], ids=["discard", "forward"])
+def bounce_ctx(request, tmp_path, key):
+    from relay_milter import defaults
+
+    bt = {"domain": "bounces.acme.test"} | ({"forward_to": request.param} if request.param else {})
+    write_tenants(tmp_path / "t", [tenant_doc("acme", key, bounce_tracking=bt)])
+    (tmp_path / "c" / defaults.VERP_KEY_FILE).parent.mkdir(parents=True)
+    (tmp_path / "c" / defaults.VERP_KEY_FILE).write_text("ab" * 32 + "\n")
+    RelayMilter.source = Policy(load_tenants(tmp_path / "t"), Settings(myhostname="relay.test", config_directory=tmp_path / "c"))
+    Milter.factory = RelayMilter
+    ctx = MilterCtx()
+    ctx._setsymval("i", "4jf7q12b7zz2GWL1")
+    assert ctx._connect(host="mx.example.org", helo="mx.example.org", ip="192.0.2.9") == Milter.CONTINUE
+    ctx.forward_to = request.param
+    return ctx
+
+
+def test_a_signed_message_gets_the_verp_return_path_and_a_dsn_to_it_is_logged(bounce_ctx, key, caplog):
+    from relay_milter.core import bounces
+
+    caplog.set_level(logging.INFO, logger="relay.milter")
+    bounce_ctx._setsymval("i", "4jf7q00MrMz2GWKy")
+    assert bounce_ctx._feedFile(io.BytesIO(signed(key)), "news@acme.example", RCPT) == Milter.CONTINUE
+    verp = bounces.return_path(bytes.fromhex("ab" * 32), "acme", "bounces.acme.test", "4jf7q00MrMz2GWKy", ["alice@example.org"])
+    assert bounce_ctx._envfromchanged and bounce_ctx._sender == f"<{verp}>"
+
+    bounce_ctx._setsymval("i", "4jf7q12b7zz2GWL1")
+    rc = feed_raw(bounce_ctx, DSN.encode(), "", verp)
+    log = caplog.text
+    assert ("4jf7q12b7zz2GWL1: event=bounce_report tenant=acme orig_queue_id=4jf7q00MrMz2GWKy kind=BOUNCED "
+            "rcpt=alice@example.org status=5.1.1 action=failed code=550 diagnostic=\"550 5.1.1 user unknown\"") in log
+    if bounce_ctx.forward_to is None:
+        assert rc == Milter.DISCARD  # 250 to the sender, nothing queued
+        assert "event=bounce_accepted tenant=acme report=rfc3464 reports=1" in log
+    else:
+        assert rc == Milter.CONTINUE
+        assert bounce_ctx._delrcpt[-1] == f"<{verp}>" and bounce_ctx._addrcpt[-1][0] == "<dsn@acme.example>"
+        assert bounce_ctx._msg["X-Relay-Route"].strip() == "acme" and bounce_ctx._msg["X-Relay-Route-Seal"].startswith(" acme.")
+        assert "forward_to=dsn@acme.example" in log
+
+
+def test_a_forged_return_path_is_refused_at_rcpt(bounce_ctx, caplog):
+    rc = bounce_ctx._feedFile(io.BytesIO(DSN.encode()), "", f"rb1.4jf7q00MrMz2GWKy.m.{'a' * 20}@bounces.acme.test")
+    assert rc == Milter.REJECT and bounce_ctx._reply[:2] == ("550", "5.1.1")
+    assert "event=reject stage=rcpt code=550 dsn=5.1.1" in caplog.text and "bounce_report" not in caplog.text

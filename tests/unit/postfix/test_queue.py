@@ -220,14 +220,18 @@ GOLDEN = """\
 relay_events_total{tenant="-",event="REJECTED"} 4
 relay_events_total{tenant="a\\"b\\\\c\\nd",event="BOUNCED"} 0
 relay_events_total{tenant="a\\"b\\\\c\\nd",event="CLICKED"} 0
+relay_events_total{tenant="a\\"b\\\\c\\nd",event="COMPLAINED"} 0
 relay_events_total{tenant="a\\"b\\\\c\\nd",event="DEFERRED"} 0
+relay_events_total{tenant="a\\"b\\\\c\\nd",event="DELAYED"} 0
 relay_events_total{tenant="a\\"b\\\\c\\nd",event="OPENED"} 0
 relay_events_total{tenant="a\\"b\\\\c\\nd",event="RECEIVED"} 0
 relay_events_total{tenant="a\\"b\\\\c\\nd",event="REJECTED"} 0
 relay_events_total{tenant="a\\"b\\\\c\\nd",event="RELAYED"} 0
 relay_events_total{tenant="acme",event="BOUNCED"} 0
 relay_events_total{tenant="acme",event="CLICKED"} 0
+relay_events_total{tenant="acme",event="COMPLAINED"} 0
 relay_events_total{tenant="acme",event="DEFERRED"} 2
+relay_events_total{tenant="acme",event="DELAYED"} 0
 relay_events_total{tenant="acme",event="OPENED"} 0
 relay_events_total{tenant="acme",event="RECEIVED"} 7
 relay_events_total{tenant="acme",event="REJECTED"} 0
@@ -417,11 +421,12 @@ def test_stats_counts_in_window_with_backlog(env):
     out = json.loads(r.output)
     assert out["since"] == "2026-11-25T08:00:00.000Z"
     assert out["tenants"]["acme"] == {"RECEIVED": 2, "RELAYED": 1, "DEFERRED": 1, "BOUNCED": 0, "REJECTED": 0,
-                                      "OPENED": 0, "CLICKED": 0, "webhook_backlog": 2}
+                                      "OPENED": 0, "CLICKED": 0, "DELAYED": 0, "COMPLAINED": 0,
+                                      "webhook_backlog": 2}
     assert out["tenants"]["globex"]["REJECTED"] == 1
     r = env("stats", "--since", "2026-11-25T08:00:00Z", "--until", "2026-11-25T08:30:00Z", "--tenant", "acme")
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[2].split() == ["acme", "2", "1", "1", "0", "0", "0", "0", "2"]  # ... OPENED CLICKED BACKLOG
+    assert r.output.splitlines()[2].split() == ["acme", "2", "1", "1", "0", "0", "0", "0", "0", "0", "2"]  # ... OPENED CLICKED DELAYED COMPLAINED BACKLOG
     assert len(r.output.splitlines()) == 3
 
 

@@ -134,12 +134,12 @@ def test_stats_windows_and_counts(store):
     add(store, ev(Kind.REJECTED, 3601, tenant=None))
 
     whole = store.stats(T0, T0 + 7200)
-    assert whole["acme"] == {"RECEIVED": 2, "RELAYED": 2, "DEFERRED": 0, "BOUNCED": 0, "REJECTED": 0, "OPENED": 0, "CLICKED": 0}
+    assert whole["acme"] == {"RECEIVED": 2, "RELAYED": 2, "DEFERRED": 0, "BOUNCED": 0, "REJECTED": 0, "OPENED": 0, "CLICKED": 0, "DELAYED": 0, "COMPLAINED": 0}
     assert whole["globex"]["RECEIVED"] == 1 and whole["globex"]["RELAYED"] == 1
     assert whole["-"]["REJECTED"] == 1
     # Half-open windows: [T0, T0+1) has the RECEIVED only; T0+3600 belongs to the second hour.
     assert store.stats(T0, T0 + 1) == {"acme": {"RECEIVED": 2, "RELAYED": 0, "DEFERRED": 0, "BOUNCED": 0, "REJECTED": 0,
-                                                "OPENED": 0, "CLICKED": 0}}
+                                                "OPENED": 0, "CLICKED": 0, "DELAYED": 0, "COMPLAINED": 0}}
     assert set(store.stats(T0 + 3600, T0 + 7200)) == {"globex", "-"}
     assert store.stats(T0 + 10, T0 + 3600) == {}
     assert set(store.stats(T0, T0 + 7200, tenant="globex")) == {"globex"}
@@ -308,10 +308,23 @@ def test_done_row_is_not_failed_later(store):
 # -- opening, schema ------------------------------------------------------------------
 
 
+def test_a_report_events_detail_round_trips_and_received_events_find_the_message(store):
+    """Bounce tracking (issue 15 A): schema version 3's detail column, and the lookup the
+    tracker makes for a report's original message."""
+    add(store, ev(Kind.RECEIVED, 0, queue_id="Q9", recipient="a@example.org"), ev(Kind.RELAYED, 1, queue_id="Q9"))
+    detail = {"async": True, "source": "rfc3464", "reportingMta": "mx.example.org"}
+    add(store, ev(Kind.BOUNCED, 60, queue_id="Q9", recipient="a@example.org", detail=detail), webhook=True)
+    bounced = store.trace("Q9")[-1]
+    assert bounced.detail == detail and bounced.to_json()["detail"] == detail
+    with store.transaction() as tx:
+        assert [(e.kind, e.recipient) for e in tx.received_events("Q9")] == [(Kind.RECEIVED, "a@example.org")]
+        assert tx.received_events("Q0") == []
+
+
 def test_migrate_is_idempotent_and_keeps_data(dsn, store):
     add(store, ev(Kind.RECEIVED, 0))
-    assert store.migrate() == 2
-    assert store.migrate() == 2
+    assert store.migrate() == 3
+    assert store.migrate() == 3
     with open_store(dsn) as again:
         assert len(again.events()) == 1
 
@@ -417,7 +430,7 @@ def test_concurrent_migrations_from_two_nodes(pg_dsn):
         t.join(30)
     assert errors == []
     with open_store(dsn) as s:
-        assert [r["version"] for r in s._query("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        assert [r["version"] for r in s._query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
 
 
 def test_outbox_heads_match_a_plain_computation(store):

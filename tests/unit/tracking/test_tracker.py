@@ -357,7 +357,7 @@ def test_multi_recipient_deferred_twice_then_relayed_counts_per_recipient(env):
     env.run()
     counts = {k: sum(1 for e in env.events() if e.kind is k) for k in Kind}
     assert counts == {Kind.RECEIVED: 2, Kind.DEFERRED: 4, Kind.RELAYED: 2, Kind.BOUNCED: 0, Kind.REJECTED: 0,
-                      Kind.OPENED: 0, Kind.CLICKED: 0}  # engagement events come from relayctl web, never the tracker
+                      Kind.OPENED: 0, Kind.CLICKED: 0, Kind.DELAYED: 0, Kind.COMPLAINED: 0}  # engagement events come from relayctl web, never the tracker
     received = [e for e in env.events() if e.kind is Kind.RECEIVED]
     assert [(e.recipient, e.original_recipient) for e in received] == [
         ("alice@example.org", "alice=example.org@acme.relay.test"),
