@@ -198,7 +198,8 @@ class RelayMilter(Milter.Base):
             self.chgfrom(d.new_sender)
         # The seal next to the route marker (the last header edit): it routes the message
         # again if an operator requeues it with postsuper -r (core/route.py).
-        self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self._route_key(), d.tenant.id))
+        # No space after the colon: the requeue table is exact-match (core/route.py).
+        self.addheader(defaults.ROUTE_SEAL_HEADER, route.tenant_seal(self._route_key(), d.tenant.id))
         logs.event(
             log,
             logging.INFO,

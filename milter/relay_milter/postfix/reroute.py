@@ -5,7 +5,7 @@ Cleanup stores the route of a message in its queue file when it is accepted
 ``postqueue -i`` retry with that stored next hop, so after a smarthost change queued mail
 keeps going to the old one. ``postsuper -r`` is the only way back through cleanup: pickup
 hands the message to the ``cleanup_requeue`` service, whose route table (the same
-``relay/route.regexp``, just reloaded) routes it again from the ``X-Relay-Route`` marker the
+``relay/requeue/route``, just reloaded) routes it again from the ``X-Relay-Route-Seal`` the
 milter added. The message gets a new queue id; it is moved, never copied, so it is
 delivered once. ``postkick`` wakes pickup so that happens now, not at its next wakeup.
 
