@@ -443,6 +443,9 @@ class Lab:
         self.secrets_file = self.base / "secrets.yaml"
         self.secrets: dict[str, dict] = {}
         self.overrides: dict = {}  # settings that differ from the lab's defaults
+        # Seconds a relayctl command may take; labs with thousands of tenants raise it (Postfix's
+        # own postconf takes seconds per run there: docs/scale.md).
+        self.relayctl_timeout: float = 180
         # A throwaway CA for the customer smarthosts, and the relay's own self-signed certificate.
         self.ca = make_ca("Relay Lab Smarthost CA")
         self.ca_file = self.base / "tls" / "smarthost-ca.pem"
@@ -535,7 +538,7 @@ class Lab:
 
     def relayctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file), *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.relayctl_timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"relayctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r

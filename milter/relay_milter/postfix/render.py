@@ -136,11 +136,12 @@ def render_files(
     seals = {t.id: route.tenant_seal(key, t.id) for t in tenants}
     files[REQUEUE_TABLE] = env.get_template("requeue_route.texthash.j2").render(**context, seals=seals)
     secrets = load_secrets(settings.secrets_file, tenants)
+    tls_policy, sasl_passwd = env.get_template("tls_policy.j2"), env.get_template("sasl_passwd.j2")
     for t in context["tenants"]:
-        files[f"relay/tls/{t.id}.policy"] = env.get_template("tls_policy.j2").render(t=t)
+        files[f"relay/tls/{t.id}.policy"] = tls_policy.render(t=t)
         if t.smarthost.auth:
             password = secrets[t.id].smarthost_password
-            files[f"{SECRET_DIR}/{t.id}"] = env.get_template("sasl_passwd.j2").render(t=t, password=password)
+            files[f"{SECRET_DIR}/{t.id}"] = sasl_passwd.render(t=t, password=password)
     if settings.notify:
         files["relay/notify.policy"] = f"{settings.notify.smarthost.nexthop}\t{settings.notify.smarthost.tls_policy}\n"
     # Written last by install(): the milter switches to it only after Postfix has its tables.
@@ -287,7 +288,9 @@ def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = Tr
             problems.append(f"{what}: {' | '.join(bad) or out.strip() or f'exit {r.returncode}'}")
     problems += route_problems(staging, tenants)
     if run_postfix_check:
-        r = run_postfix(["postfix", "-c", str(staging), "check"])
+        # postfix check runs postconf several times, and postconf's time grows faster than the
+        # number of master.cf services (docs/scale.md): allow for thousands of tenants.
+        r = run_postfix(["postfix", "-c", str(staging), "check"], timeout=max(120.0, 0.3 * len(tenants)))
         if r.returncode != 0 or "fatal:" in r.stdout:
             problems.append(f"postfix check: {r.stdout.strip() or f'exit {r.returncode}'}")
     return CheckResult(not problems, problems)
