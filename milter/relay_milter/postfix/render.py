@@ -43,6 +43,7 @@ import jinja2
 
 from relay_milter import defaults
 from relay_milter.core import route
+from relay_milter.postfix import fds
 from relay_milter.postfix.runner import PostfixToolError, run_postfix, run_postfix_tool
 from relay_milter.config import APPLIED_TENANTS, NOTIFY_TRANSPORT, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
 from relay_milter.core import reputation
@@ -395,6 +396,9 @@ def render_and_check(
         result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
     result.problems += [f"source address {a}: not configured on this host ({why})" for a, why in unbound_addresses(settings)]
     result.warnings += fcrdns_warnings(settings)
+    fd_warning = fds.fit_warning(files["master.cf"], settings.queue_directory)
+    if fd_warning:
+        result.warnings.append(fd_warning)
     result.ok = not result.problems
     return files, result
 
