@@ -443,8 +443,8 @@ class Lab:
         self.secrets_file = self.base / "secrets.yaml"
         self.secrets: dict[str, dict] = {}
         self.overrides: dict = {}  # settings that differ from the lab's defaults
-        # Seconds a relayctl command may take; labs with thousands of tenants raise it (Postfix's
-        # own postconf takes seconds per run there: docs/scale.md).
+        # Seconds a relayctl command or postfix start may take; labs with thousands of tenants
+        # raise it (Postfix's own postconf takes seconds per run there: docs/scale.md).
         self.relayctl_timeout: float = 180
         # A throwaway CA for the customer smarthosts, and the relay's own self-signed certificate.
         self.ca = make_ca("Relay Lab Smarthost CA")
@@ -617,7 +617,7 @@ class Lab:
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, str(self.resolv_conf), *argv]
 
     def start_postfix(self) -> None:
-        r = run_postfix(self.postfix_start_command())
+        r = run_postfix(self.postfix_start_command(), timeout=self.relayctl_timeout)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed: {r.stdout}\n{self.maillog_text()[-3000:]}")
         self.postfix_started = True

@@ -100,3 +100,20 @@ def test_one_pass_route_check_catches_a_wrong_or_missing_route(tmp_path, files):
     assert any(p.startswith("route table: an unknown tenant resolves to 'FILTER relay_acme:[x]:25'") for p in problems), problems
     assert any(p.startswith("requeue table: tenant acme resolves to 'FILTER relay_acme:[x]:25', expected ''") for p in problems), problems
     assert route.tenant_seal(key, "acme") in files[REQUEUE_TABLE]
+
+
+def test_postfix_check_sees_one_tenant_entry_standing_for_all():
+    """check_staged runs postfix check on master.cf with the first tenant transport only
+    (postconf -M has parsed them all); every other service stays."""
+    from relay_milter.postfix.render import one_tenant_entry
+
+    from support.factories import tenant, tenant_set
+
+    files = render_files(tenant_set(tenant("acme"), tenant("globex"), tenant("initech")), Settings())
+    master = files["master.cf"]
+    cut = one_tenant_entry(master)
+    assert "relay_acme unix" in cut and "-o smtp_tls_policy_maps=texthash:/etc/postfix/relay/tls/acme.policy" in cut
+    assert "globex" not in cut and "initech" not in cut
+    assert cut.count("\nrelay_") == 1
+    kept = [ln for ln in master.splitlines() if ln and not ln.startswith(("#", " ")) and not ln.startswith("relay_")]
+    assert kept and all(ln in cut.splitlines() for ln in kept)
