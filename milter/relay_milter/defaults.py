@@ -88,3 +88,7 @@ REPUTATION_STATE_FILE = "/var/lib/tenant-relay/reputation.json"
 REPUTATION_INTERVAL = 300.0
 # How often the milter refreshes its per-tenant queue summary (backpressure).
 QUEUE_SUMMARY_INTERVAL = 5.0
+
+# Metrics: up to this many configured tenants every per-tenant series exists from the start
+# (0 until used); beyond it only series with something recorded are written (docs/scale.md).
+METRICS_ZERO_FILL_TENANTS = 100

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay_milter import defaults
 from relay_milter.config import TenantSet
 from relay_milter.postfix.queue import OpsError, QueueChange, QueuedMessage, changed_count, run_tool
 
@@ -134,10 +135,14 @@ def unresolved_by_tenant(messages: Iterable[QueuedMessage]) -> dict[str, int]:
 
 
 def unresolved_metric(messages: Iterable[QueuedMessage] | None, tenants: Iterable[str]) -> str:
-    """Prometheus text for relay_smarthost_unresolved_messages{tenant} (every tenant, 0 too)."""
+    """Prometheus text for relay_smarthost_unresolved_messages{tenant} (every tenant, 0 too,
+    up to defaults.METRICS_ZERO_FILL_TENANTS tenants; beyond, the tenants with such mail)."""
     if messages is None:
         return ""
     counts = unresolved_by_tenant(messages)
+    tenants = tuple(tenants)
+    if len(tenants) > defaults.METRICS_ZERO_FILL_TENANTS:
+        tenants = ()
     lines = [
         "# HELP relay_smarthost_unresolved_messages Deferred messages waiting on a smarthost name that does not resolve.",
         "# TYPE relay_smarthost_unresolved_messages gauge",
