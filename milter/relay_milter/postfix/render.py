@@ -30,6 +30,7 @@ import grp
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -278,11 +279,18 @@ _DIAGNOSTIC = re.compile(r"^\S+: (warning|fatal|error|panic): ")
 def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = True) -> CheckResult:
     """postconf (any warning is a failure), master.cf parse, route table lookups, postfix check."""
     problems: list[str] = []
+    # postconf's time grows with the square of the tenant transports (docs/scale.md): minutes
+    # of CPU at 10,000 tenants.
+    timeout = max(120.0, 0.1 * len(tenants))
     for argv, what in (
         (["postconf", "-c", str(staging), "-n"], "main.cf"),
         (["postconf", "-c", str(staging), "-M"], "master.cf"),
     ):
-        r = run_postfix(argv)
+        try:
+            r = run_postfix(argv, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            problems.append(f"{what}: {shlex.join(argv)} timed out after {timeout:g} s ({len(tenants)} tenants: docs/scale.md)")
+            continue
         out = r.stdout.replace("\r", "")
         bad = [line for line in out.splitlines() if _DIAGNOSTIC.match(line)]
         if r.returncode != 0 or bad:
