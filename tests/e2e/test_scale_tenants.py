@@ -31,7 +31,8 @@ class ScaleLab(Lab):
     def dns_args(self) -> tuple[str, ...]:
         # The lab's DNS answers for .test itself: a name it has no record for is NXDOMAIN at
         # once, as a real zone answers (check asks for every tenant's key record).
-        return ("--local=/test/",)
+        zone = "test"
+        return (f"--local=/{zone}/",)  # dnsmasq's syntax for "answer this domain yourself"
 
 
 @pytest.fixture(scope="module")
