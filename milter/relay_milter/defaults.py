@@ -95,3 +95,6 @@ QUEUE_SUMMARY_INTERVAL = 5.0
 # Engagement tracking (opt-in opens and clicks, relayctl web).
 ENGAGEMENT_KEY_FILE = "/etc/tenant-relay/engagement.key"
 ENGAGEMENT_LISTEN = "127.0.0.1:8480"
+# Metrics: up to this many configured tenants every per-tenant series exists from the start
+# (0 until used); beyond it only series with something recorded are written (docs/scale.md).
+METRICS_ZERO_FILL_TENANTS = 100

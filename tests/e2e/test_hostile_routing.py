@@ -147,7 +147,9 @@ def globex_seal(lab: Lab) -> str:
 
 
 def hidden_fields(lab: Lab) -> bytes:
-    return f"X-Relay-Route: globex\r\nX-Relay-Route-Seal: {globex_seal(lab)}\r\n".encode()
+    """globex's marker and real seal spelled exactly as the route tables' keys are
+    (no space after the colon: the tables are exact-match, docs/scale.md)."""
+    return f"X-Relay-Route:globex\r\nX-Relay-Route-Seal:{globex_seal(lab)}\r\n".encode()
 
 
 def multipart(sender: str, to: str, body: bytes, subject: str, extra: bytes = b"") -> bytes:
@@ -194,13 +196,13 @@ def test_hidden_route_marker_never_routes_even_after_postsuper_requeue(rlab, whe
     # Accepted for acme and deferred by acme's smarthost (451): the hidden marker did nothing.
     wait_for(lambda: re.search(rf"{qid}: to=<alice@example.org>, relay=127.0.0.1\[127.0.0.1\]:{lab.sinks['acme'].port}, .*status=deferred", maillog_after(lab, mark)), 60, what="deferral by acme's smarthost")
     queued = postcat_headers(lab, qid)
-    assert re.findall(r"^X-Relay-Route(?:-Seal)?: .*$", queued, re.M) == ["X-Relay-Route: acme", f"X-Relay-Route-Seal: {route.tenant_seal(route.parse_route_key((lab.config_dir / 'relay' / 'requeue' / 'route.key').read_text()), 'acme')}"]
+    assert re.findall(r"^X-Relay-Route(?:-Seal)?:.*$", queued, re.M) == ["X-Relay-Route:acme", f"X-Relay-Route-Seal:{route.tenant_seal(route.parse_route_key((lab.config_dir / 'relay' / 'requeue' / 'route.key').read_text()), 'acme')}"]
     lab.sinks["acme"].reply = "250 2.0.0 Ok: queued"
     requeue_all(lab)
     [got] = wait_for(lambda: arrived(lab, "acme", mid), 60, what="requeued message at acme")
     # postsuper -r sent it through pickup and cleanup again, where the seal routed it.
     new = wait_for(lambda: re.search(rf"(\w+): .*orig_id={qid}", maillog_after(lab, mark)), 10, what="pickup's orig_id line")
-    routed = wait_for(lambda: re.findall(rf"{new.group(1)}: filter: header X-Relay-Route-Seal: (\w+)\.[0-9a-f]{{40}} from \S+; .*: relay_(\w+):", maillog_after(lab, mark)), 10, what="cleanup's filter line")
+    routed = wait_for(lambda: re.findall(rf"{new.group(1)}: filter: header X-Relay-Route-Seal:(\w+)\.[0-9a-f]{{40}} from \S+; .*: relay_(\w+):", maillog_after(lab, mark)), 10, what="cleanup's filter line")
     assert routed == [("acme", "acme")]
     assert got.rcpt_tos == ["alice@example.org"]
     assert got.header("X-Relay-Route") == [] and got.header("X-Relay-Route-Seal") == []
@@ -223,18 +225,22 @@ def test_marker_without_the_seal_routes_nowhere(rlab):
     "X-Relay-Route: globex" was enough there."""
     lab = rlab
     mark = len(lab.maillog_text())
+    other_key_seal = route.tenant_seal(b"k" * 32, "globex")
+    # Both spellings: with a space after the colon, and exactly as the table keys are.
     forged = {
-        "marker alone": [("X-Relay-Route", "globex")],
-        "seal made with another key": [("X-Relay-Route", "globex"), ("X-Relay-Route-Seal", route.tenant_seal(b"k" * 32, "globex"))],
+        "marker alone": b"X-Relay-Route: globex\r\n",
+        "marker alone, table spelling": b"X-Relay-Route:globex\r\n",
+        "seal made with another key": f"X-Relay-Route: globex\r\nX-Relay-Route-Seal: {other_key_seal}\r\n".encode(),
+        "seal made with another key, table spelling": f"X-Relay-Route:globex\r\nX-Relay-Route-Seal:{other_key_seal}\r\n".encode(),
     }
     for subject, fields in forged.items():
-        sendmail(lab, make_message(sender_of("acme"), "carol@example.org", subject=subject, extra_headers=tuple(fields)), sender_of("acme"), "carol@example.org")
+        sendmail(lab, fields + make_message(sender_of("acme"), "carol@example.org", subject=subject), sender_of("acme"), "carol@example.org")
 
     def unrouted():
         waiting = [q for q in lab.queue() if q["recipients"][0]["address"] == "carol@example.org"]
-        return len(waiting) == 2 and all("deferred transport" in q["recipients"][0].get("delay_reason", "") for q in waiting) and waiting
+        return len(waiting) == len(forged) and all("deferred transport" in q["recipients"][0].get("delay_reason", "") for q in waiting) and waiting
 
-    waiting = wait_for(unrouted, 60, what="2 messages waiting on the unrouted transport")
+    waiting = wait_for(unrouted, 60, what=f"{len(forged)} messages waiting on the unrouted transport")
     lab.flush()
     marker_delivered(lab, "globex")  # a later message, delivered: the log is written up to it
     assert not any(m.rcpt_tos == ["carol@example.org"] for s in lab.sinks.values() for m in s.messages)

@@ -414,7 +414,8 @@ def test_status_all_ok_and_a_dead_milter_socket_is_critical(lab, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("RELAY OK - ")
     names = [ln.split()[1] for ln in lines[1:]]
-    assert names == ["postfix", "milter", "tenants", "event_store", "tracker", "queue", "certificate"]
+    assert names == ["postfix", "milter", "fds", "tenants", "event_store", "tracker", "queue", "certificate"]
+    assert re.search(r"OK\s+fds\s+master \d+ open of \d+ \(headroom \d+\); master.cf needs about \d+", r.stdout)
     assert re.search(r"OK\s+milter\s+negotiated protocol 6 on unix:", r.stdout)
 
     # The same relay seen through a socket with no milter behind it.

@@ -61,6 +61,26 @@ def check_postfix(settings: Settings) -> Check:
     return Check("postfix", CRITICAL, f"not running ({settings.config_directory}): nothing is accepted or delivered")
 
 
+def check_fds(settings: Settings) -> Check | None:
+    """The running master's descriptors: open now, needed by the live master.cf, its limit."""
+    from relay_milter.postfix import fds
+
+    try:
+        master_cf = (settings.config_directory / "master.cf").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    h = fds.headroom(master_cf, settings.queue_directory)
+    if h.pid is None:
+        return None  # Postfix is not running: the postfix check says so
+    data = {"pid": h.pid, "open": h.open, "limit": h.limit, "needed": h.needed}
+    if h.limit is None:
+        return Check("fds", OK, f"master {h.open} open, no limit", data)
+    text = f"master {h.open} open of {h.limit} (headroom {h.limit - (h.open or 0)}); master.cf needs about {h.needed}"
+    if h.needed > h.limit or (h.open or 0) > fds.HEADROOM_WARN * h.limit:
+        return Check("fds", WARNING, f"{text}: raise LimitNOFILE of Postfix (docs/scale.md)", data)
+    return Check("fds", OK, text, data)
+
+
 def check_milter(settings: Settings) -> Check:
     from relay_milter.milter.negotiate import NegotiationError, negotiate
 
@@ -216,6 +236,7 @@ def collect(obj: Context) -> list[Check]:
     settings = obj.load_settings()
     now = time.time()
     checks = [check_postfix(settings), check_milter(settings)]
+    checks += [c for c in (check_fds(settings),) if c is not None]
     tenant_check, tenants = check_tenants(obj, settings)
     checks.append(tenant_check)
     store_checks, store = check_store_and_tracker(settings, now)
@@ -246,6 +267,8 @@ def status(obj: Context, as_json: bool) -> None:
     \b
     postfix      the instance runs (postfix status)
     milter       the socket answers a real milter negotiation (SMFIC_OPTNEG)
+    fds          the Postfix master's open file descriptors against its limit, and what
+                 master.cf needs (about 3 per service; warning above 80 % or when it will not fit)
     tenants      the tenant files are valid and applied (which set the milter serves)
     event_store  reachable
     tracker      bytes of the mail log not yet recorded, and for how long; last run

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from relay_milter import defaults
 from relay_milter.cli.context import Context, open_store
 from relay_milter.cli.errors import ExitCode, fail, warn
 from relay_milter.cli.formats import human_age, parse_when, trace_table  # noqa: F401 - re-exported
@@ -180,7 +181,11 @@ def stats(obj: Context, since: str, until_: str, tenant: str | None, as_json: bo
         fail(ExitCode.UNAVAILABLE, f"event store: {exc}")
     finally:
         store.close()
-    names = [tenant] if tenant else sorted({t.id for t in tenants} | set(counts))
+    # Every configured tenant gets a row (0 if quiet) up to defaults.METRICS_ZERO_FILL_TENANTS;
+    # past that, only tenants with events or a backlog (10,000 rows of zeros help nobody).
+    quiet = {t.id for t in tenants} if len(tenants) <= defaults.METRICS_ZERO_FILL_TENANTS else set()
+    busy = {t for t, n in backlog.items() if n} if not quiet else set()
+    names = [tenant] if tenant else sorted(quiet | set(counts) | busy)
     table = {
         t: {k.value: int(counts.get(t, {}).get(k.value, 0)) for k in Kind} | {"webhook_backlog": int(backlog.get(t, 0))}
         for t in names

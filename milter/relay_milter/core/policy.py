@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from relay_milter import defaults
-from relay_milter.core import authresults, bounces, headerchecks, limits
+from relay_milter.core import authresults, bounces, headerchecks, limits, route
 from relay_milter.core.addresses import (
     AddressError,
     Decoded,
@@ -298,7 +298,7 @@ class Policy:
                 if name.lower() in ours:
                     deletes.append(HeaderEdit(EditOp.DELETE, name, index=n))
             edits = tuple(sorted(deletes, key=lambda e: (e.name.lower(), -e.index)))
-            edits += (HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, f" {tenant.id}"),)
+            edits += (HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, route.marker_value(tenant.id)),)  # exact-match table: no space
             changes = tuple((raw_rcpt, f"<{forward}>") for raw_rcpt, _ in tx.bounce_tokens[:1])
             changes += tuple((raw_rcpt, "") for raw_rcpt, _ in tx.bounce_tokens[1:])
         return Disposition(
@@ -465,7 +465,8 @@ class Policy:
         if tenant.headers.reply_to and not have_reply_to:
             yield HeaderEdit(EditOp.ADD, "Reply-To", f" {tenant.headers.reply_to}")
         yield HeaderEdit(EditOp.INSERT, "Authentication-Results", " " + auth_results, index=0)
-        yield HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, f" {tenant.id}")
+        # No space after the colon: the route table is exact-match (core/route.py).
+        yield HeaderEdit(EditOp.ADD, defaults.ROUTE_HEADER, route.marker_value(tenant.id))
 
     def authentication_results(self, result: DkimResult) -> str:
         """Our Authentication-Results value. i= (and every other copied value) is

@@ -2,8 +2,13 @@
 
 The milter adds two top-level header fields to every message it accepts::
 
-    X-Relay-Route: acme
-    X-Relay-Route-Seal: acme.<40 hex digits>
+    X-Relay-Route:acme
+    X-Relay-Route-Seal:acme.<40 hex digits>
+
+with no space after the colon: Postfix looks the whole header line up as one key in
+the exact-match (``texthash:``) route tables, and a table key ends at the first
+whitespace. One hash lookup per header, whatever the number of tenants
+(docs/scale.md).
 
 Postfix routes new mail on the first, with ``milter_header_checks``: only header
 fields a milter added are matched, never the client's. Mail an operator requeues
@@ -39,6 +44,16 @@ def tenant_seal(key: bytes, tenant_id: str) -> str:
     """
     mac = hmac.new(key, SEAL_CONTEXT + tenant_id.encode("ascii"), hashlib.sha256).hexdigest()
     return f"{tenant_id}.{mac[:40]}"
+
+
+def marker_value(tenant_id: str) -> str:
+    """The value of the route marker the milter adds, exactly as Postfix stores it."""
+    return tenant_id
+
+
+def table_key(header: str, value: str) -> str:
+    """The header line Postfix looks up in an exact-match table (``Name:value``)."""
+    return f"{header}:{value}"
 
 
 def new_route_key() -> str:

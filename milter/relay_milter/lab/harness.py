@@ -459,6 +459,9 @@ class Lab:
         self.secrets_file = self.base / "secrets.yaml"
         self.secrets: dict[str, dict] = {}
         self.overrides: dict = {}  # settings that differ from the lab's defaults
+        # Seconds a relayctl command or postfix start may take; labs with thousands of tenants
+        # raise it (Postfix's own postconf takes seconds per run there: docs/scale.md).
+        self.relayctl_timeout: float = 180
         # A throwaway CA for the customer smarthosts, and the relay's own self-signed certificate.
         self.ca = make_ca("Relay Lab Smarthost CA")
         self.ca_file = self.base / "tls" / "smarthost-ca.pem"
@@ -551,7 +554,7 @@ class Lab:
 
     def relayctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "relay_milter.cli", "--tenants", str(self.tenants_dir), "--settings", str(self.settings_file), *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.relayctl_timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"relayctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r
@@ -667,7 +670,7 @@ class Lab:
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, str(self.resolv_conf), *argv]
 
     def start_postfix(self) -> None:
-        r = run_postfix(self.postfix_start_command())
+        r = run_postfix(self.postfix_start_command(), timeout=self.relayctl_timeout)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed: {r.stdout}\n{self.maillog_text()[-3000:]}")
         self.postfix_started = True

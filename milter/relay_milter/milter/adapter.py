@@ -278,7 +278,8 @@ class RelayMilter(Milter.Base):
             self.chgfrom(d.new_sender)
         # The seal next to the route marker (the last header edit): it routes the message
         # again if an operator requeues it with postsuper -r (core/route.py).
-        self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self._route_key(), d.tenant.id))
+        # No space after the colon: the requeue table is exact-match (core/route.py).
+        self.addheader(defaults.ROUTE_SEAL_HEADER, route.tenant_seal(self._route_key(), d.tenant.id))
         self._engagement(d)
         logs.event(
             log,
@@ -382,7 +383,7 @@ class RelayMilter(Milter.Base):
                 self.addrcpt(new)
         forward = d.tenant.bounce_tracking.forward_to if d.tenant.bounce_tracking else None
         if forward:
-            self.addheader(defaults.ROUTE_SEAL_HEADER, " " + route.tenant_seal(self._route_key(), d.tenant.id))
+            self.addheader(defaults.ROUTE_SEAL_HEADER, route.tenant_seal(self._route_key(), d.tenant.id))  # exact-match table: no space
         logs.event(
             log,
             logging.INFO,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 from relay_milter import logs
@@ -33,6 +34,16 @@ from relay_milter.core.policy import Policy
 from relay_milter.core.quota import IngressGate
 
 log = logging.getLogger("relay.milter")
+
+
+LOGGED_IDS = 20  # a reload line names at most this many tenants (10,000 would be 60 KB a line)
+
+
+def tenant_list(tenants) -> str:
+    """The tenant ids for a log line: all of them up to LOGGED_IDS, then how many more."""
+    ids = [t.id for t in tenants]
+    shown = ",".join(ids[:LOGGED_IDS])
+    return shown if len(ids) <= LOGGED_IDS else f"{shown},...(+{len(ids) - LOGGED_IDS})"
 
 
 def fingerprint(directory: Path) -> tuple:
@@ -110,15 +121,18 @@ class ReloadingPolicy:
         return ",".join(t.id for t in self._policy.tenants)
 
     def _reload_applied(self) -> None:
+        started = time.monotonic()
         try:
             tenants = load_applied_tenants(self.applied)
         except ConfigError as exc:
             logs.event(log, logging.ERROR, None, "reload_failed", reason=str(exc).replace("\n", "; "), kept=self._kept())
             return
         self._policy = Policy(tenants, self.settings, self.keys, self.gate)
-        logs.event(log, logging.INFO, None, "reload", tenants=",".join(t.id for t in tenants), source=str(self.applied))
+        logs.event(log, logging.INFO, None, "reload", tenants=tenant_list(tenants), source=str(self.applied),
+                   count=len(tenants), seconds=f"{time.monotonic() - started:.3f}")
 
     def _files_changed(self) -> None:
+        started = time.monotonic()
         try:
             tenants = load_tenants(self.tenants_dir)
         except ConfigError as exc:
@@ -126,8 +140,9 @@ class ReloadingPolicy:
             return
         if self._seen_applied:
             # Two-phase: valid files are still not live until `relayctl apply` checked them.
-            logs.event(log, logging.INFO, None, "reload_pending", tenants=",".join(t.id for t in tenants),
+            logs.event(log, logging.INFO, None, "reload_pending", tenants=tenant_list(tenants), count=len(tenants),
                        action="tenant files changed; run relayctl apply to check and activate them", kept=self._kept())
             return
         self._policy = Policy(tenants, self.settings, self.keys, self.gate)
-        logs.event(log, logging.INFO, None, "reload", tenants=",".join(t.id for t in tenants), source=str(self.tenants_dir))
+        logs.event(log, logging.INFO, None, "reload", tenants=tenant_list(tenants), source=str(self.tenants_dir),
+                   count=len(tenants), seconds=f"{time.monotonic() - started:.3f}")

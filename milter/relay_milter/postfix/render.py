@@ -3,7 +3,7 @@
 Files rendered (relative to the Postfix config directory):
 
     main.cf, master.cf
-    relay/route.regexp            milter_header_checks: route marker -> FILTER
+    relay/route                   milter_header_checks (texthash, exact match): route marker -> FILTER
     relay/strip_route.regexp      smtp_header_checks on tenant transports
     relay/bounce_transport        transport_maps (texthash) for relay-generated mail
     relay/smarthost_status.regexp smtp_delivery_status_filter of the tenant transports: an
@@ -11,15 +11,17 @@ Files rendered (relative to the Postfix config directory):
     relay/tenants.applied.json    the checked tenant set the milter serves (two-phase changes)
     relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
     relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
-    relay/requeue/route.regexp    header_checks of cleanup_requeue: route seal -> FILTER, for
-                                  mail requeued with postsuper -r (mode 0600: the seals)
+    relay/requeue/route           header_checks of cleanup_requeue (texthash): route seal -> FILTER,
+                                  for mail requeued with postsuper -r (mode 0600: the seals)
     relay/requeue/route.key       the route-seal key (core/route.py): a new one only when there is
                                   none, else the live one as it is (install() makes it 0640 and its
                                   directory 0750, group milter_socket_group, for the milter)
     sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
 
 No table needs postmap (regexp and texthash are read as text), so a reload is
-all it takes to pick up a change.
+all it takes to pick up a change. The two route tables are exact-match (texthash): one
+hash lookup per header whatever the number of tenants, and ``check_staged`` verifies every
+tenant's route with one ``postmap -q -`` per table (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import grp
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -41,7 +44,8 @@ import jinja2
 
 from relay_milter import defaults
 from relay_milter.core import bounces, route
-from relay_milter.postfix.runner import run_postfix
+from relay_milter.postfix import fds
+from relay_milter.postfix.runner import PostfixToolError, run_postfix, run_postfix_tool
 from relay_milter.config import APPLIED_TENANTS, NOTIFY_TRANSPORT, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
 from relay_milter.core import reputation
 from relay_milter.postfix import drain
@@ -49,7 +53,7 @@ from relay_milter.postfix import drain
 OUTPUTS = {
     "main.cf": "main.cf.j2",
     "master.cf": "master.cf.j2",
-    "relay/route.regexp": "route.regexp.j2",
+    "relay/route": "route.texthash.j2",
     "relay/strip_route.regexp": "strip_route.regexp.j2",
     "relay/bounce_transport": "bounce_transport.j2",
     "relay/smarthost_status.regexp": "smarthost_status.regexp.j2",
@@ -60,7 +64,11 @@ OUTPUTS = {
 PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth", drain.TABLE_DIR)
 SECRET_DIR = "relay/smtp_auth"
 REQUEUE_DIR = "relay/requeue"
-REQUEUE_TABLE = REQUEUE_DIR + "/route.regexp"
+ROUTE_TABLE = "relay/route"
+REQUEUE_TABLE = REQUEUE_DIR + "/route"
+# Files of earlier releases that install() deletes: the regexp route tables, replaced by the
+# exact-match ones above (a regexp table tested every tenant's pattern for every header).
+RETIRED = ("relay/route.regexp", REQUEUE_DIR + "/route.regexp")
 # Signed-ingress listeners: every RCPT for another tenant gets a 452 and Postfix counts it as
 # an error. Postfix's defaults (soft 10, hard 20) would slow the session down after ten and end
 # it with 421 after twenty, losing the accepted recipients of the transaction with it. A
@@ -115,6 +123,7 @@ def render_files(
         "tenants": sorted(tenants, key=lambda t: t.id),
         "route_header": defaults.ROUTE_HEADER,
         "route_seal_header": defaults.ROUTE_SEAL_HEADER,
+        "route_table": ROUTE_TABLE,
         "requeue_table": REQUEUE_TABLE,
         "error_limits": ERROR_LIMITS,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
@@ -136,13 +145,14 @@ def render_files(
         files[defaults.VERP_KEY_FILE] = verp_text
     key = route.parse_route_key(key_text)
     seals = {t.id: route.tenant_seal(key, t.id) for t in tenants}
-    files[REQUEUE_TABLE] = env.get_template("requeue_route.regexp.j2").render(**context, seals=seals)
+    files[REQUEUE_TABLE] = env.get_template("requeue_route.texthash.j2").render(**context, seals=seals)
     secrets = load_secrets(settings.secrets_file, tenants)
+    tls_policy, sasl_passwd = env.get_template("tls_policy.j2"), env.get_template("sasl_passwd.j2")
     for t in context["tenants"]:
-        files[f"relay/tls/{t.id}.policy"] = env.get_template("tls_policy.j2").render(t=t)
+        files[f"relay/tls/{t.id}.policy"] = tls_policy.render(t=t)
         if t.smarthost.auth:
             password = secrets[t.id].smarthost_password
-            files[f"{SECRET_DIR}/{t.id}"] = env.get_template("sasl_passwd.j2").render(t=t, password=password)
+            files[f"{SECRET_DIR}/{t.id}"] = sasl_passwd.render(t=t, password=password)
     if context["drain"]:
         files[drain.TABLE] = drain.table_text()
     if settings.notify:
@@ -280,45 +290,123 @@ _DIAGNOSTIC = re.compile(r"^\S+: (warning|fatal|error|panic): ")
 def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = True) -> CheckResult:
     """postconf (any warning is a failure), master.cf parse, route table lookups, postfix check."""
     problems: list[str] = []
+    # postconf's time grows with the square of the tenant transports (docs/scale.md): minutes
+    # of CPU at 10,000 tenants.
+    timeout = max(120.0, 0.1 * len(tenants))
     for argv, what in (
         (["postconf", "-c", str(staging), "-n"], "main.cf"),
         (["postconf", "-c", str(staging), "-M"], "master.cf"),
     ):
-        r = run_postfix(argv)
+        try:
+            r = run_postfix(argv, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            problems.append(f"{what}: {shlex.join(argv)} timed out after {timeout:g} s ({len(tenants)} tenants: docs/scale.md)")
+            continue
         out = r.stdout.replace("\r", "")
         bad = [line for line in out.splitlines() if _DIAGNOSTIC.match(line)]
         if r.returncode != 0 or bad:
             problems.append(f"{what}: {' | '.join(bad) or out.strip() or f'exit {r.returncode}'}")
-    route_table = staging / "relay" / "route.regexp"
-    for t in tenants:
-        r = run_postfix(["postmap", "-c", str(staging), "-q", f"{defaults.ROUTE_HEADER}: {t.id}", f"regexp:{route_table}"])
-        want = f"FILTER {t.transport}:{t.smarthost.nexthop}"
-        if r.stdout.strip() != want:
-            problems.append(f"route table: tenant {t.id} resolves to {r.stdout.strip()!r}, expected {want!r}")
-    r = run_postfix(["postmap", "-c", str(staging), "-q", f"{defaults.ROUTE_HEADER}: no-such-tenant", f"regexp:{route_table}"])
-    if r.stdout.strip():
-        problems.append(f"route table: an unknown tenant resolves to {r.stdout.strip()!r}")
-    requeue_table = staging / REQUEUE_TABLE
-    key = route.parse_route_key(_read(staging / defaults.ROUTE_KEY_FILE) or "")
-    if key is None:
-        problems.append(f"{defaults.ROUTE_KEY_FILE}: missing or not a 256-bit hex key")
-    for t in tenants:
-        want = f"FILTER {t.transport}:{t.smarthost.nexthop}"
-        probes = [
-            (f"{defaults.ROUTE_HEADER}: {t.id}", ""),  # the plain marker never routes a requeued message
-            (f"{defaults.ROUTE_SEAL_HEADER}: {t.id}.{'0' * 40}", ""),  # nor a seal made without the key
-        ]
-        if key is not None:
-            probes.append((f"{defaults.ROUTE_SEAL_HEADER}: {route.tenant_seal(key, t.id)}", want))
-        for probe, expect in probes:
-            r = run_postfix(["postmap", "-c", str(staging), "-q", probe, f"regexp:{requeue_table}"])
-            if r.stdout.strip() != expect:
-                problems.append(f"requeue table: tenant {t.id} resolves to {r.stdout.strip()!r}, expected {expect!r}")
+    problems += route_problems(staging, tenants)
     if run_postfix_check:
-        r = run_postfix(["postfix", "-c", str(staging), "check"])
+        # postfix check runs postconf a score of times, and postconf's time grows with the
+        # square of the master.cf services that carry -o options (docs/scale.md: 3.4 s of CPU per
+        # run at 2,000 tenants). postconf -M above has parsed every tenant entry; postfix check
+        # adds the checks of files and directories, which do not depend on them. So it sees
+        # master.cf with the first tenant entry standing for all (one template renders them).
+        master = staging / "master.cf"
+        full = master.read_text(encoding="utf-8")
+        try:
+            master.write_text(one_tenant_entry(full), encoding="utf-8")
+            r = run_postfix(["postfix", "-c", str(staging), "check"])
+        finally:
+            master.write_text(full, encoding="utf-8")
         if r.returncode != 0 or "fatal:" in r.stdout:
             problems.append(f"postfix check: {r.stdout.strip() or f'exit {r.returncode}'}")
     return CheckResult(not problems, problems)
+
+
+def one_tenant_entry(master_cf: str) -> str:
+    """master.cf with its tenant transports (``relay_<id>`` entries and the comment line
+    before each) cut down to the first one."""
+    out: list[str] = []
+    seen = 0
+    skipping = False
+    lines = master_cf.splitlines(keepends=True)
+    for n, line in enumerate(lines):
+        if line[:1].isspace() and line.strip():
+            if not skipping:
+                out.append(line)
+            continue
+        nxt = lines[n + 1] if n + 1 < len(lines) else ""
+        is_tenant = _TENANT_ENTRY.match(line) is not None
+        if line.startswith("# Tenant ") and _TENANT_ENTRY.match(nxt):
+            skipping = seen >= 1
+        elif is_tenant:
+            seen += 1
+            skipping = seen > 1
+        else:
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "".join(out)
+
+
+_TENANT_ENTRY = re.compile(r"^relay_[a-z0-9_]*[a-z0-9] ")
+
+
+def lookup_all(staging: Path, table: str, keys: list[str]) -> tuple[dict[str, str], str | None]:
+    """Look every key up in the texthash table ``table`` (relative to ``staging``) with one
+    ``postmap -q -`` (keys on standard input): key -> value for the keys found, and an
+    error text if postmap failed."""
+    argv = ["postmap", "-c", str(staging), "-q", "-", f"texthash:{staging / table}"]
+    try:
+        r = run_postfix_tool(argv, input="".join(k + "\n" for k in keys), what=f"postmap -q - texthash:{table}")
+    except PostfixToolError as exc:
+        return {}, str(exc)
+    found: dict[str, str] = {}
+    for line in r.stdout.splitlines():
+        key, sep, value = line.partition("\t")
+        if sep:
+            found[key] = value.strip()
+    return found, None
+
+
+def route_problems(staging: Path, tenants: TenantSet) -> list[str]:
+    """What the staged route tables prove, in one postmap run per table (linear in the
+    tenant count): every tenant's marker resolves to its own transport and next hop, an
+    unknown tenant's to nothing; in the requeue table, only the tenant's seal made with
+    the relay's key routes (neither the plain marker nor a seal made without the key)."""
+    problems: list[str] = []
+    want = {t.id: f"FILTER {t.transport}:{t.smarthost.nexthop}" for t in tenants}
+    unknown = route.table_key(defaults.ROUTE_HEADER, route.marker_value("no-such-tenant"))
+    expect = {route.table_key(defaults.ROUTE_HEADER, route.marker_value(tid)): (tid, w) for tid, w in want.items()}
+    expect[unknown] = ("an unknown tenant", "")
+    found, error = lookup_all(staging, ROUTE_TABLE, list(expect))
+    if error:
+        return [f"route table: {error}"]
+    for key, (who, w) in expect.items():
+        got = found.get(key, "")
+        if got != w:
+            label = who if who == "an unknown tenant" else f"tenant {who}"
+            problems.append(f"route table: {label} resolves to {got!r}, expected {w!r}")
+    key = route.parse_route_key(_read(staging / defaults.ROUTE_KEY_FILE) or "")
+    if key is None:
+        problems.append(f"{defaults.ROUTE_KEY_FILE}: missing or not a 256-bit hex key")
+    probes: dict[str, tuple[str, str]] = {}
+    for tid, w in want.items():
+        # The plain marker never routes a requeued message, nor a seal made without the key.
+        probes[route.table_key(defaults.ROUTE_HEADER, route.marker_value(tid))] = (tid, "")
+        probes[route.table_key(defaults.ROUTE_SEAL_HEADER, f"{tid}.{'0' * 40}")] = (tid, "")
+        if key is not None:
+            probes[route.table_key(defaults.ROUTE_SEAL_HEADER, route.tenant_seal(key, tid))] = (tid, w)
+    found, error = lookup_all(staging, REQUEUE_TABLE, list(probes))
+    if error:
+        return problems + [f"requeue table: {error}"]
+    for probe, (tid, w) in probes.items():
+        got = found.get(probe, "")
+        if got != w:
+            problems.append(f"requeue table: tenant {tid} resolves to {got!r}, expected {w!r}")
+    return problems
 
 
 class _Signalled(BaseException):
@@ -365,6 +453,9 @@ def render_and_check(
         result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
     result.problems += [f"source address {a}: not configured on this host ({why})" for a, why in unbound_addresses(settings)]
     result.warnings += fcrdns_warnings(settings)
+    fd_warning = fds.fit_warning(files["master.cf"], settings.queue_directory)
+    if fd_warning:
+        result.warnings.append(fd_warning)
     result.ok = not result.problems
     return files, result
 
@@ -426,6 +517,7 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
         for p in (live / d).iterdir()
         if str(p.relative_to(live)) not in files
     ]
+    stale += [name for name in RETIRED if (live / name).is_file()]
     if not changed and not stale:
         return []
     backup = live / "relay" / "previous"

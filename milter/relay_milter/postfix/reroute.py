@@ -5,7 +5,7 @@ Cleanup stores the route of a message in its queue file when it is accepted
 ``postqueue -i`` retry with that stored next hop, so after a smarthost change queued mail
 keeps going to the old one. ``postsuper -r`` is the only way back through cleanup: pickup
 hands the message to the ``cleanup_requeue`` service, whose route table (the same
-``relay/route.regexp``, just reloaded) routes it again from the ``X-Relay-Route`` marker the
+``relay/requeue/route``, just reloaded) routes it again from the ``X-Relay-Route-Seal`` the
 milter added. The message gets a new queue id; it is moved, never copied, so it is
 delivered once. ``postkick`` wakes pickup so that happens now, not at its next wakeup.
 
@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay_milter import defaults
 from relay_milter.config import TenantSet
 from relay_milter.postfix.queue import OpsError, QueueChange, QueuedMessage, changed_count, run_tool
 
@@ -134,10 +135,14 @@ def unresolved_by_tenant(messages: Iterable[QueuedMessage]) -> dict[str, int]:
 
 
 def unresolved_metric(messages: Iterable[QueuedMessage] | None, tenants: Iterable[str]) -> str:
-    """Prometheus text for relay_smarthost_unresolved_messages{tenant} (every tenant, 0 too)."""
+    """Prometheus text for relay_smarthost_unresolved_messages{tenant} (every tenant, 0 too,
+    up to defaults.METRICS_ZERO_FILL_TENANTS tenants; beyond, the tenants with such mail)."""
     if messages is None:
         return ""
     counts = unresolved_by_tenant(messages)
+    tenants = tuple(tenants)
+    if len(tenants) > defaults.METRICS_ZERO_FILL_TENANTS:
+        tenants = ()
     lines = [
         "# HELP relay_smarthost_unresolved_messages Deferred messages waiting on a smarthost name that does not resolve.",
         "# TYPE relay_smarthost_unresolved_messages gauge",

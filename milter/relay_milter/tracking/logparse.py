@@ -73,8 +73,10 @@ _CLIENT = re.compile(r"^client=(?P<client>[^\s,]+)(?:, .*)?$")
 _MESSAGE_ID = re.compile(r"^message-id=(?P<mid>.*)$")
 # pickup: a message an operator requeued (postsuper -r) comes back under a new queue id.
 _REQUEUED = re.compile(rf"^uid=\d+ from=<(?P<from>[^<>]*)> orig_id=(?P<orig>{_QID})$")
+# The marker is "X-Relay-Route:acme" (no space: the route table is exact-match); releases
+# before it wrote "X-Relay-Route: acme", and their log lines still parse.
 _ROUTE = re.compile(
-    rf"^milter-header-filter: header {re.escape(ROUTE_HEADER)}: (?P<tenant>[a-z0-9_]+) from (?P<client>\S+); "
+    rf"^milter-header-filter: header {re.escape(ROUTE_HEADER)}: ?(?P<tenant>[a-z0-9_]+) from (?P<client>\S+); "
     r"from=<(?P<from>[^<>]*)> to=<(?P<to>[^<>]*)>"
 )
 _QUEUED = re.compile(r"^from=<(?P<from>[^<>]*)>, size=(?P<size>\d{1,12}), nrcpt=(?P<nrcpt>\d{1,9})(?: \(.*\))?$")

@@ -28,10 +28,11 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from relay_milter import defaults
 from relay_milter.tracking.events import Kind
 from relay_milter.tracking.store import DELAY_BUCKETS
 
@@ -102,9 +103,23 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[s
     return lines
 
 
+# Up to this many configured tenants, every series of every tenant exists from the start (0 until
+# something happens), so rate() and alerts see it. Beyond it, only series with something
+# recorded are written: 10,000 tenants would otherwise make some 350,000 series of zeros
+# (events by kind, histogram buckets, queues), nearly all for label combinations never used.
+ZERO_FILL_TENANTS = defaults.METRICS_ZERO_FILL_TENANTS
+
+
+def zero_filled(tenants: Iterable[str]) -> tuple[str, ...]:
+    """The tenants whose unused series are written as 0: all of them, or none past the limit."""
+    tenants = tuple(tenants)
+    return tenants if len(tenants) <= ZERO_FILL_TENANTS else ()
+
+
 def render(snap: Snapshot) -> str:
     """The exposition text (ends with a newline). Samples are sorted: stable diffs, stable tests."""
     out: list[str] = []
+    snap = replace(snap, tenants=zero_filled(snap.tenants))
     if snap.event_counts is not None:
         counts = dict(snap.event_counts)
         for t in snap.tenants:

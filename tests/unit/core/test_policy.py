@@ -166,7 +166,7 @@ def test_accept_carries_the_transformation(policy, keys):
     [ar] = [e for e in d.header_edits if e.name == "Authentication-Results"]
     assert ar.op is EditOp.INSERT and ar.index == 0
     assert ar.value.strip().startswith("relay.test; dkim=pass") and "header.d=hop.acme.test" in ar.value
-    assert d.header_edits[-1] == HeaderEdit(EditOp.ADD, "X-Relay-Route", " acme")
+    assert d.header_edits[-1] == HeaderEdit(EditOp.ADD, "X-Relay-Route", "acme")
     assert d.recipient_changes == ((ACME_RCPT, "<alice@example.org>"),)
     assert d.new_sender == "<bounces@acme.example>"
 

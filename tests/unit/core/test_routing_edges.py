@@ -99,7 +99,7 @@ def test_client_seals_and_markers_are_deleted(policy, key):
     deleted = {(e.name.lower(), e.index) for e in d.header_edits if getattr(e.op, "value", e.op) == "delete"}  # str here, EditOp on main
     assert {("x-relay-route-seal", 1), ("x-relay-route", 1)} <= deleted
     last = d.header_edits[-1]
-    assert (getattr(last.op, "value", last.op), last.name, last.value) == ("add", "X-Relay-Route", " acme")
+    assert (getattr(last.op, "value", last.op), last.name, last.value) == ("add", "X-Relay-Route", "acme")
 
 
 @pytest.mark.parametrize(

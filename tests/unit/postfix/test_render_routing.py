@@ -10,7 +10,7 @@ import pytest
 
 from relay_milter.config import Settings, load_tenants
 from relay_milter.core import route
-from relay_milter.postfix.render import REQUEUE_TABLE, render_and_check, render_files
+from relay_milter.postfix.render import REQUEUE_TABLE, ROUTE_TABLE, render_and_check, render_files
 from support.paths import EXAMPLES
 
 
@@ -24,17 +24,17 @@ def test_no_header_checks_anywhere_but_the_requeue_seal_table(files):
     for name in ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks"):
         assert f"\n{name} =\n" in main
     requeue = master.split("cleanup_requeue unix", 1)[1].split("\nqmgr", 1)[0] + "\n"
-    assert f"-o header_checks=regexp:/etc/postfix/{REQUEUE_TABLE}" in requeue
+    assert f"-o header_checks=texthash:/etc/postfix/{REQUEUE_TABLE}\n" in requeue
     assert "-o mime_header_checks=\n" in requeue and "-o nested_header_checks=\n" in requeue
-    assert "route.regexp\n" not in requeue.replace(REQUEUE_TABLE, "")
+    assert f"/{ROUTE_TABLE}\n" not in requeue  # the milter's route table never routes requeued mail
 
 
 def test_requeue_table_routes_only_the_seal(files):
     key = route.parse_route_key(files["relay/requeue/route.key"])
     table = files[REQUEUE_TABLE]
     seal = route.tenant_seal(key, "acme")
-    assert f"/^X-Relay-Route-Seal:[[:space:]]*{seal.replace('.', chr(92) + '.')}[[:space:]]*$/ FILTER relay_acme:" in table
-    assert not re.search(r"^/\^X-Relay-Route:", table, re.M)
+    assert f"\nX-Relay-Route-Seal:{seal}\tFILTER relay_acme:" in table
+    assert not re.search(r"^X-Relay-Route:", table, re.M)
 
 
 def test_smtp_edge_defaults(files):
@@ -71,3 +71,49 @@ def test_apply_creates_the_key_once_and_keeps_it(tmp_path):
     assert again["relay/requeue/route.key"] == key_file.read_text() == first["relay/requeue/route.key"]
     assert again[REQUEUE_TABLE] == first[REQUEUE_TABLE]
     assert "relay/requeue/route.key" not in install(again, settings)
+
+
+def test_one_pass_route_check_catches_a_wrong_or_missing_route(tmp_path, files):
+    """route_problems looks every key up with one postmap -q - per table, and still names
+    each tenant whose route is wrong or missing, and an unknown tenant that resolves."""
+    from relay_milter.postfix.render import route_problems, write_files
+
+    tenants = load_tenants(EXAMPLES)
+    good = tmp_path / "good"
+    write_files(files, good, require_empty=True)
+    (good / "main.cf").write_text("")  # postmap -c reads main.cf
+    assert route_problems(good, tenants) == []
+    bad = tmp_path / "bad"
+    tampered = dict(files)
+    tampered[ROUTE_TABLE] = (
+        files[ROUTE_TABLE].replace("relay_globex:", "relay_acme:")
+        .replace("X-Relay-Route:acme\t", "X-Relay-Route:acmx\t")
+        + "X-Relay-Route:no-such-tenant\tFILTER relay_acme:[x]:25\n"
+    )
+    key = route.parse_route_key(files["relay/requeue/route.key"])
+    tampered[REQUEUE_TABLE] = files[REQUEUE_TABLE] + "X-Relay-Route:acme\tFILTER relay_acme:[x]:25\n"
+    write_files(tampered, bad, require_empty=True)
+    (bad / "main.cf").write_text("")
+    problems = route_problems(bad, tenants)
+    assert any(p.startswith("route table: tenant acme resolves to ''") for p in problems), problems
+    assert any(p.startswith("route table: tenant globex resolves to 'FILTER relay_acme:") for p in problems), problems
+    assert any(p.startswith("route table: an unknown tenant resolves to 'FILTER relay_acme:[x]:25'") for p in problems), problems
+    assert any(p.startswith("requeue table: tenant acme resolves to 'FILTER relay_acme:[x]:25', expected ''") for p in problems), problems
+    assert route.tenant_seal(key, "acme") in files[REQUEUE_TABLE]
+
+
+def test_postfix_check_sees_one_tenant_entry_standing_for_all():
+    """check_staged runs postfix check on master.cf with the first tenant transport only
+    (postconf -M has parsed them all); every other service stays."""
+    from relay_milter.postfix.render import one_tenant_entry
+
+    from support.factories import tenant, tenant_set
+
+    files = render_files(tenant_set(tenant("acme"), tenant("globex"), tenant("initech")), Settings())
+    master = files["master.cf"]
+    cut = one_tenant_entry(master)
+    assert "relay_acme unix" in cut and "-o smtp_tls_policy_maps=texthash:/etc/postfix/relay/tls/acme.policy" in cut
+    assert "globex" not in cut and "initech" not in cut
+    assert cut.count("\nrelay_") == 1
+    kept = [ln for ln in master.splitlines() if ln and not ln.startswith(("#", " ")) and not ln.startswith("relay_")]
+    assert kept and all(ln in cut.splitlines() for ln in kept)

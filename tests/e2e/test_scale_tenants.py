@@ -1,0 +1,95 @@
+"""Issue 17: 2,000 tenants on one real Postfix. Mail to the first, the middle and the last
+tenant goes to that tenant's own smarthost, routed by the exact-match route table.
+
+Every tenant has its own transport in master.cf, its own route in relay/route, its own seal
+in relay/requeue/route and its own pinned key (one ed25519 key, generated here, shared by
+all: key generation is not what this test measures). The first, middle and last tenant
+each have a smarthost of their own; the other 1,997 share one sink, which must receive
+nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import yaml
+
+from relay_milter.core.addresses import encode_recipient
+from relay_milter.lab import Lab, Sink, TenantSpec, ed25519_key, make_message, sign, wait_for
+from support.factories import tenant_doc
+
+pytestmark = pytest.mark.e2e
+
+COUNT = 2000
+IDS = [f"t{i:05d}" for i in range(COUNT)]
+WATCHED = (IDS[0], IDS[COUNT // 2], IDS[-1])
+
+
+class ScaleLab(Lab):
+    def dns_args(self) -> tuple[str, ...]:
+        # The lab's DNS answers for .test itself: a name it has no record for is NXDOMAIN at
+        # once, as a real zone answers (check asks for every tenant's key record).
+        zone = "test"
+        return (f"--local=/{zone}/",)  # dnsmasq's syntax for "answer this domain yourself"
+
+
+@pytest.fixture(scope="module")
+def scale_lab():
+    lab = ScaleLab()
+    key = ed25519_key()
+    lab.key = key
+    others = Sink("others")
+    for tid in IDS:
+        if tid in WATCHED:
+            lab.add_tenant(TenantSpec(tid, f"{tid}.relay.test", f"hop.{tid}.test", "s1", key, [f"{tid}.example"]), Sink(tid))
+        else:
+            doc = tenant_doc(tid, key, smarthost={"host": "127.0.0.1", "port": others.port, "tls": "none"}, allow_bcc=True)
+            (lab.tenants_dir / f"{tid}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    lab.sinks["others"] = others  # started and stopped with the lab's sinks
+    lab.relayctl_timeout = 600  # postconf is slow with thousands of master.cf services (docs/scale.md)
+    try:
+        yield lab.start()
+    finally:
+        lab.stop() if os.environ.get("RELAY_KEEP_LAB") else lab.destroy()
+
+
+def send(lab: Lab, tid: str, to: str = "alice@example.org"):
+    raw = sign(make_message(f"news@{tid}.example", to, subject=f"for {tid}"), lab.key, f"hop.{tid}.test", "s1")
+    return lab.send(raw, f"news@{tid}.example", [encode_recipient(to, f"{tid}.relay.test")])
+
+
+def test_route_tables_hold_every_tenant_once(scale_lab):
+    lab = scale_lab
+    route = (lab.config_dir / "relay" / "route").read_text()
+    keys = [line.split("\t", 1)[0] for line in route.splitlines() if line and not line.startswith("#")]
+    assert keys == [f"X-Relay-Route:{tid}" for tid in IDS]
+    master = (lab.config_dir / "master.cf").read_text()
+    assert len(re.findall(r"^relay_t\d{5} unix ", master, re.M)) == COUNT
+
+
+def test_first_middle_and_last_tenant_reach_their_own_smarthost(scale_lab):
+    lab = scale_lab
+    mark = len(lab.maillog_text())
+    for n, tid in enumerate(WATCHED):
+        code, text, _ = send(lab, tid, to=f"user{n}@example.org")
+        assert code == 250, (tid, text)
+    for n, tid in enumerate(WATCHED):
+        [got] = lab.sinks[tid].wait(1, timeout=60)
+        assert got.rcpt_tos == [f"user{n}@example.org"]
+        assert got.header("X-Relay-Route") == [] and got.header("X-Relay-Route-Seal") == []
+    log = lab.maillog_text()[mark:]
+    # Cleanup routed each message by one exact-match lookup of the marker the milter added.
+    for tid in WATCHED:
+        assert re.search(rf"milter-header-filter: header X-Relay-Route:{tid} from .*: relay_{tid}:\[127\.0\.0\.1\]:{lab.sinks[tid].port}$", log, re.M), tid
+    # A later message to the middle tenant, delivered: nothing else is still on its way.
+    assert send(lab, WATCHED[1], to="later@example.org")[0] == 250
+    wait_for(lambda: len(lab.sinks[WATCHED[1]].messages) == 2, 60, what="the later message")
+    assert lab.sinks["others"].messages == []
+    assert [len(lab.sinks[tid].messages) for tid in WATCHED] == [1, 2, 1]
+
+
+def test_an_unknown_relay_domain_is_refused(scale_lab):
+    code, text, _ = send(scale_lab, "t99999")
+    assert code == 554 and "Relay access denied" in text
