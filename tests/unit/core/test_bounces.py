@@ -329,7 +329,7 @@ def test_a_report_with_forward_to_goes_to_the_tenants_smarthost(tmp_path, key):
     assert d.recipient_changes == ((f"<{verp(['a@x.example', 'b@x.example'])}>", "<dsn@acme.example>"),)
     # The sender's route marker and seal go; ours is added (the adapter adds the seal).
     assert [(e.op.value, e.name, e.value) for e in d.header_edits] == [
-        ("delete", "X-Relay-Route", ""), ("delete", "X-Relay-Route-Seal", ""), ("add", defaults.ROUTE_HEADER, " acme")]
+        ("delete", "X-Relay-Route", ""), ("delete", "X-Relay-Route-Seal", ""), ("add", defaults.ROUTE_HEADER, "acme")]
 
 
 # -- the tenant option ---------------------------------------------------------------------
