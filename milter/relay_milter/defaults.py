@@ -86,5 +86,8 @@ WEBHOOK_SIGNATURE_TOLERANCE = 300
 # Sender reputation (relayctl ip, relayctl reputation).
 REPUTATION_STATE_FILE = "/var/lib/tenant-relay/reputation.json"
 REPUTATION_INTERVAL = 300.0
-# How often the milter refreshes its per-tenant queue summary (backpressure).
+# How often the tracker rewrites the per-tenant queue summary and the milter re-reads it
+# (backpressure), where it is, and when the milter stops trusting it (fails open).
 QUEUE_SUMMARY_INTERVAL = 5.0
+QUEUE_SUMMARY_FILE = "/var/lib/tenant-relay/queue/summary.json"
+QUEUE_SUMMARY_MAX_AGE = 120.0
