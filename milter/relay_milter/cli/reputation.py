@@ -190,6 +190,7 @@ def ip_failover(obj: Context, address: str) -> None:
     Re-renders, checks, installs and reloads; queued mail leaves from the new address.
     Exit 1 if there is nothing to do or no healthy standby."""
     ts, settings = obj.load()
+    logs.setup(settings.log_level, None)
     state = _state(settings)
     entry = settings.reputation.entry(address)
     if entry is None:
@@ -215,6 +216,7 @@ def ip_restore(obj: Context, address: str) -> None:
 
     Exit 1 if ADDRESS has no failover in force."""
     ts, settings = obj.load()
+    logs.setup(settings.log_level, None)
     state = _state(settings)
     entry = settings.reputation.entry(address)
     if entry is None:
