@@ -508,8 +508,10 @@ class Lab:
             "milter_command_timeout": "10s",
             "milter_content_timeout": "15s",
             "dns": {"nameservers": [self.dns.address if self.dns else "127.0.0.1"], "port": self.dns.port if self.dns else 53, "timeout": 3},
-            # The tracker writes the backpressure queue summary here (when it runs: start_tracker).
-            "reputation": {"queue_summary_file": str(self.base / "queue-summary.json")},
+            # The tracker writes the backpressure queue summary here (when it runs: start_tracker),
+            # and copies operator events from the lab's own reputation state file.
+            "reputation": {"queue_summary_file": str(self.base / "queue-summary.json"),
+                           "state_file": str(self.base / "reputation.json")},
             "tracking": {
                 "events_dsn": self.events_dsn,
                 "milter_log_file": str(self.milter_log),
