@@ -237,6 +237,11 @@ class ReputationSettings(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> "ReputationSettings":
+        if self.queue_summary_max_age < 2 * self.queue_refresh:
+            raise ValueError(
+                f"queue_summary_max_age ({self.queue_summary_max_age:g}) must be at least twice queue_refresh "
+                f"({self.queue_refresh:g}): a summary would expire between two writes"
+            )
         seen = [a.address for a in self.pool]
         dup = sorted({a for a in seen if seen.count(a) > 1})
         if dup:

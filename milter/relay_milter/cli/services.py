@@ -130,6 +130,7 @@ class _Live:
         self.last_run: float | None = None
         self.summary_failed = False  # the queue summary could not be written (logged once)
         self.operator_mark: tuple | None = None  # the state file as last imported
+        self.operator_failed = False  # copying the operator events failed (logged once)
 
     def attach(self, tracker: Any) -> None:
         self.tracker = tracker
@@ -328,10 +329,13 @@ def _import_operator_events(live: _Live, store) -> None:
         if reason is not None:
             raise OSError(reason)
         n = import_events(store, live.settings.node, read_events(path))
-    except Exception as exc:  # tracking goes on; the next change of the file retries
-        logs.event(log, logging.WARNING, None, "operator_events_failed", file=str(path), reason=str(exc)[:300])
+    except Exception as exc:  # tracking goes on; retried every pass, logged once until it works
+        if not live.operator_failed:
+            live.operator_failed = True
+            logs.event(log, logging.WARNING, None, "operator_events_failed", file=str(path), reason=str(exc)[:300])
         return
     live.operator_mark = mark
+    live.operator_failed = False
     if n:
         logs.event(log, logging.INFO, None, "operator_events", recorded=n, file=str(path))
 

@@ -172,3 +172,11 @@ def test_policy_asks_the_gate_when_the_tenant_is_known():
     tx = Transaction(client_ip="127.0.0.1")
     p.on_mail(tx, "<news@globex.example>")
     assert p.on_rcpt(tx, "<bob=example.org@globex.relay.test>").ok  # other tenants flow
+
+
+def test_summary_max_age_must_outlast_two_refreshes():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"queue_summary_max_age \(8\) must be at least twice queue_refresh \(5\)"):
+        Settings(reputation={"queue_refresh": 5, "queue_summary_max_age": 8})
+    assert Settings(reputation={"queue_refresh": 5, "queue_summary_max_age": 10}).reputation.queue_summary_max_age == 10
