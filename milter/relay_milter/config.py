@@ -236,11 +236,22 @@ class ReputationSettings(_Strict):
     alert_webhook: str | None = None
     # How often `relayctl reputation watch` checks.
     interval: float = Field(defaults.REPUTATION_INTERVAL, ge=10, le=86400)
-    # How often the milter refreshes its per-tenant queue summary (tenant limits.max_queued, max_queue_age).
+    # Backpressure (tenant limits.max_queued, max_queue_age): the tracker writes a per-tenant
+    # queue summary to queue_summary_file every queue_refresh seconds and the milter re-reads
+    # it as often. Older than queue_summary_max_age (or missing): backpressure fails open.
     queue_refresh: float = Field(defaults.QUEUE_SUMMARY_INTERVAL, ge=0.2, le=300)
+    queue_summary_file: Path = Path(defaults.QUEUE_SUMMARY_FILE)
+    queue_summary_max_age: float = Field(defaults.QUEUE_SUMMARY_MAX_AGE, ge=1, le=86400)
+    # Prometheus textfile the milter writes with the summary's age and backpressure state (None: off).
+    milter_metrics_file: Path | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> "ReputationSettings":
+        if self.queue_summary_max_age < 2 * self.queue_refresh:
+            raise ValueError(
+                f"queue_summary_max_age ({self.queue_summary_max_age:g}) must be at least twice queue_refresh "
+                f"({self.queue_refresh:g}): a summary would expire between two writes"
+            )
         seen = [a.address for a in self.pool]
         dup = sorted({a for a in seen if seen.count(a) > 1})
         if dup:

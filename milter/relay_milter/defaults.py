@@ -89,7 +89,8 @@ WEBHOOK_SIGNATURE_TOLERANCE = 300
 # Sender reputation (relayctl ip, relayctl reputation).
 REPUTATION_STATE_FILE = "/var/lib/tenant-relay/reputation.json"
 REPUTATION_INTERVAL = 300.0
-# How often the milter refreshes its per-tenant queue summary (backpressure).
+# How often the tracker rewrites the per-tenant queue summary and the milter re-reads it
+# (backpressure), where it is, and when the milter stops trusting it (fails open).
 QUEUE_SUMMARY_INTERVAL = 5.0
 
 # Engagement tracking (opt-in opens and clicks, relayctl web).
@@ -98,3 +99,5 @@ ENGAGEMENT_LISTEN = "127.0.0.1:8480"
 # Metrics: up to this many configured tenants every per-tenant series exists from the start
 # (0 until used); beyond it only series with something recorded are written (docs/scale.md).
 METRICS_ZERO_FILL_TENANTS = 100
+QUEUE_SUMMARY_FILE = "/var/lib/tenant-relay/queue/summary.json"
+QUEUE_SUMMARY_MAX_AGE = 120.0

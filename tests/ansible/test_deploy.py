@@ -676,6 +676,84 @@ def test_units_score_2_or_better_in_systemd_analyze_security(deployment, tmp_pat
     assert all(score <= 2.0 for score in scores.values()), scores
 
 
+UNIT_PLAY = """
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  vars_files: [{role}/defaults/main.yml, {role}/vars/main.yml]  # hygiene: not a path (under the repository's role)
+  tasks:
+    - name: Render the units as the role does
+      ansible.builtin.template:
+        src: "{role}/templates/{{{{ item }}}}.j2"  # hygiene: not a path (the repository's role)
+        dest: "{out}/{{{{ item }}}}"
+        mode: "0644"
+      loop: [relay-milter.service, relay-tracker.service, relay-reputation.service, relay-pool-addresses.service]
+"""
+
+
+def test_reputation_and_pool_units_render_with_the_pool_and_score(tmp_path):
+    """The reputation monitor's and the pool's units, rendered from the role's templates
+    with its defaults and vars (no converge), for a systemd host with a pool: the monitor
+    runs `reputation watch` as root in a sandbox, the pool unit adds each address, and
+    the tracker may write the queue summary the milter reads."""
+    playbook = _tool("ansible-playbook")
+    ip = "/usr/sbin/ip"  # as the unit names it (systemd wants an absolute ExecStart)
+    out = tmp_path / "units"
+    out.mkdir()
+    h = tmp_path / "host"  # the paths the units name (nothing is created there)
+    extra = {
+        "ansible_python_interpreter": sys.executable,
+        "relay_service_manager": "systemd", "relay_pool_interface": "eth1", "relay_configure_pool_addresses": True,
+        "relay_venv": str(h / "venv"), "relay_etc_dir": str(h / "etc"), "relay_state_dir": str(h / "state"),
+        "relay_log_dir": str(h / "log"),
+        "relay_settings": {
+            "config_directory": str(h / "postfix"), "queue_directory": str(h / "spool"), "data_directory": str(h / "data"),
+            "reputation": {
+                "pool": [{"address": "192.0.2.10", "helo": "out1.relay.example.net"},
+                         {"address": "2001:db8::25", "helo": "out6.relay.example.net", "role": "standby"}],
+                "dnsbls": [{"zone": "zen.spamhaus.org"}], "metrics_file": str(h / "textfile" / "relay_reputation.prom"),
+                "milter_metrics_file": str(h / "textfile" / "relay_milter.prom")}},
+    }
+    (tmp_path / "extra.yml").write_text(yaml.safe_dump(extra))
+    (tmp_path / "play.yml").write_text(UNIT_PLAY.format(role=ANSIBLE_DIR / "roles" / "relay", out=out))
+    env = os.environ | {"ANSIBLE_NOCOLOR": "1", "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+                        "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"), "ANSIBLE_LOCALHOST_WARNING": "0"}
+    r = subprocess.run([playbook, "-i", "localhost,", str(tmp_path / "play.yml"), "-e", f"@{tmp_path / 'extra.yml'}"],
+                       capture_output=True, text=True, cwd=ANSIBLE_DIR, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    reputation = (out / "relay-reputation.service").read_text()
+    assert f"\nExecStart={h}/venv/bin/relayctl --tenants {h}/etc/tenants --settings {h}/etc/relay.yaml reputation watch " \
+           f"--log-file {h}/log/reputation/reputation.log\n" in reputation
+    assert "Enabled:\n# true." in reputation
+    assert f"\nReadWritePaths={h}/postfix {h}/spool {h}/data {h}/state {h}/log/reputation {h}/textfile\n" in reputation
+    for line in ("ProtectSystem=strict", "PrivateDevices=yes", "MemoryDenyWriteExecute=yes", "SystemCallFilter=@system-service"):
+        assert f"\n{line}\n" in reputation, line
+    pool = (out / "relay-pool-addresses.service").read_text()
+    assert re.findall(r"^ExecStart=(.*)$", pool, re.M) == [
+        f"{ip} addr replace 192.0.2.10/32 dev eth1", f"{ip} addr replace 2001:db8::25/128 dev eth1"]
+    assert re.findall(r"^CapabilityBoundingSet=(.*)$", pool, re.M) == ["CAP_NET_ADMIN"]
+    tracker = (out / "relay-tracker.service").read_text()
+    assert f"\nReadWritePaths={h}/state/tracker {h}/state/queue\n" in tracker
+    milter = (out / "relay-milter.service").read_text()
+    assert f"\nReadWritePaths={h}/log/milter {h}/textfile\n" in milter
+    assert "postdrop" not in re.findall(r"^SupplementaryGroups=.*$", milter, re.M)[0]
+
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("systemd-analyze not installed")
+    scores = {}
+    for unit in ("relay-reputation.service", "relay-pool-addresses.service"):
+        r = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(out / unit)], capture_output=True, text=True, timeout=120)
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d)", r.stdout)
+        assert m, r.stdout[-2000:] + r.stderr
+        scores[unit] = float(m.group(1))
+    print(f"systemd-analyze security: {scores}")
+    # The pool unit is as tight as the milter's; the monitor runs as root (it installs the
+    # Postfix configuration and reloads Postfix), docs/deploy.md gives its score.
+    assert scores["relay-pool-addresses.service"] <= 2.0, scores
+    assert scores["relay-reputation.service"] <= 3.5, scores
+
+
 def test_logrotate_rotates_as_the_owners_and_the_tracker_follows(deployment):
     """A forced rotation (logrotate with the role's configuration): the new logs get
     the right owners and modes, and mail relayed after it is still tracked."""

@@ -9,6 +9,7 @@ per message, 2 messages a day), hooli (smarthost rate 30/m: one delivery every 2
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -33,9 +34,14 @@ def llab():
     lab.add_tenant(spec("globex"), Sink("globex"))
     lab.add_tenant(spec("initech", limits={"recipients_per_message": 2, "messages_per_day": 2}), Sink("initech"))
     lab.add_tenant(spec("hooli"), Sink("hooli"), rate="30/m")
-    lab.overrides = {"reputation": {"queue_refresh": 0.5}}
+    # The summary is stale after 1.5 s (3 x 0.5 s), no longer trusted after 8 s.
+    lab.overrides = {"reputation": {"queue_refresh": 0.5, "queue_summary_max_age": 8,
+                                    "milter_metrics_file": str(lab.base / "milter.prom")}}
     try:
         lab.start()
+        # The tracker writes the queue summary the milter's backpressure reads (the milter
+        # itself never runs postqueue).
+        lab.start_tracker()
         yield lab
     finally:
         lab.destroy()
@@ -74,6 +80,8 @@ def milter_line(lab, pattern: str, after: int = 0) -> str:
 
 def test_backpressure_holds_back_only_the_tenant_whose_queue_is_full(lab):
     acme = lab.sinks["acme"]
+    summary = lab.base / "queue-summary.json"
+    wait_for(summary.exists, 30, what="the tracker's queue summary")
     acme.stop()  # acme's smarthost is down: its mail is deferred
     start = len(lab.milter_log_text().splitlines())
     for n in (1, 2):
@@ -96,6 +104,33 @@ def test_backpressure_holds_back_only_the_tenant_whose_queue_is_full(lab):
     assert code == 250, text
     arrived(lab, "acme", "after-drain")
     assert sorted(r.header("Subject")[0] for r in acme.messages) == ["after-drain", "queued-1", "queued-2"]
+    assert json.loads(summary.read_text())["node"] == "relay.lab.test"
+    assert "relay_backpressure_fail_open 0" in (lab.base / "milter.prom").read_text()
+
+
+def test_backpressure_fails_open_without_the_trackers_summary(lab):
+    """No tracker, so no summary: after queue_summary_max_age the milter stops holding
+    acme back (and says so), rather than refusing it for a queue it cannot see."""
+    acme = lab.sinks["acme"]
+    start = len(lab.milter_log_text().splitlines())
+    lab.stop_tracker()
+    acme.stop()
+    try:
+        for n in (1, 2):
+            code, text, _ = send(lab, "acme", f"unseen-{n}")
+            assert code == 250, text
+        milter_line(lab, r"event=queue_summary_stale", start)
+        milter_line(lab, r"event=queue_summary_unavailable .*reason=\"too old\"", start)
+        code, text, _ = send(lab, "acme", "accepted-blind")
+        assert code == 250, text  # two queued, max_queued 2: held back if the milter could see it
+        assert "relay_backpressure_fail_open 1" in (lab.base / "milter.prom").read_text()
+    finally:
+        acme.start()
+        lab.start_tracker()
+    lab.flush()
+    for subject in ("unseen-1", "unseen-2", "accepted-blind"):
+        arrived(lab, "acme", subject)
+    milter_line(lab, r"event=queue_summary_ok", start)
 
 
 def test_ingress_limits_tempfail_naming_the_limit(lab):

@@ -10,9 +10,12 @@ answers globex's address there with the "public resolver refused" code.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -62,6 +65,7 @@ class ReputationLab(Lab):
 def rlab():
     lab = ReputationLab()
     lab.alerts = WebhookReceiver().up()
+    lab.ops = Sink("ops").start()  # the operator's mailbox, behind the notice route
     lab.add_tenant(spec("acme", source_address=A), Sink("acme"))
     lab.add_tenant(spec("globex", source_address=B), Sink("globex"))
     lab.overrides = {
@@ -76,13 +80,16 @@ def rlab():
             "state_file": str(lab.base / "reputation.json"),
             "metrics_file": str(lab.base / "reputation.prom"),
             "alert_webhook": lab.alerts.url,
-        }
+        },
+        "notify": {"address": "postmaster@ops.example", "smarthost": {"host": "127.0.0.1", "port": lab.ops.port, "tls": "none"}},
     }
     try:
         lab.start()
+        lab.start_tracker()  # copies the operator events into the event store
         yield lab
     finally:
         lab.alerts.down()
+        lab.ops.stop()
         lab.destroy()
 
 
@@ -109,6 +116,11 @@ def deliver(lab, tid: str, subject: str):
     sink = lab.sinks[tid]
     wait_for(lambda: any(subject in r.header("Subject")[0] for r in sink.messages), 60, what=f"{subject} at {tid}")
     return next(r for r in sink.messages if subject in r.header("Subject")[0])
+
+
+def operator_events(lab) -> list[dict]:
+    r = lab.relayctl("events", "--operator", "--json", check=False)
+    return [json.loads(line) for line in r.stdout.splitlines()]
 
 
 def source(received) -> str:
@@ -169,7 +181,9 @@ def test_listing_fails_over_to_standby_and_delisting_is_detected(lab):
     wait_for(lambda: any(r.get("delay_reason") for q in lab.queue() for r in q.get("recipients", [])), 60, what="a deferred message")
 
     lab.relist(A)
+    started = time.time()
     r = lab.relayctl("reputation", "check", check=False)
+    checked = time.time()
     assert r.returncode == 1, r.stderr
     assert f"IP_LISTED {A}: bl.test: listed (127.0.0.2)" in r.stdout
     assert f"IP_FAILOVER {A}: {A} -> {STANDBY} to={STANDBY} helo={HELO[STANDBY]} tenants=acme" in r.stdout
@@ -183,6 +197,15 @@ def test_listing_fails_over_to_standby_and_delisting_is_detected(lab):
     assert (source(queued), queued.helo) == (STANDBY, HELO[STANDBY])
     after = deliver(lab, "acme", "after-failover")
     assert (source(after), after.helo) == (STANDBY, HELO[STANDBY])
+    # The failover timeline (docs/reputation.md), printed for the record (-s shows it).
+    # Log lines have whole seconds; the deliveries are the sink's own clock.
+    wall = lambda at: time.time() - (time.monotonic() - at)  # noqa: E731
+    logged = {ev: next((ln.split()[0] for ln in r.stderr.splitlines() if f"event={ev} " in ln), "?")
+              for ev in ("IP_LISTED", "postfix_reloaded", "IP_FAILOVER")}
+    print(f"\nfailover timeline: check started {started:.2f}, listing detected (IP_LISTED) {logged['IP_LISTED']}, "
+          f"Postfix reloaded {logged['postfix_reloaded']}, failover recorded {logged['IP_FAILOVER']}, check done {checked:.2f} "
+          f"(+{checked - started:.2f}s); first delivery from {STANDBY}: the queued message {wall(queued.at):.2f} "
+          f"(+{wall(queued.at) - started:.2f}s, after the test's flush), the next one {wall(after.at):.2f} (+{wall(after.at) - started:.2f}s)")
     assert source(deliver(lab, "globex", "globex-unmoved")) == B
     rows = {row["address"]: row for row in json.loads(lab.relayctl("ip", "list", "--json").stdout)}
     assert rows[A]["listing"] == "listed" and rows[A]["failed_over_to"] == STANDBY and rows[A]["tenants"] == []
@@ -206,6 +229,25 @@ def test_listing_fails_over_to_standby_and_delisting_is_detected(lab):
     alerted = [e for r in lab.alerts.delivered() for e in r.json["events"]]
     assert [e["event"] for e in alerted] == events
     assert alerted[1] | {"at": 0} == {"at": 0, "event": "IP_FAILOVER", "subject": A, "detail": f"{A} -> {STANDBY}", "to": STANDBY, "helo": HELO[STANDBY], "tenants": "acme"}
+    # ... and the operator's mailbox, one notice per step, over the notice route (Postfix's
+    # relay_notices_ transport to notify.smarthost).
+    notices = lab.ops.wait(4, timeout=60)
+    assert all(m.rcpt_tos == ["postmaster@ops.example"] for m in notices)
+    subjects = [m.header("Subject")[0] for m in notices]
+    for kind in events:
+        assert any(f"{kind}: {A}" in x for x in subjects), (kind, subjects)
+    failover_notice = next(m for m in notices if "IP_FAILOVER" in m.header("Subject")[0])
+    body = email.message_from_bytes(failover_notice.content, policy=email.policy.default).get_body().get_content()
+    assert f"{A} -> {STANDBY} to={STANDBY} helo={HELO[STANDBY]} tenants=acme" in body
+    # ... and the event store, through the tracker: `relayctl events --operator`.
+    def recorded():
+        rows = operator_events(lab)[-4:]
+        return rows if [e["event"] for e in rows] == events else None
+
+    stored = wait_for(recorded, 30, what="the operator events in the store")
+    assert stored[1] | {"at": 0, "id": 0} == alerted[1] | {"at": 0, "id": 0, "node": "relay.lab.test"}
+    text = lab.relayctl("events", "--operator").stdout
+    assert f"IP_FAILOVER     {A}: {A} -> {STANDBY}  helo={HELO[STANDBY]} tenants=acme to={STANDBY}" in text
     # Nothing lost: every message sent to acme in this test arrived, none is left queued.
     subjects = sorted(x.header("Subject")[0] for x in acme.messages)
     assert subjects == ["after-failover", "queued-before-failover", "restored", "still-on-standby"]

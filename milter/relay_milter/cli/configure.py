@@ -43,9 +43,10 @@ def render(obj: Context, out: Path, templates: Path | None) -> None:
     OUT must be new or empty, and owned by you (root) without group or other write
     permission: the smarthost password tables are written there."""
     from relay_milter.postfix.render import UnsafeDirectory, render_files, write_files
+    from relay_milter.reputation.state import state_for
 
     ts, settings = obj.load()
-    files = render_files(ts, settings, templates)
+    files = render_files(ts, settings, templates, reputation_state=state_for(settings))
     try:
         written = write_files(files, out, require_empty=True)
     except UnsafeDirectory as exc:
@@ -77,12 +78,14 @@ def check(obj: Context, templates: Path | None, strict: bool, probe: bool) -> No
     """
     from relay_milter.cli.operator import check_rendered, run_preflight
     from relay_milter.postfix.render import render_and_check
+    from relay_milter.reputation.monitor import fcrdns_warnings
+    from relay_milter.reputation.state import state_for
 
     ts, settings = obj.load()
     click.echo(f"tenants: {len(ts)} valid ({', '.join(t.id for t in ts)})")
     pf = run_preflight(ts, settings, strict=strict)
-    files, result = render_and_check(ts, settings, templates)
-    for line in result.warnings:
+    files, result = render_and_check(ts, settings, templates, reputation_state=state_for(settings))
+    for line in result.warnings + fcrdns_warnings(settings):
         warn(line)
     failed = bool(pf.errors) or not check_rendered(settings, files)
     if result.ok:
@@ -123,10 +126,12 @@ def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, for
     from relay_milter.config import APPLIED_TENANTS
     from relay_milter.postfix import handedit
     from relay_milter.postfix.render import install, postfix_running, reload_postfix, render_and_check
+    from relay_milter.reputation.state import state_for
 
     ts, settings = obj.load()
     pf = run_preflight(ts, settings)
-    files, result = render_and_check(ts, settings, templates)
+    # The failovers in force are kept: the tenants of a listed address stay on its standby.
+    files, result = render_and_check(ts, settings, templates, reputation_state=state_for(settings))
     if not check_rendered(settings, files) or not result.ok or pf.errors:
         fail(ExitCode.CHECK_FAILED, "check failed, nothing was installed", result.problems)
     edits = handedit.hand_edits(settings)

@@ -19,25 +19,42 @@ from relay_milter.cli.formats import parse_when, trace_table
 
 
 @click.command()
-@click.option("--tenant", required=True, metavar="ID", help="The tenant whose events to print.")
+@click.option("--tenant", default=None, metavar="ID", help="The tenant whose events to print.")
+@click.option("--operator", is_flag=True,
+              help="Print the operator events instead (IP_LISTED, IP_DELISTED, DOMAIN_LISTED, DOMAIN_DELISTED, IP_FAILOVER, IP_RESTORED).")
 @click.option("--after", default=0, show_default=True, type=click.IntRange(min=0), metavar="SEQ",
               help="Print events with a sequence number above SEQ (0: from the first).")
+@click.option("--since", default=None, metavar="WHEN", help="--operator: events at or after WHEN (ISO time, or an age like 24h).")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=1, max=100_000), help="At most this many events.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines), with seq, for scripts.")
 @click.pass_obj
-def events(obj: Context, tenant: str, after: int, limit: int, as_json: bool) -> None:
-    """Print a tenant's events from a cursor, in sequence order.
+def events(obj: Context, tenant: str | None, operator: bool, after: int, since: str | None, limit: int, as_json: bool) -> None:
+    """Print a tenant's events from a cursor, in sequence order (--tenant), or the
+    operator events (--operator).
 
     Every event of a tenant has a sequence number (seq), 1, 2, 3, ... in the order
     the tracker recorded them, on every node sharing the store. A receiver that was
     down pulls what it missed with --after set to the last seq it processed, then
     repeats with the last seq printed until nothing comes back.
 
+    Operator events are the reputation state changes of every node sharing the store
+    (`relayctl reputation check`, `relayctl ip failover|restore`), oldest first, the
+    last --limit of them: time (UTC), node, event, subject, detail and fields such as
+    tenants= and to= (who moved where). The tracker copies them from the reputation
+    state file within seconds.
+
     \b
-    Exit codes: 0 events printed, 1 none after SEQ, 3 configuration error,
-    4 event store unavailable.
+    Exit codes: 0 events printed, 1 none, 2 neither or both of --tenant and --operator,
+    3 configuration error, 4 event store unavailable.
     """
+    if (tenant is None) == (not operator):
+        raise click.UsageError("give either --tenant ID or --operator")
     _, settings = obj.load()
+    if operator:
+        _operator_events(settings, since, limit, as_json)
+        return
+    if since is not None:
+        raise click.UsageError("--since goes with --operator (tenant events: --after SEQ)")
     store = open_store(settings)
     try:
         found = store.events_after(tenant, after, limit)
@@ -53,6 +70,30 @@ def events(obj: Context, tenant: str, after: int, limit: int, as_json: bool) -> 
             click.echo(f"{seq:>8}  {line}")
     if not found:
         fail(ExitCode.FAILED, f"no events of tenant {tenant} after seq {after}")
+
+
+def _operator_events(settings, since: str | None, limit: int, as_json: bool) -> None:
+    try:
+        start = parse_when(since, time.time()) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    store = open_store(settings)
+    try:
+        found = store.operator_events(since=start, limit=limit)
+    except Exception as exc:
+        fail(ExitCode.UNAVAILABLE, f"event store: {exc}")
+    finally:
+        store.close()
+    if as_json:
+        for e in found:
+            click.echo(json.dumps(e, separators=(",", ":"), ensure_ascii=False))
+    else:
+        for e in found:
+            extra = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("id", "at", "node", "event", "subject", "detail"))
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["at"]))
+            click.echo(f"{when}  {e['node']:<16} {e['event']:<15} {e['subject']}: {e['detail']}" + (f"  {extra}" if extra else ""))
+    if not found:
+        fail(ExitCode.FAILED, "no operator events" + (f" since {since}" if since else ""))
 
 
 @click.group()

@@ -20,20 +20,23 @@ from relay_milter.cli.context import Context
 from relay_milter.cli.errors import ExitCode, fail, warn
 from relay_milter.config import ConfigError, Settings, TenantSet
 from relay_milter.core import reputation as rep
+from relay_milter.reputation import alerts
+from relay_milter.reputation.monitor import check_once
+from relay_milter.reputation.state import load_state, save_state
 
 log = logging.getLogger("relay.reputation")
 
 
 def _save(settings: Settings, state: dict) -> None:
     try:
-        rep.save_state(settings.reputation.state_file, state)
+        save_state(settings.reputation.state_file, state)
     except OSError as exc:
         fail(ExitCode.UNAVAILABLE, f"cannot write the reputation state {settings.reputation.state_file}: {exc}")
 
 
 def _state(settings: Settings) -> dict:
     try:
-        return rep.load_state(settings.reputation.state_file)
+        return load_state(settings.reputation.state_file)
     except ConfigError as exc:
         fail(ExitCode.CONFIG, str(exc))
 
@@ -55,96 +58,33 @@ def _reconfigure(ts: TenantSet, settings: Settings, state: dict) -> list[str]:
     return changed
 
 
-def _announce(changes: list[rep.Change], settings: Settings | None = None) -> None:
-    """Alert: a log line (WARNING) and a line on stdout per change, and a POST to
-    reputation.alert_webhook if set (a failed POST is a warning; the state is kept)."""
+def _announce(changes: list[rep.Change], settings: Settings, now: float) -> None:
+    """Alert, once the changes are recorded in the state file (the tracker copies them into
+    the event store from there): a log line (WARNING) and a line on stdout per change, a
+    POST to reputation.alert_webhook and a notice mail to notify.address when set. A
+    failed alert is a warning and an event=alert_failed log line; the state is kept."""
+    if not changes:
+        return
     for c in changes:
         logs.event(log, logging.WARNING, None, c.event, subject=c.subject, detail=c.detail, **c.fields)
         click.echo(f"{c.event} {c.subject}: {c.detail}" + "".join(f" {k}={v}" for k, v in c.fields.items()))
-    url = settings.reputation.alert_webhook if settings else None
-    if url and changes:
-        import urllib.request
-
-        body = json.dumps({"node": settings.node, "events": [c.record(time.time()) for c in changes]}).encode()
-        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                resp.read()
-        except Exception as exc:  # noqa: BLE001 - any failure is reported, never fatal
-            logs.event(log, logging.ERROR, None, "alert_failed", url=url, reason=str(exc))
-            warn(f"alert webhook {url} failed: {exc}")
+    records = [c.record(now) for c in changes]
+    url = settings.reputation.alert_webhook
+    if url and (error := alerts.post_webhook(url, settings.node, records)):
+        logs.event(log, logging.ERROR, None, "alert_failed", route="webhook", url=url, reason=error)
+        warn(f"alert webhook {url} failed: {error}")
+    if settings.notify is not None:
+        if error := alerts.send_notice(settings, records):
+            logs.event(log, logging.ERROR, None, "alert_failed", route="notice", to=settings.notify.address, reason=error)
+            warn(f"operator notice to {settings.notify.address} failed: {error}")
+        else:
+            logs.event(log, logging.INFO, None, "alert_sent", route="notice", to=settings.notify.address,
+                       events=",".join(c.event for c in changes))
 
 
 def _metrics(settings: Settings, state: dict) -> None:
-    path = settings.reputation.metrics_file
-    if path is None:
-        return
-    lines = [
-        "# HELP relay_source_address_listed 1 if the source address is on a blocklist, 0 if not, -1 unknown.",
-        "# TYPE relay_source_address_listed gauge",
-    ]
-    for a in settings.reputation.pool:
-        s = state["addresses"].get(a.address, {}).get("state", "unknown")
-        lines.append(f'relay_source_address_listed{{address="{a.address}",role="{a.role}"}} {1 if s == "listed" else 0 if s == "clean" else -1}')
-    lines += ["# HELP relay_source_address_failover 1 while the address's tenants are failed over to another.",
-              "# TYPE relay_source_address_failover gauge"]
-    for a in settings.reputation.pool:
-        lines.append(f'relay_source_address_failover{{address="{a.address}"}} {1 if a.address in state["failovers"] else 0}')
-    lines += ["# HELP relay_domain_listed 1 if the domain is on a domain blocklist, 0 if not, -1 unknown.",
-              "# TYPE relay_domain_listed gauge"]
-    for d, e in sorted(state["domains"].items()):
-        s = e.get("state", "unknown")
-        lines.append(f'relay_domain_listed{{domain="{d}"}} {1 if s == "listed" else 0 if s == "clean" else -1}')
-    lines += ["# HELP relay_reputation_events_total Reputation events recorded, by kind.",
-              "# TYPE relay_reputation_events_total counter"]
-    counts: dict[str, int] = {}
-    for e in state["events"]:
-        counts[e["event"]] = counts.get(e["event"], 0) + 1
-    lines += [f'relay_reputation_events_total{{event="{k}"}} {v}' for k, v in sorted(counts.items())]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        warn(f"cannot write {path}: {exc}")
-
-
-def _monitored_domains(ts: TenantSet, settings: Settings) -> list[str]:
-    domains = [d for t in ts for d in (t.relay_domain, t.signing_domain)]
-    domains += [a.helo for a in settings.reputation.pool]
-    return list(dict.fromkeys(domains))
-
-
-def check_once(ts: TenantSet, settings: Settings, state: dict, now: float) -> tuple[list[rep.Change], list[str]]:
-    """Look every pool address and domain up, record the results, fail over if configured.
-    Returns the changes and the lookups that failed (errors)."""
-    from relay_milter.core.dnsbl import fcrdns, lookup, resolver
-
-    r = resolver(settings.dns)
-    cfg = settings.reputation
-    changes: list[rep.Change] = []
-    errors: list[str] = []
-    for a in cfg.pool:
-        results = [rep.classify(lookup(r, rep.ip_query(a.address, z), z.zone), z) for z in cfg.dnsbls]
-        status, lists, detail = rep.combine(results)
-        if status == "error":
-            errors.append(f"{a.address}: {detail}")
-        if (c := rep.record(state, "addresses", a.address, status, lists, detail, now)) is not None:
-            c.fields["tenants"] = ",".join(rep.users_of(a.address, ts, cfg, state)) or "-"
-            changes.append(c)
-        f_status, f_detail = fcrdns(r, a.address, a.helo)
-        state["addresses"][a.address]["fcrdns"] = f_status
-        state["addresses"][a.address]["fcrdns_detail"] = f_detail
-    if cfg.domain_lists:
-        for d in _monitored_domains(ts, settings):
-            results = [rep.classify(lookup(r, rep.domain_query(d, z), z.zone), z) for z in cfg.domain_lists]
-            status, lists, detail = rep.combine(results)
-            if status == "error":
-                errors.append(f"{d}: {detail}")
-            if (c := rep.record(state, "domains", d, status, lists, detail, now)) is not None:
-                changes.append(c)
-    return changes, errors
+    if error := alerts.write_metrics(settings, state):
+        warn(error)
 
 
 def run_check(obj: Context, as_json: bool) -> int:
@@ -157,15 +97,16 @@ def run_check(obj: Context, as_json: bool) -> int:
     # Listing changes are recorded and alerted before any failover is tried.
     rep.log_events(state, changes, now)
     _save(settings, state)
-    _announce(changes, settings)
+    _announce(changes, settings, now)
     stuck: list[str] = []
     if settings.reputation.failover == "auto":
         moves, stuck = rep.auto_failovers(state, settings.reputation, ts, now)
         if moves:
             _reconfigure(ts, settings, state)  # exits 4, recording no failover, if Postfix refuses
-            rep.log_events(state, moves, time.time())
+            moved_at = time.time()
+            rep.log_events(state, moves, moved_at)
             _save(settings, state)
-            _announce(moves, settings)
+            _announce(moves, settings, moved_at)
             changes += moves
     for line in stuck:
         logs.event(log, logging.ERROR, None, "failover_impossible", detail=line)
@@ -249,6 +190,7 @@ def ip_failover(obj: Context, address: str) -> None:
     Re-renders, checks, installs and reloads; queued mail leaves from the new address.
     Exit 1 if there is nothing to do or no healthy standby."""
     ts, settings = obj.load()
+    logs.setup(settings.log_level, None)
     state = _state(settings)
     entry = settings.reputation.entry(address)
     if entry is None:
@@ -259,9 +201,10 @@ def ip_failover(obj: Context, address: str) -> None:
     except ValueError as exc:
         fail(ExitCode.FAILED, f"cannot fail over: {exc}")
     _reconfigure(ts, settings, state)
+    now = time.time()
     rep.log_events(state, [change], now)
     _save(settings, state)
-    _announce([change], settings)
+    _announce([change], settings, now)
     _metrics(settings, state)
 
 
@@ -273,6 +216,7 @@ def ip_restore(obj: Context, address: str) -> None:
 
     Exit 1 if ADDRESS has no failover in force."""
     ts, settings = obj.load()
+    logs.setup(settings.log_level, None)
     state = _state(settings)
     entry = settings.reputation.entry(address)
     if entry is None:
@@ -285,9 +229,10 @@ def ip_restore(obj: Context, address: str) -> None:
     if rep.is_listed(state, entry.address):
         warn(f"{entry.address} is still listed at the last check")
     _reconfigure(ts, settings, state)
+    now = time.time()
     rep.log_events(state, [change], now)
     _save(settings, state)
-    _announce([change], settings)
+    _announce([change], settings, now)
     _metrics(settings, state)
 
 
@@ -306,8 +251,9 @@ def reputation_check(obj: Context, as_json: bool, log_file: Path | None) -> None
     `failover: auto` move the tenants of a listed active address to a standby.
 
     State changes (IP_LISTED, IP_DELISTED, DOMAIN_LISTED, DOMAIN_DELISTED, IP_FAILOVER) are
-    logged, printed, kept in the state file, counted in the metrics file and POSTed to
-    reputation.alert_webhook if set. A lookup that
+    logged, printed, kept in the state file (the tracker copies them into the event store:
+    `relayctl events --operator`), counted in the metrics file, POSTed to
+    reputation.alert_webhook and mailed to notify.address if set. A lookup that
     fails or that the list refuses is a warning and keeps the last known state.
     Exit 1 if anything is listed now."""
     logs.setup(obj.load_settings().log_level, str(log_file) if log_file else None)

@@ -88,6 +88,12 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
     webhooks through the store's outbox (one worker per tenant). SIGTERM finishes the
     current batch and exits 0.
 
+    While tenants have limits.max_queued or limits.max_queue_age it also writes the
+    per-tenant queue summary the milter's backpressure reads
+    (reputation.queue_summary_file, every reputation.queue_refresh seconds), and it copies
+    the operator events of `relayctl reputation` / `relayctl ip` (reputation.state_file)
+    into the event store (`relayctl events --operator`).
+
     Tenant and secrets file changes are picked up within a second without a restart;
     an invalid change is logged (event=reload_failed) and the last good set stays.
     One tracker per node name and store: a second one exits 3 and names the first.
@@ -113,6 +119,8 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
         workers.append(functools.partial(_webhook_loop, live))
     if settings.tracking.metrics_file:
         workers.append(functools.partial(_metrics_loop, live))
+    workers.append(functools.partial(_queue_summary_loop, live))
+    workers.append(functools.partial(_operator_events_loop, live))
 
     def announce() -> None:
         logs.event(log, logging.INFO, None, "track_start", node=settings.node, maillog=settings.maillog_file,
@@ -125,6 +133,8 @@ def run_tracker(obj: Context, once: bool, log_file: Path | None, from_start: boo
             if not no_webhooks:
                 _send_webhooks_once(live)
             _write_metrics(live, store)
+            _write_queue_summary(live, store)
+            _import_operator_events(live, store)
     finally:  # a ConfigError from main_loop still exits 3 (cli.errors.reported)
         store.close()
         logs.event(log, logging.INFO, None, "track_stop")
@@ -142,6 +152,9 @@ class _Live:
         self.tracker: Any = None
         self.sender: Any = None
         self.last_run: float | None = None
+        self.summary_failed = False  # the queue summary could not be written (logged once)
+        self.operator_mark: tuple | None = None  # the state file as last imported
+        self.operator_failed = False  # copying the operator events failed (logged once)
 
     def attach(self, tracker: Any) -> None:
         self.tracker = tracker
@@ -332,6 +345,96 @@ def run_web(obj: Context, log_file: Path | None, listen: str | None, create_key:
         web.serve(app, listen or settings.engagement.listen)
     finally:
         store.close()
+
+
+def _queue_summary_loop(live: _Live, stop: threading.Event) -> None:
+    store = open_store(live.settings, create=True)
+    try:
+        while True:
+            _write_queue_summary(live, store)
+            if stop.wait(live.settings.reputation.queue_refresh):
+                break
+    finally:
+        store.close()
+
+
+def _write_queue_summary(live: _Live, store) -> None:
+    """The milter's backpressure input: ``postqueue -j`` attributed per tenant (the store's
+    record of each queue id first, else the sender's domain), written atomically. Only
+    while some tenant has a queue limit: a large queue is not listed for nothing."""
+    settings, tenants = live.settings, live.tenants
+    if not any(t.limits.max_queued is not None or t.limits.max_queue_age is not None for t in tenants):
+        return
+    from relay_milter import logs
+    from relay_milter.core.quota import summary_document
+    from relay_milter.postfix import queue as ops
+    from relay_milter.tracking.queuesummary import write_summary
+
+    log = logging.getLogger("relay.tracker")
+    rep = settings.reputation
+    try:
+        now = time.time()
+        try:
+            messages = ops.attribute(ops.read_queue(settings.config_directory), tenants, store, settings.node)
+        except ops.OpsError as exc:  # the store lookup failed: attribute by sender domain alone
+            if "event store" not in str(exc):
+                raise
+            messages = ops.attribute(ops.read_queue(settings.config_directory), tenants)
+        queues = ops.backpressure_queues(ops.queue_summary(messages, now), now)
+        write_summary(rep.queue_summary_file, summary_document(queues, now, settings.node, rep.queue_refresh))
+        if live.summary_failed:
+            live.summary_failed = False
+            logs.event(log, logging.INFO, None, "queue_summary_written", file=str(rep.queue_summary_file))
+    except Exception as exc:  # the file ages; the milter warns, then fails open (docs/reputation.md)
+        if not live.summary_failed:
+            live.summary_failed = True
+            logs.event(log, logging.WARNING, None, "queue_summary_failed", file=str(rep.queue_summary_file), reason=str(exc)[:300])
+
+
+def _operator_events_loop(live: _Live, stop: threading.Event) -> None:
+    store = open_store(live.settings, create=True)
+    try:
+        while True:
+            _import_operator_events(live, store)
+            if stop.wait(2.0):
+                break
+    finally:
+        store.close()
+
+
+def _import_operator_events(live: _Live, store) -> None:
+    """Copy new operator events from the reputation state file into the store (when the
+    file changed since the last look)."""
+    from relay_milter import logs
+    from relay_milter.tracking.operatorevents import import_events, read_events
+
+    log = logging.getLogger("relay.tracker")
+    path = live.settings.reputation.state_file
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        st = None
+        reason: str | None = str(exc)
+    else:
+        reason = None
+    mark = (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+    if mark is not None and mark == live.operator_mark:
+        return
+    try:
+        if reason is not None:
+            raise OSError(reason)
+        n = import_events(store, live.settings.node, read_events(path))
+    except Exception as exc:  # tracking goes on; retried every pass, logged once until it works
+        if not live.operator_failed:
+            live.operator_failed = True
+            logs.event(log, logging.WARNING, None, "operator_events_failed", file=str(path), reason=str(exc)[:300])
+        return
+    live.operator_mark = mark
+    live.operator_failed = False
+    if n:
+        logs.event(log, logging.INFO, None, "operator_events", recorded=n, file=str(path))
 
 
 COMMANDS: tuple[click.Command, ...] = (run_milter, run_tracker, run_web)

@@ -8,8 +8,9 @@ milter's policy asks at the moment the tenant of a transaction is known.
   tenant reloads (the gate is shared) but not a milter restart.
 - ``recipients_per_message``: the recipient past the limit gets 452 (RFC 5321 clients send
   the rest in a further transaction).
-- ``max_queued`` / ``max_queue_age``: read from a queue summary that a background thread
-  refreshes (``milter/backpressure.py``); never a ``postqueue`` run per message.
+- ``max_queued`` / ``max_queue_age``: read from a queue summary file that the tracker
+  writes (``summary_document``) and a background thread of the milter re-reads
+  (``parse_summary``, ``milter/backpressure.py``); never a ``postqueue`` run per message.
 
 Every refusal is a 452, so the platform keeps the mail and retries.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 from relay_milter.config import Tenant
 
@@ -42,6 +43,59 @@ class Counters(Protocol):
         """Start new windows if ``minute``/``day`` moved on, add ``add`` to both counts
         (atomically), and return (this minute's count, this day's count)."""
         ...
+
+
+# -- the queue summary file (written by the tracker, read by the milter) ------------------
+
+SUMMARY_VERSION = 1
+
+Freshness = Literal["fresh", "stale", "expired"]
+
+
+def summary_document(queues: dict[str, TenantQueue], written: float, node: str, refresh: float) -> dict[str, Any]:
+    """The JSON document of the summary file: when it was written, by which node, and per
+    tenant the messages queued (held ones excluded) and the oldest deferred arrival time."""
+    return {
+        "version": SUMMARY_VERSION,
+        "written": written,
+        "node": node,
+        "refresh": refresh,
+        "tenants": {tid: {"queued": q.queued, "oldest_deferred": q.oldest_deferred} for tid, q in sorted(queues.items())},
+    }
+
+
+def parse_summary(doc: Any) -> tuple[float, dict[str, TenantQueue]]:
+    """(written, per-tenant queues) of a summary document; ValueError if it is not one."""
+    if not isinstance(doc, dict) or doc.get("version") != SUMMARY_VERSION:
+        raise ValueError("not a queue summary of version 1")
+    try:
+        written = float(doc["written"])
+        tenants = doc["tenants"]
+        if not isinstance(tenants, dict):
+            raise TypeError("tenants is not an object")
+        queues = {
+            str(tid): TenantQueue(int(q["queued"]), None if q.get("oldest_deferred") is None else float(q["oldest_deferred"]))
+            for tid, q in tenants.items()
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed queue summary: {exc!r}") from None
+    return written, queues
+
+
+def stale_after(refresh: float) -> float:
+    """A summary not rewritten for this long is stale (the writer missed a few rounds)."""
+    return max(3 * refresh, 1.0)
+
+
+def freshness(written: float, now: float, refresh: float, max_age: float) -> Freshness:
+    """fresh: use it; stale: keep using the last one and warn; expired: do not trust it
+    (backpressure fails open)."""
+    age = now - written
+    if age > max_age:
+        return "expired"
+    if age > stale_after(refresh):
+        return "stale"
+    return "fresh"
 
 
 @dataclass

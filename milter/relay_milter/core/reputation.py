@@ -1,7 +1,8 @@
 """Sender reputation decisions: which source address each tenant leaves from, what a
 blocklist answer means, which state changes are events, and where a listed address fails
-over to. Pure: the DNS lookups are in ``core/dnsbl.py``, the orchestration (lookups,
-re-render, reload, alerts) in ``cli/reputation.py``.
+over to. Pure: the DNS lookups, the state file and the alerts are in the ``reputation``
+sub-package (``reputation/dns.py``, ``reputation/state.py``, ``reputation/alerts.py``), the
+orchestration (lookups, re-render, reload, the event store) in ``cli/reputation.py``.
 
 The state (``reputation.state_file``, JSON) is the only thing remembered between runs::
 
@@ -9,17 +10,15 @@ The state (``reputation.state_file``, JSON) is the only thing remembered between
                                  "fcrdns": "ok", "detail": "..."}},
      "domains":   {"acme.relay.test": {"state": "clean", ...}},
      "failovers": {"127.0.0.2": {"to": "127.0.0.4", "at": ..., "tenants": ["acme"]}},
-     "events":    [{"at": ..., "event": "IP_LISTED", ...}, ...]}   # the last MAX_EVENTS
+     "events":    [{"at": ..., "event": "IP_LISTED", ...}, ...],   # the last MAX_EVENTS
+     "counts":    {"IP_LISTED": 3, ...}}   # every event ever recorded, by kind (a counter)
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from relay_milter.config import BlocklistZone, ConfigError, ReputationSettings, SourceAddress, Tenant
@@ -150,28 +149,20 @@ def combine(results: list[tuple[Status, str]]) -> tuple[Status, list[str], str]:
 
 
 def empty_state() -> dict:
-    return {"addresses": {}, "domains": {}, "failovers": {}, "events": []}
+    return {"addresses": {}, "domains": {}, "failovers": {}, "events": [], "counts": {}}
 
 
-def load_state(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return empty_state()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read the reputation state: {exc}") from None
+def normalise_state(data: Any) -> dict:
+    """A state as read from its file (any JSON value) with every part present; unknown
+    keys are dropped. Raises ValueError if it is not a JSON object."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
     state = empty_state()
-    if isinstance(data, dict):
-        state.update({k: v for k, v in data.items() if k in state})
+    state.update({k: v for k, v in data.items() if k in state and isinstance(v, type(state[k]))})
+    if not state["counts"] and state["events"]:  # a state written before the counters existed
+        for e in state["events"]:
+            state["counts"][e["event"]] = state["counts"].get(e["event"], 0) + 1
     return state
-
-
-def save_state(path: Path, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -272,5 +263,9 @@ def auto_failovers(state: dict, rep: ReputationSettings, tenants: Iterable[Tenan
 
 def log_events(state: dict, changes: Iterable[Change], now: float | None = None) -> None:
     now = time.time() if now is None else now
+    changes = list(changes)
     state.setdefault("events", []).extend(c.record(now) for c in changes)
     del state["events"][:-MAX_EVENTS]
+    counts = state.setdefault("counts", {})
+    for c in changes:
+        counts[c.event] = counts.get(c.event, 0) + 1

@@ -527,6 +527,10 @@ class Lab:
             "milter_command_timeout": "10s",
             "milter_content_timeout": "15s",
             "dns": {"nameservers": [self.dns.address if self.dns else "127.0.0.1"], "port": self.dns.port if self.dns else 53, "timeout": 3},
+            # The tracker writes the backpressure queue summary here (when it runs: start_tracker),
+            # and copies operator events from the lab's own reputation state file.
+            "reputation": {"queue_summary_file": str(self.base / "queue-summary.json"),
+                           "state_file": str(self.base / "reputation.json")},
             "tracking": {
                 "events_dsn": self.events_dsn,
                 "milter_log_file": str(self.milter_log),
@@ -540,7 +544,10 @@ class Lab:
         }
 
     def write_settings(self, **overrides) -> None:
-        self.settings_file.write_text(yaml.safe_dump(self.settings() | self.overrides | overrides, sort_keys=False))
+        settings = self.settings() | self.overrides | overrides
+        # reputation is merged, so a lab that sets a pool keeps the lab's queue summary file.
+        settings["reputation"] = self.settings()["reputation"] | self.overrides.get("reputation", {}) | overrides.get("reputation", {})
+        self.settings_file.write_text(yaml.safe_dump(settings, sort_keys=False))
         fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(self.secrets, f)

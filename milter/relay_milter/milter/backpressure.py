@@ -1,11 +1,20 @@
-"""Backpressure: a background thread keeps a per-tenant summary of the Postfix queue for the
-policy's ``IngressGate`` (core/quota.py). The milter never runs ``postqueue`` per message.
+"""Backpressure: a background thread keeps the policy's ``IngressGate`` (core/quota.py)
+supplied with a per-tenant summary of the Postfix queue. The milter never runs
+``postqueue``: the hardened milter service has no ``postdrop`` group and cannot. The
+tracker (``relayctl track``) runs ``postqueue -j`` every ``reputation.queue_refresh`` seconds
+and replaces ``reputation.queue_summary_file`` atomically; this thread re-reads it as often.
 
-Every ``reputation.queue_refresh`` seconds it runs ``postqueue -j`` and attributes each
-queued message to a tenant by its envelope sender's domain: the milter lets through only a
-tenant's allowed sender domains, its envelope_sender's domain and its hop signing domain,
-and these belong to one tenant each. Held messages (an operator's decision) do not count.
-If ``postqueue`` fails, the last summary stays in force and the failure is logged.
+What the milter does with the file:
+
+- fresh (rewritten within 3 x ``queue_refresh``): used;
+- stale (older, but not older than ``reputation.queue_summary_max_age``), or missing or
+  unreadable after a good one that is still that young: the last summary stays in force,
+  ``event=queue_summary_stale`` is logged once;
+- missing, unreadable or older than ``queue_summary_max_age``: backpressure **fails open**
+  (no tenant is held back for its queue; the ingress rate limits still apply), logged once
+  as ``event=queue_summary_unavailable`` and exported as ``relay_backpressure_fail_open 1``.
+  Backpressure is a fairness feature, not a security check: refusing every tenant because
+  the tracker is down would turn a monitoring gap into an outage.
 
 A tenant whose state changes is logged (``event=backpressure tenant=acme state=on|off``).
 """
@@ -14,78 +23,136 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
+import os
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 from relay_milter import logs
-from relay_milter.config import Settings, TenantSet
-from relay_milter.core.quota import IngressGate, TenantQueue
+from relay_milter.config import Settings
+from relay_milter.core.quota import TenantQueue, freshness, parse_summary
 
 log = logging.getLogger("relay.milter")
 
 
-def sender_tenants(tenants: TenantSet) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for t in tenants:
-        for d in (*t.bounce_domains, t.signing_domain):
-            out.setdefault(d, t.id)
-    return out
-
-
-def summarise(lines: list[str], tenants: TenantSet) -> dict[str, TenantQueue]:
-    by_domain = sender_tenants(tenants)
-    counts: dict[str, int] = {}
-    oldest: dict[str, float] = {}
-    for line in lines:
-        if not line.strip():
-            continue
-        obj = json.loads(line)
-        if obj.get("queue_name") == "hold":
-            continue
-        tid = by_domain.get(str(obj.get("sender", "")).rpartition("@")[2].lower())
-        if tid is None:
-            continue
-        counts[tid] = counts.get(tid, 0) + 1
-        if obj.get("queue_name") == "deferred":
-            arrival = float(obj.get("arrival_time") or 0)
-            oldest[tid] = min(oldest.get(tid, arrival), arrival)
-    return {tid: TenantQueue(n, oldest.get(tid)) for tid, n in counts.items()}
-
-
 class QueueWatcher:
-    def __init__(self, source, settings: Settings):
+    def __init__(self, source, settings: Settings, clock=time.time):
         self.source = source  # ReloadingPolicy (or a Policy): .current().tenants, .gate
         self.settings = settings
+        self.clock = clock
         self.stop = threading.Event()
         self._pressed: set[str] = set()
+        self.status = "starting"  # fresh | stale | fail_open
+        self.written: float | None = None  # when the summary in force was written
+        self._last: dict[str, TenantQueue] = {}
+
+    # -- reading the file ----------------------------------------------------------------
+
+    def _read(self) -> tuple[float, dict[str, TenantQueue]] | str:
+        """The file's summary, or why there is none ("missing", "unreadable: ...")."""
+        path = self.settings.reputation.queue_summary_file
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            return f"unreadable: {exc.strerror or exc}"
+        try:
+            return parse_summary(json.loads(text))
+        except ValueError as exc:
+            return f"unreadable: {exc}"
+
+    def _set_status(self, status: str, **fields) -> None:
+        if status == self.status:
+            return
+        previous, self.status = self.status, status
+        path = str(self.settings.reputation.queue_summary_file)
+        if status == "fresh":
+            if previous != "starting":
+                logs.event(log, logging.INFO, None, "queue_summary_ok", file=path, **fields)
+        elif status == "stale":
+            logs.event(log, logging.WARNING, None, "queue_summary_stale", file=path, action="keeping the last summary", **fields)
+        else:
+            logs.event(log, logging.WARNING, None, "queue_summary_unavailable", file=path,
+                       action="backpressure off (fail open) until the tracker writes it again", **fields)
 
     def refresh(self) -> None:
         policy = self.source.current()
         tenants = policy.tenants
         watched = [t for t in tenants if t.limits.max_queued is not None or t.limits.max_queue_age is not None]
         if not watched:
+            self._write_metrics([])
             return
-        try:
-            r = subprocess.run(
-                ["postqueue", "-c", str(self.settings.config_directory), "-j"],
-                capture_output=True, text=True, timeout=60,
-            )
-            if r.returncode != 0:
-                raise RuntimeError(r.stderr.strip() or f"exit {r.returncode}")
-            summary = summarise(r.stdout.splitlines(), tenants)
-        except Exception as exc:  # keep the last summary; say so
-            logs.event(log, logging.WARNING, None, "queue_summary_failed", reason=str(exc)[:300])
-            return
-        policy.gate.set_queues(summary)
+        rep = self.settings.reputation
+        now = self.clock()
+        got = self._read()
+        if isinstance(got, tuple):
+            written, summary = got
+            state = freshness(written, now, rep.queue_refresh, rep.queue_summary_max_age)
+            if state == "expired":
+                self._fail_open(reason="too old", age=f"{now - written:.0f}s")
+            else:
+                self.written, self._last = written, summary
+                self._set_status(state, age=f"{now - written:.0f}s")
+                policy.gate.set_queues(summary)
+        elif self.written is not None and now - self.written <= rep.queue_summary_max_age:
+            self._set_status("stale", reason=got, age=f"{now - self.written:.0f}s")
+            policy.gate.set_queues(self._last)
+        else:
+            self._fail_open(reason=got)
+        self._log_changes(policy, watched)
+        self._write_metrics(watched)
+
+    def _fail_open(self, **fields) -> None:
+        self.written, self._last = None, {}
+        self.source.current().gate.set_queues({})
+        self._set_status("fail_open", **fields)
+
+    def _log_changes(self, policy, watched) -> None:
         for t in watched:
             refusal = policy.gate.backpressure(t)
-            q = summary.get(t.id, TenantQueue())
+            q = policy.gate.queue(t.id)
             if refusal and t.id not in self._pressed:
                 self._pressed.add(t.id)
                 logs.event(log, logging.WARNING, None, "backpressure", tenant=t.id, state="on", queued=q.queued, reason=refusal[2])
             elif not refusal and t.id in self._pressed:
                 self._pressed.discard(t.id)
                 logs.event(log, logging.INFO, None, "backpressure", tenant=t.id, state="off", queued=q.queued)
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def metrics_text(self, watched) -> str:
+        age = -1 if self.written is None else max(0.0, self.clock() - self.written)
+        lines = [
+            "# HELP relay_queue_summary_age_seconds Age of the queue summary the milter's backpressure uses (-1: none).",
+            "# TYPE relay_queue_summary_age_seconds gauge",
+            f"relay_queue_summary_age_seconds {age:.3f}" if age >= 0 else "relay_queue_summary_age_seconds -1",
+            "# HELP relay_backpressure_fail_open 1 while backpressure is off because the queue summary is missing or too old.",
+            "# TYPE relay_backpressure_fail_open gauge",
+            f"relay_backpressure_fail_open {1 if self.status == 'fail_open' and watched else 0}",
+            "# HELP relay_backpressure_active 1 while the tenant's new mail gets 452 4.3.1 (its queue is past its limits).",
+            "# TYPE relay_backpressure_active gauge",
+        ]
+        lines += [f'relay_backpressure_active{{tenant="{t.id}"}} {1 if t.id in self._pressed else 0}' for t in watched]
+        return "\n".join(lines) + "\n"
+
+    def _write_metrics(self, watched) -> None:
+        path = self.settings.reputation.milter_metrics_file
+        if path is None:
+            return
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(self.metrics_text(watched))
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            logs.event(log, logging.WARNING, None, "metrics_failed", file=str(path), reason=str(exc))
 
     def run(self) -> None:
         while True:

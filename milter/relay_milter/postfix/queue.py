@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from relay_milter.config import TenantSet
+from relay_milter.core import quota
 from relay_milter.postfix.runner import PostfixToolError, run_postfix_tool
 
 QUEUES: tuple[str, ...] = ("active", "deferred", "hold", "incoming", "maildrop")
@@ -247,6 +248,19 @@ def queue_summary(messages: Iterable[QueuedMessage], now: float, top: int = TOP_
         # Ties sorted by text: the same queue always gives the same table.
         row.reasons = sorted(reasons[tenant].items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     return sorted(rows.values(), key=lambda r: (r.tenant == UNATTRIBUTED, r.tenant))
+
+
+def backpressure_queues(rows: Iterable[TenantQueue], now: float) -> dict[str, quota.TenantQueue]:
+    """The milter's view of a queue summary (core/quota.py): per attributed tenant, the
+    messages queued except held ones (an operator's decision), and the arrival time of its
+    oldest deferred message."""
+    out: dict[str, quota.TenantQueue] = {}
+    for r in rows:
+        if r.tenant == UNATTRIBUTED:
+            continue
+        oldest = None if r.oldest_deferred_age is None else now - r.oldest_deferred_age
+        out[r.tenant] = quota.TenantQueue(r.total - r.counts.get("hold", 0), oldest)
+    return out
 
 
 def select(messages: Iterable[QueuedMessage], tenant: str, queues: Iterable[str] | None = None) -> list[str]:

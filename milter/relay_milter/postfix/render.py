@@ -98,13 +98,9 @@ def template_dir(explicit: Path | None = None) -> Path:
 
 def source_addresses(tenants: TenantSet, settings: Settings, reputation_state: dict | None = None) -> dict:
     """tenant id -> the pool address its transport binds to (None: the host's default),
-    with the failovers of the reputation state (read from its file unless given)."""
-    if reputation_state is not None:
-        state = reputation_state
-    elif settings.reputation.pool:
-        state = reputation.load_state(settings.reputation.state_file)
-    else:  # no pool: no failovers to read
-        state = reputation.empty_state()
+    with the failovers of the reputation state. The caller reads the state
+    (``reputation.state.state_for``): without one, no failover is in force."""
+    state = reputation.empty_state() if reputation_state is None else reputation_state
     return reputation.assignments(tenants, settings.reputation, state)
 
 
@@ -452,7 +448,6 @@ def render_and_check(
         # postfix check inspects the queue directory; it must exist to be checked.
         result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
     result.problems += [f"source address {a}: not configured on this host ({why})" for a, why in unbound_addresses(settings)]
-    result.warnings += fcrdns_warnings(settings)
     fd_warning = fds.fit_warning(files["master.cf"], settings.queue_directory)
     if fd_warning:
         result.warnings.append(fd_warning)
@@ -477,22 +472,6 @@ def address_is_local(address: str) -> str | None:
 def unbound_addresses(settings: Settings) -> list[tuple[str, str]]:
     """Pool addresses this host cannot send from (an error for check and apply)."""
     return [(a.address, why) for a in settings.reputation.pool if (why := address_is_local(a.address))]
-
-
-def fcrdns_warnings(settings: Settings) -> list[str]:
-    """Pool addresses whose PTR and HELO name do not confirm each other (a warning only:
-    receivers score it, Postfix does not care)."""
-    from relay_milter.core.dnsbl import fcrdns, resolver
-
-    if not settings.reputation.pool:
-        return []
-    res = resolver(settings.dns)
-    out = []
-    for a in settings.reputation.pool:
-        status, detail = fcrdns(res, a.address, a.helo)
-        if status != "ok":
-            out.append(f"source address {a.address}: FCrDNS {status}: {detail}")
-    return out
 
 
 def install(files: dict[str, str], settings: Settings) -> list[str]:

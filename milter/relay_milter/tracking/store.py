@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 from relay_milter.config import ConfigError
 from relay_milter.tracking.events import Event, Kind
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # -- schema (one description, rendered per dialect) ---------------------------------
 
@@ -150,10 +150,22 @@ _V2_INDEXES: tuple[Index, ...] = (
 _V3_EVENT_COLUMNS: tuple[tuple[str, str, bool], ...] = (("detail", "text", False),)
 
 _EVENT_COLUMNS = _V1_EVENT_COLUMNS + _V2_EVENT_COLUMNS + _V3_EVENT_COLUMNS
+
+# Version 4: operator events (relayctl reputation / ip: IP_LISTED, IP_DELISTED,
+# DOMAIN_LISTED, DOMAIN_DELISTED, IP_FAILOVER, IP_RESTORED). Not tenant events: no seq, no
+# webhook outbox row; ``fields`` is the event's JSON (to=, helo=, tenants=, lists=, ...).
+_V4_TABLES: tuple[Table, ...] = (
+    Table(
+        "operator_events",
+        (("id", "id", True), ("ts", "real", True), ("node", "text", True), ("event", "text", True),
+         ("subject", "text", True), ("detail", "text", True), ("fields", "text", True)),
+    ),
+)
+_V4_INDEXES: tuple[Index, ...] = (Index("operator_events_ts", "operator_events", ("ts",)),)
 EVENT_FIELDS = tuple(c[0] for c in _EVENT_COLUMNS)
 EVENT_FIELDS_V1 = tuple(c[0] for c in _V1_EVENT_COLUMNS)  # the events columns of schema version 1
-TABLES = _V1_TABLES + _V2_TABLES
-INDEXES = _V1_INDEXES + _V2_INDEXES
+TABLES = _V1_TABLES + _V2_TABLES + _V4_TABLES
+INDEXES = _V1_INDEXES + _V2_INDEXES + _V4_INDEXES
 
 
 def _create(tables: Sequence[Table], indexes: Sequence[Index], dialect: str) -> list[str]:
@@ -198,7 +210,11 @@ def _v3(dialect: str) -> list[str]:
     return [f"ALTER TABLE events ADD COLUMN {n} {_TYPES[k][col]}" for n, k, _ in _V3_EVENT_COLUMNS]
 
 
-MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql, 2: _v2, 3: _v3}
+def _v4(dialect: str) -> list[str]:
+    return _create(_V4_TABLES, _V4_INDEXES, dialect)
+
+
+MIGRATIONS: dict[int, Callable[[str], list[str]]] = {1: schema_sql, 2: _v2, 3: _v3, 4: _v4}
 
 
 def _check_event_columns() -> None:
@@ -406,6 +422,16 @@ class Tx:
         )
 
     # -- checkpoints ----
+    def add_operator_event(self, node: str, record: dict[str, Any]) -> None:
+        """One operator event (``core.reputation.Change.record``: at, event, subject, detail
+        and further fields such as to=, helo=, tenants=, lists=)."""
+        extra = {k: v for k, v in record.items() if k not in ("at", "event", "subject", "detail")}
+        self._c.execute(
+            "INSERT INTO operator_events (ts, node, event, subject, detail, fields) VALUES (?, ?, ?, ?, ?, ?)",
+            [float(record["at"]), node, str(record["event"]), str(record["subject"]), str(record.get("detail", "")),
+             json.dumps(extra, sort_keys=True, separators=(",", ":"))],
+        )
+
     def get_checkpoint(self, node: str, stream: str) -> dict | None:
         rows = self._c.query("SELECT value FROM checkpoints WHERE node = ? AND stream = ?", [node, stream])
         return json.loads(rows[0]["value"]) if rows else None
@@ -663,8 +689,9 @@ class Store(ABC):
         """Delete delivered outbox rows delivered before ``cutoff``, then events recorded
         before it, ``batch`` rows per transaction (the tracker keeps writing in between).
         Kept always: undelivered outbox rows and their events, the tracker's state, and
-        every event of a message still in the queue (it has state). Counters are not
-        touched. Returns (events, outbox rows) deleted."""
+        every event of a message still in the queue (it has state). Operator events older
+        than ``cutoff`` go too. Counters are not touched. Returns (events, outbox rows)
+        deleted."""
         outbox = events = 0
         while True:
             with self.transaction() as tx:
@@ -688,7 +715,49 @@ class Store(ABC):
                 progress(events, outbox)
             if n < batch:
                 break
+        with self.transaction() as tx:  # operator events: a few a day, one statement
+            tx._c.execute("DELETE FROM operator_events WHERE ts < ?", [cutoff])
         return events, outbox
+
+    # -- operator events ----
+    def add_operator_events(self, node: str, records: Iterable[dict[str, Any]]) -> int:
+        """Record operator events of ``node`` in one transaction; returns how many."""
+        n = 0
+        with self.transaction() as tx:
+            for r in records:
+                tx.add_operator_event(node, r)
+                n += 1
+        return n
+
+    def operator_events(
+        self, *, since: float | None = None, node: str | None = None, kinds: Iterable[str] | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Operator events, oldest first (the last ``limit`` of them): dicts with id, at,
+        node, event, subject, detail and the event's further fields."""
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if node is not None:
+            where.append("node = ?")
+            params.append(node)
+        if kinds is not None:
+            names = list(kinds)
+            if not names:
+                return []
+            where.append(f"event IN ({_placeholders(len(names))})")
+            params += names
+        sql = "SELECT id, ts, node, event, subject, detail, fields FROM operator_events"
+        sql += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        out = []
+        for r in reversed(self._query(sql, params)):
+            out.append({"id": int(r["id"]), "at": float(r["ts"]), "node": r["node"], "event": r["event"],
+                        "subject": r["subject"], "detail": r["detail"], **json.loads(r["fields"] or "{}")})
+        return out
 
     def backup(self, target: Path | str) -> None:
         """Copy the store to ``target`` consistently while it is in use (SQLite's online

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from relay_milter.config import BlocklistZone, ConfigError, ReputationSettings, Settings, SmarthostRate, TenantLimits
 from relay_milter.core import reputation as rep
+from relay_milter.reputation.state import load_state, save_state
 from support.factories import tenant
 
 
@@ -134,12 +135,28 @@ def test_state_file_round_trip(tmp_path):
     state = rep.empty_state()
     rep.fail_over(state, pool(), [ACME], "127.0.0.2", 1.0)
     rep.log_events(state, [rep.Change("IP_LISTED", "127.0.0.2", "x")], 1.0)
-    rep.save_state(tmp_path / "r.json", state)
-    assert rep.load_state(tmp_path / "r.json") == state
-    assert rep.load_state(tmp_path / "missing.json") == rep.empty_state()
+    save_state(tmp_path / "r.json", state)
+    assert load_state(tmp_path / "r.json") == state
+    assert state["counts"] == {"IP_LISTED": 1}
+    assert load_state(tmp_path / "missing.json") == rep.empty_state()
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ConfigError, match="cannot read the reputation state"):
-        rep.load_state(tmp_path / "bad.json")
+        load_state(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        load_state(tmp_path / "list.json")
+
+
+def test_event_counters_outlive_the_kept_events():
+    """relay_reputation_events_total is a counter: it keeps counting past MAX_EVENTS."""
+    state = rep.empty_state()
+    for n in range(rep.MAX_EVENTS + 5):
+        rep.log_events(state, [rep.Change("IP_LISTED" if n % 2 else "IP_DELISTED", "127.0.0.2", "x")], float(n))
+    assert len(state["events"]) == rep.MAX_EVENTS
+    assert state["counts"] == {"IP_LISTED": 102, "IP_DELISTED": 103}
+    # A state file written before the counters existed starts them from its events.
+    old = {k: v for k, v in state.items() if k != "counts"}
+    assert rep.normalise_state(old)["counts"] == {"IP_LISTED": 100, "IP_DELISTED": 100}
 
 
 @pytest.mark.parametrize(("rate", "delay"), [("1/s", "0s"), ("10/s", "0s"), ("30/m", "2s"), ("7/m", "9s"), ("60/h", "60s")])

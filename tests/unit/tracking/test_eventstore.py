@@ -323,8 +323,8 @@ def test_a_report_events_detail_round_trips_and_received_events_find_the_message
 
 def test_migrate_is_idempotent_and_keeps_data(dsn, store):
     add(store, ev(Kind.RECEIVED, 0))
-    assert store.migrate() == 3
-    assert store.migrate() == 3
+    assert store.migrate() == 4
+    assert store.migrate() == 4
     with open_store(dsn) as again:
         assert len(again.events()) == 1
 
@@ -430,7 +430,7 @@ def test_concurrent_migrations_from_two_nodes(pg_dsn):
         t.join(30)
     assert errors == []
     with open_store(dsn) as s:
-        assert [r["version"] for r in s._query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
+        assert [r["version"] for r in s._query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
 
 
 def test_outbox_heads_match_a_plain_computation(store):
@@ -454,3 +454,41 @@ def test_outbox_heads_match_a_plain_computation(store):
     expected = {t: min(e.id for e in pending if e.tenant == t) for t in {e.tenant for e in pending}}
     with store.transaction() as tx:
         assert {r.tenant: r.event_id for r in tx.outbox_due(T0 + 1000, limit=100)} == expected
+
+
+# -- operator events --------------------------------------------------------------------
+
+
+def test_operator_events_are_copied_once_from_the_reputation_state(store, tmp_path):
+    """The tracker copies the events `relayctl reputation` appends to its state file:
+    each exactly once (checkpoint in the same transaction), with their fields, per node."""
+    from relay_milter.tracking.operatorevents import import_events, read_events
+
+    state = tmp_path / "reputation.json"
+    assert read_events(state) == []
+    listed = {"at": T0, "event": "IP_LISTED", "subject": "127.0.0.2", "detail": "bl.test: listed (127.0.0.2)",
+              "lists": "bl.test", "tenants": "acme"}
+    moved = {"at": T0 + 4, "event": "IP_FAILOVER", "subject": "127.0.0.2", "detail": "127.0.0.2 -> 127.0.0.4",
+             "to": "127.0.0.4", "helo": "out-c.relay.test", "tenants": "acme"}
+    state.write_text(json.dumps({"addresses": {}, "events": [listed]}))
+    assert import_events(store, "relay1", read_events(state)) == 1
+    state.write_text(json.dumps({"addresses": {}, "events": [listed, moved]}))
+    assert import_events(store, "relay1", read_events(state)) == 1  # only the new one
+    assert import_events(store, "relay1", read_events(state)) == 0
+    assert import_events(store, "relay2", [moved | {"at": T0 + 9}]) == 1  # another node, its own checkpoint
+    got = store.operator_events()
+    assert [(e["node"], e["event"]) for e in got] == [("relay1", "IP_LISTED"), ("relay1", "IP_FAILOVER"), ("relay2", "IP_FAILOVER")]
+    assert {k: v for k, v in got[1].items() if k != "id"} == moved | {"node": "relay1"}
+    assert [e["event"] for e in store.operator_events(since=T0 + 1, node="relay1")] == ["IP_FAILOVER"]
+    assert [e["at"] for e in store.operator_events(limit=1)] == [T0 + 9]  # the last ones
+    assert store.operator_events(kinds=["IP_DELISTED"]) == []
+    store.prune(T0 + 5)
+    assert [e["at"] for e in store.operator_events()] == [T0 + 9]
+
+
+def test_a_broken_state_file_is_an_error_not_an_empty_list(tmp_path):
+    from relay_milter.tracking.operatorevents import read_events
+
+    (tmp_path / "r.json").write_text("[1]")
+    with pytest.raises(ValueError, match="not a reputation state"):
+        read_events(tmp_path / "r.json")

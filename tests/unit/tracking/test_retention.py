@@ -213,7 +213,7 @@ def test_a_version_1_store_is_upgraded_with_sequences_and_counters(dsn):
             tx._c.execute(f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                           [values[n] for n in names])
     with open_store(dsn) as s:
-        assert [r["version"] for r in s._query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
+        assert [r["version"] for r in s._query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
         assert [(e.queue_id, e.seq) for e in s.events(tenant="acme")] == [("Q1", 1), ("Q1", 2), ("Q3", 3)]
         assert [e.seq for e in s.events(tenant="globex")] == [1]
         assert s.event_counts("relay1") == {("acme", "RECEIVED"): 2, ("acme", "RELAYED"): 1, ("-", "REJECTED"): 1}

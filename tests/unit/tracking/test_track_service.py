@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from secrets import token_urlsafe
@@ -61,6 +62,7 @@ def env(tmp_path):
         "tracking": {"events_dsn": f"sqlite:///{tmp_path}/events.db", "node": "relay1",
                      "milter_log_file": str(tmp_path / "milter.log"), "poll_interval": 0.1,
                      "webhook_allow_networks": ["127.0.0.0/8"]},  # the receiver is on loopback
+        "reputation": {"state_file": str(tmp_path / "reputation.json"), "queue_summary_file": str(tmp_path / "summary.json")},
     }))
     tenants = write_tenants(tmp_path / "tenants", [tenant_doc("acme")])
     return tmp_path, settings, tenants, secrets
@@ -150,3 +152,35 @@ def test_a_tracker_killed_mid_post_resends_only_that_event_with_the_same_ids(env
     assert len({w for _, w in got[1:]}) == 3
     with open_store(f"sqlite:///{tmp_path}/events.db") as s:
         assert s.outbox_backlog() == {}
+
+
+def test_track_once_copies_operator_events_and_writes_the_queue_summary(env):
+    """`track --once` copies the reputation state file's events into the store (shown by
+    `events --operator`), once. (The queue summary needs Postfix: a missing queue directory
+    is logged as event=queue_summary_failed and the file is not written.)"""
+    tmp_path, settings, tenants, _ = env
+    doc = yaml.safe_load(settings.read_text())
+    doc["config_directory"] = str(tmp_path / "no-postfix")
+    settings.write_text(yaml.safe_dump(doc))
+    write_tenants(tenants, [tenant_doc("acme", limits={"max_queued": 5})])
+    (tmp_path / "reputation.json").write_text(json.dumps({"events": [
+        {"at": 1796148175.0, "event": "IP_LISTED", "subject": "127.0.0.2", "detail": "bl.test: listed (127.0.0.2)", "tenants": "acme"},
+        {"at": 1796148181.0, "event": "IP_FAILOVER", "subject": "127.0.0.2", "detail": "127.0.0.2 -> 127.0.0.4", "to": "127.0.0.4", "tenants": "acme"},
+    ]}))
+    base = [*RELAYCTL, "--tenants", str(tenants), "--settings", str(settings)]
+    log = tmp_path / "track.log"
+    for _ in range(2):
+        r = subprocess.run([*base, "track", "--once", "--log-file", str(log)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert log.read_text().count("event=operator_events recorded=2") == 1
+    assert "event=queue_summary_failed" in log.read_text() and not (tmp_path / "summary.json").exists()
+    r = subprocess.run([*base, "events", "--operator", "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(e["event"], e["node"], e["tenants"]) for e in rows] == [("IP_LISTED", "relay1", "acme"), ("IP_FAILOVER", "relay1", "acme")]
+    assert rows[1]["to"] == "127.0.0.4"
+    r = subprocess.run([*base, "events", "--operator", "--since", "2026-12-01T18:03:00"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        "2026-12-01T18:03:01Z  relay1           IP_FAILOVER     127.0.0.2: 127.0.0.2 -> 127.0.0.4  tenants=acme to=127.0.0.4"]
+    r = subprocess.run([*base, "events"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "give either --tenant ID or --operator" in r.stderr

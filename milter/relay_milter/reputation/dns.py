@@ -1,5 +1,5 @@
 """DNS lookups for sender reputation (dnspython): blocklist queries and forward-confirmed
-reverse DNS. What the answers mean is decided in ``core/reputation.py``."""
+reverse DNS. What the answers mean is decided in ``core/reputation.py`` (pure)."""
 
 from __future__ import annotations
 
