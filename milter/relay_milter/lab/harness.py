@@ -59,22 +59,38 @@ def lab_slot() -> tuple[int, int]:
     return (index, count) if 0 <= index < count else (0, 1)
 
 
+# Lab ports come from below Linux's ephemeral range (32768-60999 by default), where the
+# kernel never hands out ports for outgoing connections or bind(port 0).
+LAB_PORTS = range(10000, 32768)
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on, never the same twice in this process.
+    """A loopback port nobody listens on (TCP or UDP), never the same twice in this process,
+    and in a multi-process run (RELAY_LAB_SLOT) never one another process may hand out.
 
     Ports are handed out before their owner binds them (a sink starts after dnsmasq, which
-    asks for its port later): without the memory, the kernel may offer the same still-unbound
-    port twice and the later owner fails with "address already in use".
+    asks for its port later): without the memory, the same still-unbound port could be
+    offered twice and the later owner would fail with "address already in use". The port is
+    chosen here, not by the kernel: bind(port 0) prefers even ports, so a residue class of
+    the kernel's choices can be empty.
     """
     index, count = lab_slot()
+    rng = random.SystemRandom()
+    candidates = range(LAB_PORTS.start + (index - LAB_PORTS.start) % count, LAB_PORTS.stop, count)
     with _PORTS_LOCK:
-        while True:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            if port not in _ISSUED_PORTS and port % count == index:
-                _ISSUED_PORTS.add(port)
-                return port
+        for _ in range(10_000):
+            port = rng.choice(candidates)
+            if port in _ISSUED_PORTS:
+                continue
+            try:
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _ISSUED_PORTS.add(port)
+            return port
+    raise RuntimeError(f"no free loopback port in slot {index}/{count}")
 
 
 def free_loopback_address(port: int = 53) -> str:
