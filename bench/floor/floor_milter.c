@@ -60,6 +60,7 @@ struct msg {
 	int ndel;
 	struct del del[MAX_DELETES];
 	char ar[1024]; /* the Authentication-Results value */
+	char spbuf[1100]; /* " value" for an added header (sp()) */
 };
 
 static const struct tenant *tenant_for(const char *rcpt)
@@ -125,7 +126,10 @@ static sfsistat fl_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, u
 	unsigned long want = SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_HDR | SMFIP_NR_BODY | SMFIP_NODATA |
 			     SMFIP_NOEOH | SMFIP_NOUNKNOWN;
 	*pf0 = f0 & (SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_ADDRCPT | SMFIF_ADDRCPT_PAR | SMFIF_DELRCPT | SMFIF_CHGFROM);
-	*pf1 = f1 & want;
+	/* Header values exactly as written, as the relay's milter does: without
+	 * SMFIP_HDR_LEADSPC Postfix inserts a space after the colon of an added header,
+	 * and the exact-match route table (X-Relay-Route:<tenant>) would not match. */
+	*pf1 = f1 & (want | SMFIP_HDR_LEADSPC);
 	*pf2 = 0;
 	*pf3 = 0;
 	struct msg *m = calloc(1, sizeof *m);
@@ -260,6 +264,13 @@ static void xtext(const char *in, char *out, size_t max)
 		}                           \
 	} while (0)
 
+/* " value": the space after the colon that Postfix no longer inserts (SMFIP_HDR_LEADSPC). */
+static char *sp(struct msg *m, const char *value)
+{
+	snprintf(m->spbuf, sizeof m->spbuf, " %s", value);
+	return m->spbuf;
+}
+
 static sfsistat fl_eom(SMFICTX *ctx)
 {
 	struct msg *m = get(ctx);
@@ -272,11 +283,11 @@ static sfsistat fl_eom(SMFICTX *ctx)
 	if (t->reply_to[0]) {
 		if (m->nreplyto)
 			for (int i = 1; i <= m->nreplyto; i++)
-				EDIT(smfi_chgheader(ctx, "Reply-To", i, t->reply_to));
+				EDIT(smfi_chgheader(ctx, "Reply-To", i, sp(m, t->reply_to)));
 		else
-			EDIT(smfi_addheader(ctx, "Reply-To", t->reply_to));
+			EDIT(smfi_addheader(ctx, "Reply-To", sp(m, t->reply_to)));
 	}
-	EDIT(smfi_insheader(ctx, 0, "Authentication-Results", m->ar));
+	EDIT(smfi_insheader(ctx, 0, "Authentication-Results", sp(m, m->ar)));
 	EDIT(smfi_addheader(ctx, "X-Relay-Route", t->id));
 	for (int i = 0; i < m->nrcpt; i++) {
 		/* <alice=example.org@acme.relay> -> <alice@example.org> (split at the last '=') */
