@@ -346,7 +346,7 @@ class Deployment:
 
     def live_snapshot(self, h: str) -> dict[str, bytes]:
         d = self.hosts[h]
-        files = [d["config"] / "main.cf", d["config"] / "master.cf", d["config"] / "relay" / "route.regexp", d["etc"] / "relay.yaml"]
+        files = [d["config"] / "main.cf", d["config"] / "master.cf", d["config"] / "relay" / "route", d["etc"] / "relay.yaml"]
         files += sorted((d["etc"] / "tenants").glob("*.yaml"))
         return {str(p): p.read_bytes() for p in files}
 
