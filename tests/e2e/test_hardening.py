@@ -154,5 +154,6 @@ def test_auth_commands_are_rate_limited(hlab):
     assert [c for c, _ in replies[:AUTH_LIMIT]] == [535] * AUTH_LIMIT, replies
     code, text = replies[AUTH_LIMIT]
     assert 400 <= code < 500 and "too many AUTH commands" in text, replies
-    assert re.search(rf"warning: AUTH command rate limit exceeded: {AUTH_LIMIT + 1} from localhost\[127.0.0.1\]",
-                     hlab.maillog_text())
+    # postlogd writes the line after the reply went out: wait for it, do not race it
+    wait_for(lambda: re.search(rf"warning: AUTH command rate limit exceeded: {AUTH_LIMIT + 1} from localhost\[127.0.0.1\]",
+                               hlab.maillog_text()), 30, what="the AUTH rate-limit warning in the mail log")
