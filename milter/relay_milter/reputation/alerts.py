@@ -9,16 +9,14 @@ reported by the caller and never undoes the recorded state."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 import urllib.request
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from pathlib import Path
 from typing import Any
 
 from relay_milter.config import Settings
+from relay_milter.files import replace_file
 
 SENDMAIL = "/usr/sbin/sendmail"
 
@@ -104,26 +102,10 @@ def write_metrics(settings: Settings, state: dict) -> str | None:
     if path is None:
         return None
     try:
-        _replace(Path(path), metrics_text(settings, state))
+        replace_file(path, metrics_text(settings, state), 0o644, make_parent=True)
     except OSError as exc:
         return f"cannot write {path}: {exc}"
     return None
-
-
-def _replace(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 __all__ = ["metrics_text", "notice_message", "post_webhook", "send_notice", "write_metrics"]

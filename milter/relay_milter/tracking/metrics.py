@@ -25,14 +25,13 @@ vanish when a queue drains (alerts on absent series are error-prone).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from relay_milter import defaults
+from relay_milter.files import replace_file
 from relay_milter.tracking.events import Kind
 from relay_milter.tracking.store import DELAY_BUCKETS
 
@@ -186,21 +185,7 @@ def write_textfile(path: Path | str, text: str) -> None:
 
     The temp name does not end in .prom, so node-exporter ignores it if we die midway.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    replace_file(path, text, 0o644)
 
 
 def certificate_expiry(path: Path | str) -> float | None:

@@ -315,7 +315,9 @@ def test_textfile_failure_keeps_the_old_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(metrics.os, "replace", broken_replace)
+    from relay_milter import files  # the one atomic writer metrics.write_textfile uses
+
+    monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError):
         metrics.write_textfile(target, "new\n")
     assert target.read_text() == "old\n"
