@@ -673,10 +673,6 @@ class Tenant(_Strict):
             domains.append(self.headers.envelope_sender.rpartition("@")[2])
         return tuple(dict.fromkeys(domains))
 
-    @property
-    def transport(self) -> str:
-        return f"relay_{self.id}"
-
 
 def dkim_txt_record(key: str) -> str:
     """Normalise a pinned key (PEM, TXT record or bare base64) to a DKIM TXT record."""

@@ -31,7 +31,7 @@ def test_good_tenant_loads_with_defaults(tmp_path):
     write(tmp_path, "acme.yaml", GOOD)
     ts = load_tenants(tmp_path)
     [t] = ts.tenants
-    assert t.id == "acme" and t.transport == "relay_acme"
+    assert t.id == "acme"
     assert t.smarthost.nexthop == "[smtp.acme.example]:587"
     assert t.required_signed_headers == ("from", "to", "subject")
     assert ts.by_relay_domain("ACME.relay.example.net.") is t

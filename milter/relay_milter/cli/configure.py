@@ -125,7 +125,7 @@ def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, for
     from relay_milter.cli.operator import check_rendered, reroute_after_apply, run_preflight
     from relay_milter.config import APPLIED_TENANTS
     from relay_milter.postfix import handedit
-    from relay_milter.postfix.render import install, postfix_running, reload_postfix, render_and_check
+    from relay_milter.postfix.render import activate, install, needs_reload, postfix_running, reload_postfix, render_and_check
     from relay_milter.reputation.state import state_for
 
     ts, settings = obj.load()
@@ -141,7 +141,9 @@ def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, for
     if edits and not force:
         fail(ExitCode.CHECK_FAILED, "nothing was installed: keep main.cf parameters in settings postfix_extra, then apply "
              "(or apply --force to overwrite the hand edits)")
-    changed = install(files, settings)
+    # The milter's tenant set is written after Postfix has reloaded (when it must): the
+    # milter accepts mail for a new tenant only once Postfix has that tenant's transport.
+    changed = install(files, settings, hold=(APPLIED_TENANTS,))
     handedit.record(settings)
     for name in changed:
         if name.endswith(" (removed)"):
@@ -151,14 +153,19 @@ def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, for
     if not changed:
         click.echo("configuration unchanged")
     running = reload and postfix_running(settings)
-    # The applied tenant set is the milter's (it switches by itself); Postfix reloads only
-    # when one of its own files changed.
-    if running and [n for n in changed if n != APPLIED_TENANTS]:
+    # Postfix reloads only when it must: hash: tables (routes, relay domains, TLS policies,
+    # logins) are picked up by its daemons without one; main.cf, master.cf and the other
+    # files are not (render.needs_reload).
+    if running and needs_reload(changed):
         try:
             reload_postfix(settings)
         except ConfigError as exc:  # the files are installed; Postfix did not take them
+            activate(files, settings, [n for n in changed if n == APPLIED_TENANTS])
             fail(ExitCode.CHECK_FAILED, f"configuration installed, but {exc}")
         click.echo("postfix reloaded")
+    elif running and [n for n in changed if n != APPLIED_TENANTS]:
+        click.echo("postfix picks the changed tables up by itself (no reload needed)")
+    activate(files, settings, [n for n in changed if n == APPLIED_TENANTS])
     if running:
         reroute_after_apply(settings, ts, reroute)
 

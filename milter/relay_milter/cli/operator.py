@@ -40,7 +40,7 @@ def reroute_after_apply(settings: Settings, tenants: TenantSet, do_reroute: bool
         now = rows[0].current.partition(":")[2] if rows[0].current else None
         where = ", ".join(f"{sum(1 for r in rows if r.queue == q)} {q}" for q in ("deferred", "active", "hold", "incoming") if any(r.queue == q for r in rows))
         if now is None:
-            click.echo(f"queued: {len(rows)} message(s) ({where}) on transport relay_{tenant}, which no longer exists; "
+            click.echo(f"queued: {len(rows)} message(s) ({where}) of tenant {tenant}, which no longer exists; "
                        f"they wait until the tenant returns or an operator removes them (postsuper -d)", err=True)
             continue
         click.echo(f"queued: {len(rows)} message(s) of tenant {tenant} ({where}) still carry the old next hop "

@@ -287,7 +287,7 @@ class RelayMilter(Milter.Base):
             self.tx.queue_id,
             "accepted",
             tenant=d.tenant.id,
-            route=f"{d.tenant.transport}:{d.tenant.smarthost.nexthop}",
+            smarthost=d.tenant.smarthost.nexthop,
             client=self.tx.client_ip,
             sender=self.tx.mail_from,
             new_sender=d.new_sender,

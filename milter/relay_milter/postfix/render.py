@@ -2,26 +2,32 @@
 
 Files rendered (relative to the Postfix config directory):
 
-    main.cf, master.cf
-    relay/route                   milter_header_checks (texthash, exact match): route marker -> FILTER
+    main.cf, master.cf            one master.cf transport per transport class (postfix/classes.py)
+    relay/route                   milter_header_checks (hash:, exact match): route marker -> FILTER
+    relay/relay_domains           relay_domains (hash:): the tenants' relay and bounce domains
     relay/strip_route.regexp      smtp_header_checks on tenant transports
-    relay/bounce_transport        transport_maps (texthash) for relay-generated mail
+    relay/bounce_transport        transport_maps (hash:) for relay-generated mail
     relay/smarthost_status.regexp smtp_delivery_status_filter of the tenant transports: an
                                   unresolvable smarthost name defers (4.4.4), never bounces
     relay/tenants.applied.json    the checked tenant set the milter serves (two-phase changes)
-    relay/tls/<tenant>.policy     smtp_tls_policy_maps of the tenant's transport
-    relay/smtp_auth/<tenant>   smtp_sasl_password_maps (only with smarthost.auth; mode 0600)
-    relay/requeue/route           header_checks of cleanup_requeue (texthash): route seal -> FILTER,
+    relay/tls/<class>.policy      smtp_tls_policy_maps of a transport class (hash:, by next hop)
+    relay/smtp_auth/<class>       smtp_sasl_password_maps of a class with smarthost.auth (hash:,
+                                  by next hop; mode 0600)
+    relay/requeue/route           header_checks of cleanup_requeue (hash:): route seal -> FILTER,
                                   for mail requeued with postsuper -r (mode 0600: the seals)
     relay/requeue/route.key       the route-seal key (core/route.py): a new one only when there is
                                   none, else the live one as it is (install() makes it 0640 and its
                                   directory 0750, group milter_socket_group, for the milter)
     sasl/smtpd.conf               Cyrus SASL (Debian reads $config_directory/sasl) for the submission listeners
 
-No table needs postmap (regexp and texthash are read as text), so a reload is
-all it takes to pick up a change. The two route tables are exact-match (texthash): one
-hash lookup per header whatever the number of tenants, and ``check_staged`` verifies every
-tenant's route with one ``postmap -q -`` per table (docs/scale.md).
+Every table that changes with the tenants is a ``hash:`` table: ``write_files`` builds its
+``.db`` with ``postmap`` under a temporary name and renames it into place, and Postfix's
+daemons notice the new file and restart by themselves before their next client. So a
+change that touches only such tables (adding a tenant whose settings match an existing
+transport class, changing a smarthost host or password) needs no ``postfix reload``
+(``needs_reload``). The route tables are exact-match: one hash lookup per header whatever
+the number of tenants, and ``check_staged`` verifies every tenant's route, TLS policy and
+login with one ``postmap -q -`` per table (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import jinja2
 
 from relay_milter import defaults
 from relay_milter.core import bounces, route
+from relay_milter.postfix import classes as transport_classes
 from relay_milter.postfix import fds
 from relay_milter.postfix.runner import PostfixToolError, run_postfix, run_postfix_tool
 from relay_milter.config import APPLIED_TENANTS, NOTIFY_TRANSPORT, ConfigError, Settings, TenantSet, dump_tenant_set, load_secrets
@@ -53,19 +60,25 @@ from relay_milter.postfix import drain
 OUTPUTS = {
     "main.cf": "main.cf.j2",
     "master.cf": "master.cf.j2",
-    "relay/route": "route.texthash.j2",
+    "relay/route": "route.hash.j2",
+    "relay/relay_domains": "relay_domains.j2",
     "relay/strip_route.regexp": "strip_route.regexp.j2",
     "relay/bounce_transport": "bounce_transport.j2",
     "relay/smarthost_status.regexp": "smarthost_status.regexp.j2",
     "sasl/smtpd.conf": "cyrus_smtpd.conf.j2",
 }
-# Per-tenant tables live in these directories; files of removed tenants are deleted on install.
+# Per-class tables live in these directories; files of removed classes are deleted on install.
 # (and relay/drain, the drained node's client table: removed again by undrain).
 PER_TENANT_DIRS = ("relay/tls", "relay/smtp_auth", drain.TABLE_DIR)
 SECRET_DIR = "relay/smtp_auth"
 REQUEUE_DIR = "relay/requeue"
 ROUTE_TABLE = "relay/route"
 REQUEUE_TABLE = REQUEUE_DIR + "/route"
+RELAY_DOMAINS_TABLE = "relay/relay_domains"
+BOUNCE_TABLE = "relay/bounce_transport"
+TLS_DIR = "relay/tls"
+# hash: tables (write_files runs postmap; Postfix picks a new one up without a reload).
+HASH_TABLES = (ROUTE_TABLE, REQUEUE_TABLE, RELAY_DOMAINS_TABLE, BOUNCE_TABLE)
 # Files of earlier releases that install() deletes: the regexp route tables, replaced by the
 # exact-match ones above (a regexp table tested every tenant's pattern for every header).
 RETIRED = ("relay/route.regexp", REQUEUE_DIR + "/route.regexp")
@@ -78,6 +91,19 @@ RETIRED = ("relay/route.regexp", REQUEUE_DIR + "/route.regexp")
 ERROR_LIMITS = {"soft": 1010, "hard": "${stress?{1}:{1020}}"}
 # main.cf: settings postfix_extra follow this line; everything above is the relay's own.
 EXTRA_MARKER = "# -- postfix_extra (relay.yaml): operator additions, checked by relayctl check"
+
+
+def is_hash_table(name: str) -> bool:
+    """Rendered files that are hash: tables: postmap builds ``<name>.db`` next to them."""
+    return name in HASH_TABLES or name.startswith((TLS_DIR + "/", SECRET_DIR + "/"))
+
+
+def needs_reload(changed: list[str]) -> bool:
+    """Whether Postfix must reload to use the installed changes: not when only hash: tables
+    (Postfix's daemons re-read those by themselves), the milter's tenant set or the
+    keys changed. Removed files (`` (removed)``) of retired classes come with a master.cf change."""
+    quiet = (APPLIED_TENANTS, defaults.ROUTE_KEY_FILE, defaults.VERP_KEY_FILE)
+    return any(not (is_hash_table(n.removesuffix(" (removed)")) or n in quiet) for n in changed)
 
 
 def is_secret(name: str) -> bool:
@@ -104,9 +130,22 @@ def source_addresses(tenants: TenantSet, settings: Settings, reputation_state: d
     return reputation.assignments(tenants, settings.reputation, state)
 
 
+def assignment_for(
+    tenants: TenantSet, settings: Settings, reputation_state: dict | None = None
+) -> transport_classes.Assignment:
+    """The transport classes of ``tenants`` (their source addresses, with failovers, included)."""
+    return transport_classes.assign(tenants, source_addresses(tenants, settings, reputation_state))
+
+
 def render_files(
-    tenants: TenantSet, settings: Settings, templates: Path | None = None, reputation_state: dict | None = None
+    tenants: TenantSet,
+    settings: Settings,
+    templates: Path | None = None,
+    reputation_state: dict | None = None,
+    assignment: transport_classes.Assignment | None = None,
 ) -> dict[str, str]:
+    if assignment is None:
+        assignment = assignment_for(tenants, settings, reputation_state)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir(templates))),
         undefined=jinja2.StrictUndefined,
@@ -123,7 +162,9 @@ def render_files(
         "requeue_table": REQUEUE_TABLE,
         "error_limits": ERROR_LIMITS,
         "private_instance": settings.config_directory != Path(defaults.CONFIG_DIRECTORY),
-        "sources": source_addresses(tenants, settings, reputation_state),
+        "classes": assignment.classes,
+        "routes": {t.id: assignment.route(t) for t in tenants},
+        "relay_domains_table": RELAY_DOMAINS_TABLE,
         "notify_transport": NOTIFY_TRANSPORT,
         "extra_marker": EXTRA_MARKER,
         # relayctl drain: the listeners answer 421 until undrain (postfix/drain.py).
@@ -141,14 +182,14 @@ def render_files(
         files[defaults.VERP_KEY_FILE] = verp_text
     key = route.parse_route_key(key_text)
     seals = {t.id: route.tenant_seal(key, t.id) for t in tenants}
-    files[REQUEUE_TABLE] = env.get_template("requeue_route.texthash.j2").render(**context, seals=seals)
+    files[REQUEUE_TABLE] = env.get_template("requeue_route.hash.j2").render(**context, seals=seals)
     secrets = load_secrets(settings.secrets_file, tenants)
     tls_policy, sasl_passwd = env.get_template("tls_policy.j2"), env.get_template("sasl_passwd.j2")
-    for t in context["tenants"]:
-        files[f"relay/tls/{t.id}.policy"] = tls_policy.render(t=t)
-        if t.smarthost.auth:
-            password = secrets[t.id].smarthost_password
-            files[f"{SECRET_DIR}/{t.id}"] = sasl_passwd.render(t=t, password=password)
+    for c in assignment.classes:
+        files[f"{TLS_DIR}/{c.name}.policy"] = tls_policy.render(c=c)
+        if c.settings.auth:
+            passwords = {t.id: secrets[t.id].smarthost_password for t in c.members}
+            files[f"{SECRET_DIR}/{c.name}"] = sasl_passwd.render(c=c, passwords=passwords)
     if context["drain"]:
         files[drain.TABLE] = drain.table_text()
     if settings.notify:
@@ -212,9 +253,14 @@ def _subdir(parent_fd: int, parent: Path, name: str, mode: int) -> int:
     return fd
 
 
-def _write_at(dir_fd: int, name: str, text: str, mode: int) -> None:
+def _write_at(dir_fd: int, name: str, text: str, mode: int, postmap: list[str] | None = None) -> None:
     """Write a file in the directory ``dir_fd`` by a fresh temporary name (O_EXCL|O_NOFOLLOW:
-    never an existing file or a planted symlink), then rename it over ``name``."""
+    never an existing file or a planted symlink), then rename it over ``name``.
+
+    ``postmap`` (the command up to the table, e.g. ``["postmap", "-c", dir]``): the file is a
+    hash: table; its ``.db`` is built from the temporary file and renamed over ``name.db``
+    first, then the text over ``name`` (so the .db is never older than its source, and a
+    Postfix daemon reading the old .db sees it replaced and restarts)."""
     data = text.encode("utf-8")
     for _ in range(100):
         tmp = f".{name}.{secrets.token_hex(8)}.tmp"
@@ -225,17 +271,49 @@ def _write_at(dir_fd: int, name: str, text: str, mode: int) -> None:
             continue
     else:
         raise UnsafeDirectory(f"cannot create a temporary file for {name}")
+    made = [tmp]
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if postmap is not None:
+            made.append(tmp + ".db")
+            _postmap(dir_fd, tmp, name, mode, postmap)
+            os.replace(tmp + ".db", name + ".db", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            made.pop()
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
+        for leftover in made:
+            try:
+                os.unlink(leftover, dir_fd=dir_fd)
+            except OSError:
+                pass
         raise
+
+
+class PostmapFailed(ConfigError):
+    """postmap could not build a table (the file's text is in the error)."""
+
+
+def _postmap(dir_fd: int, tmp: str, name: str, mode: int, postmap: list[str]) -> None:
+    """Build ``tmp.db`` from ``tmp`` (both in ``dir_fd``), mode ``mode``. The path goes
+    through /proc/<pid>/fd/<dir_fd>: the directory already opened and checked, never a
+    path an unprivileged user could redirect."""
+    path = f"/proc/{os.getpid()}/fd/{dir_fd}/{tmp}"
+    argv = [*postmap, f"hash:{path}"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PostmapFailed(f"postmap {name}: {exc}") from None
+    bad = [ln for ln in (r.stderr + r.stdout).splitlines() if "fatal:" in ln or "error:" in ln]
+    if r.returncode != 0 or bad:
+        text = (bad[0] if bad else (r.stderr or r.stdout).strip() or f"exit {r.returncode}").replace(path, name)
+        raise PostmapFailed(f"postmap {name}: {text}")
+    db = os.open(tmp + ".db", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fchmod(db, mode)
+    finally:
+        os.close(db)
 
 
 def write_files(files: dict[str, str], out: Path, require_empty: bool = False) -> list[Path]:
@@ -244,10 +322,13 @@ def write_files(files: dict[str, str], out: Path, require_empty: bool = False) -
 
     Every directory is opened without following symlinks and checked the same way, and every
     file is created under a fresh name with O_EXCL|O_NOFOLLOW and renamed into place, so
-    nothing planted in the directory is ever opened for writing."""
+    nothing planted in the directory is ever opened for writing. hash: tables
+    (``is_hash_table``) get their ``.db`` built by postmap the same way."""
     out = Path(out)
     top = _open_dir(out, create=require_empty)
+    postmap: list[str] | None = None
     written = []
+    written_names: set[str] = set()
     try:
         _check_dir(top, out, require_empty=require_empty)
         for name, text in files.items():
@@ -263,11 +344,16 @@ def write_files(files: dict[str, str], out: Path, require_empty: bool = False) -
                     where = where / part
                 if secret:
                     os.fchmod(fds[-1], 0o700)
-                _write_at(fds[-1], base, text, 0o600 if secret else 0o644)
+                if is_hash_table(name) and postmap is None:
+                    # postmap reads main.cf for its defaults: the one being written, if any.
+                    has_main = "main.cf" in written_names or (out / "main.cf").is_file()
+                    postmap = ["postmap", "-c", str(out)] if has_main else ["postmap"]
+                _write_at(fds[-1], base, text, 0o600 if secret else 0o644, postmap if is_hash_table(name) else None)
             finally:
                 for fd in fds[1:]:
                     os.close(fd)
             written.append(out / name)
+            written_names.add(name)
     finally:
         os.close(top)
     return written
@@ -283,8 +369,15 @@ class CheckResult:
 _DIAGNOSTIC = re.compile(r"^\S+: (warning|fatal|error|panic): ")
 
 
-def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = True) -> CheckResult:
-    """postconf (any warning is a failure), master.cf parse, route table lookups, postfix check."""
+def check_staged(
+    staging: Path,
+    tenants: TenantSet,
+    run_postfix_check: bool = True,
+    assignment: transport_classes.Assignment | None = None,
+) -> CheckResult:
+    """postconf (any warning is a failure), master.cf parse, route and class table lookups,
+    postfix check. ``assignment``: the transport classes rendered (default: without source
+    addresses)."""
     problems: list[str] = []
     # postconf's time grows with the square of the tenant transports (docs/scale.md): minutes
     # of CPU at 10,000 tenants.
@@ -302,13 +395,13 @@ def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = Tr
         bad = [line for line in out.splitlines() if _DIAGNOSTIC.match(line)]
         if r.returncode != 0 or bad:
             problems.append(f"{what}: {' | '.join(bad) or out.strip() or f'exit {r.returncode}'}")
-    problems += route_problems(staging, tenants)
+    problems += route_problems(staging, tenants, assignment)
     if run_postfix_check:
         # postfix check runs postconf a score of times, and postconf's time grows with the
         # square of the master.cf services that carry -o options (docs/scale.md: 3.4 s of CPU per
         # run at 2,000 tenants). postconf -M above has parsed every tenant entry; postfix check
         # adds the checks of files and directories, which do not depend on them. So it sees
-        # master.cf with the first tenant entry standing for all (one template renders them).
+        # master.cf with the first class entry standing for all (one template renders them).
         master = staging / "master.cf"
         full = master.read_text(encoding="utf-8")
         try:
@@ -322,8 +415,8 @@ def check_staged(staging: Path, tenants: TenantSet, run_postfix_check: bool = Tr
 
 
 def one_tenant_entry(master_cf: str) -> str:
-    """master.cf with its tenant transports (``relay_<id>`` entries and the comment line
-    before each) cut down to the first one."""
+    """master.cf with its tenant transports (transport class entries ``rc_...`` and the
+    comment line before each) cut down to the first one."""
     out: list[str] = []
     seen = 0
     skipping = False
@@ -335,7 +428,7 @@ def one_tenant_entry(master_cf: str) -> str:
             continue
         nxt = lines[n + 1] if n + 1 < len(lines) else ""
         is_tenant = _TENANT_ENTRY.match(line) is not None
-        if line.startswith("# Tenant ") and _TENANT_ENTRY.match(nxt):
+        if line.startswith("# Transport class ") and _TENANT_ENTRY.match(nxt):
             skipping = seen >= 1
         elif is_tenant:
             seen += 1
@@ -347,16 +440,16 @@ def one_tenant_entry(master_cf: str) -> str:
     return "".join(out)
 
 
-_TENANT_ENTRY = re.compile(r"^relay_[a-z0-9_]*[a-z0-9] ")
+_TENANT_ENTRY = re.compile(rf"^{transport_classes.PREFIX}[0-9a-f]+(?:_[0-9]+)? ")
 
 
 def lookup_all(staging: Path, table: str, keys: list[str]) -> tuple[dict[str, str], str | None]:
-    """Look every key up in the texthash table ``table`` (relative to ``staging``) with one
+    """Look every key up in the hash: table ``table`` (relative to ``staging``) with one
     ``postmap -q -`` (keys on standard input): key -> value for the keys found, and an
     error text if postmap failed."""
-    argv = ["postmap", "-c", str(staging), "-q", "-", f"texthash:{staging / table}"]
+    argv = ["postmap", "-c", str(staging), "-q", "-", f"hash:{staging / table}"]
     try:
-        r = run_postfix_tool(argv, input="".join(k + "\n" for k in keys), what=f"postmap -q - texthash:{table}")
+        r = run_postfix_tool(argv, input="".join(k + "\n" for k in keys), what=f"postmap -q - hash:{table}")
     except PostfixToolError as exc:
         return {}, str(exc)
     found: dict[str, str] = {}
@@ -367,13 +460,19 @@ def lookup_all(staging: Path, table: str, keys: list[str]) -> tuple[dict[str, st
     return found, None
 
 
-def route_problems(staging: Path, tenants: TenantSet) -> list[str]:
-    """What the staged route tables prove, in one postmap run per table (linear in the
-    tenant count): every tenant's marker resolves to its own transport and next hop, an
-    unknown tenant's to nothing; in the requeue table, only the tenant's seal made with
-    the relay's key routes (neither the plain marker nor a seal made without the key)."""
+def route_problems(
+    staging: Path, tenants: TenantSet, assignment: transport_classes.Assignment | None = None
+) -> list[str]:
+    """What the staged tables prove, in one postmap run per table (linear in the tenant
+    count): every tenant's marker resolves to its own transport class and next hop, an
+    unknown tenant's to nothing; in the requeue table, only the tenant's seal made with the
+    relay's key routes (neither the plain marker nor a seal made without the key); no
+    class holds a next hop twice; in its class's tables, each tenant's next hop resolves to
+    its own TLS policy and (with smarthost.auth) its own login."""
+    if assignment is None:
+        assignment = transport_classes.assign(tenants, {})
     problems: list[str] = []
-    want = {t.id: f"FILTER {t.transport}:{t.smarthost.nexthop}" for t in tenants}
+    want = {t.id: f"FILTER {assignment.route(t)}" for t in tenants}
     unknown = route.table_key(defaults.ROUTE_HEADER, route.marker_value("no-such-tenant"))
     expect = {route.table_key(defaults.ROUTE_HEADER, route.marker_value(tid)): (tid, w) for tid, w in want.items()}
     expect[unknown] = ("an unknown tenant", "")
@@ -402,6 +501,31 @@ def route_problems(staging: Path, tenants: TenantSet) -> list[str]:
         got = found.get(probe, "")
         if got != w:
             problems.append(f"requeue table: tenant {tid} resolves to {got!r}, expected {w!r}")
+    return problems + class_problems(staging, assignment)
+
+
+def class_problems(staging: Path, assignment: transport_classes.Assignment) -> list[str]:
+    """Per transport class: every next hop once; each member's next hop resolves to the
+    member's own TLS policy and login in the class's tables."""
+    problems: list[str] = []
+    for c in assignment.classes:
+        hops = [t.smarthost.nexthop for t in c.members]
+        shared = sorted({h for h in hops if hops.count(h) > 1}) if len(set(hops)) != len(hops) else []
+        for h in shared:
+            problems.append(f"transport class {c.name}: next hop {h} appears twice (tenants would share a connection)")
+        tables = [(f"{TLS_DIR}/{c.name}.policy", "TLS policy", lambda t: t.smarthost.tls_policy, False)]
+        if c.settings.auth:
+            tables.append((f"{SECRET_DIR}/{c.name}", "login", lambda t: t.smarthost.auth.username + ":", True))
+        for table, what, expected, prefix in tables:
+            found, error = lookup_all(staging, table, hops)
+            if error:
+                problems.append(f"transport class {c.name}: {what} table: {error}")
+                continue
+            for t in c.members:
+                got, want = found.get(t.smarthost.nexthop, ""), expected(t)
+                if not (got.startswith(want) if prefix else got == want):
+                    shown = got.partition(":")[0] + ":..." if prefix and got else got  # never print a password
+                    problems.append(f"transport class {c.name}: tenant {t.id}'s {what} for {t.smarthost.nexthop} is {shown!r}, expected {want!r}")
     return problems
 
 
@@ -441,12 +565,16 @@ def _cleanup_on_signals():
 def render_and_check(
     tenants: TenantSet, settings: Settings, templates: Path | None = None, reputation_state: dict | None = None
 ) -> tuple[dict[str, str], CheckResult]:
-    files = render_files(tenants, settings, templates, reputation_state)
+    assignment = assignment_for(tenants, settings, reputation_state)
+    files = render_files(tenants, settings, templates, reputation_state, assignment)
     with _cleanup_on_signals(), tempfile.TemporaryDirectory(prefix="relay-staging-") as tmp:
         staging = Path(tmp)
-        write_files(files, staging, require_empty=True)
+        try:
+            write_files(files, staging, require_empty=True)
+        except PostmapFailed as exc:
+            return files, CheckResult(False, [str(exc)])
         # postfix check inspects the queue directory; it must exist to be checked.
-        result = check_staged(staging, tenants, run_postfix_check=settings.queue_directory.is_dir())
+        result = check_staged(staging, tenants, settings.queue_directory.is_dir(), assignment)
     result.problems += [f"source address {a}: not configured on this host ({why})" for a, why in unbound_addresses(settings)]
     fd_warning = fds.fit_warning(files["master.cf"], settings.queue_directory)
     if fd_warning:
@@ -474,10 +602,13 @@ def unbound_addresses(settings: Settings) -> list[tuple[str, str]]:
     return [(a.address, why) for a in settings.reputation.pool if (why := address_is_local(a.address))]
 
 
-def install(files: dict[str, str], settings: Settings) -> list[str]:
+def install(files: dict[str, str], settings: Settings, hold: tuple[str, ...] = ()) -> list[str]:
     """Swap the checked files into the live config directory; returns the names that changed.
 
-    The previous versions are kept in <config>/relay/previous/ for rollback.
+    The previous versions are kept in <config>/relay/previous/ for rollback. Names in
+    ``hold`` are reported when they changed but not written: the caller writes them with
+    ``activate`` once Postfix has reloaded (the milter's tenant set, so that it serves a
+    new tenant only when Postfix has the new tenant's transport).
     """
     live = settings.config_directory
     # Nothing is written (backups included) unless root alone controls the directories.
@@ -488,13 +619,16 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
                 _check_dir(fd, path)
             finally:
                 os.close(fd)
-    changed = [name for name, text in files.items() if _read(live / name) != text]
+    changed = [
+        name for name, text in files.items()
+        if _read(live / name) != text or (is_hash_table(name) and not (live / (name + ".db")).is_file())
+    ]
     stale = [
         str(p.relative_to(live))
         for d in PER_TENANT_DIRS
         if (live / d).is_dir()
         for p in (live / d).iterdir()
-        if str(p.relative_to(live)) not in files
+        if str(p.relative_to(live)) not in files and str(p.relative_to(live)).removesuffix(".db") not in files
     ]
     stale += [name for name in RETIRED if (live / name).is_file()]
     if not changed and not stale:
@@ -506,11 +640,17 @@ def install(files: dict[str, str], settings: Settings) -> list[str]:
         if (live / name).exists() and not is_secret(name):
             dst = backup / name.replace("/", "_")
             shutil.copy2(live / name, dst)
-    write_files({n: files[n] for n in changed}, live)
+    write_files({n: files[n] for n in changed if n not in hold}, live)
     for name in stale:
         (live / name).unlink()
     share_route_key(live, settings.milter_socket_group)
     return changed + [f"{name} (removed)" for name in stale]
+
+
+def activate(files: dict[str, str], settings: Settings, names: list[str]) -> None:
+    """Write the files ``install`` held back (``hold``)."""
+    if names:
+        write_files({n: files[n] for n in names}, settings.config_directory)
 
 
 def share_route_key(config_directory: Path, group: str) -> None:

@@ -1,7 +1,8 @@
 """Queued mail that still carries an old next hop, and re-routing it.
 
 Cleanup stores the route of a message in its queue file when it is accepted
-(``postcat -q ID`` shows ``content_filter: relay_acme:[host]:port``). ``postqueue -f`` and
+(``postcat -q ID`` shows ``content_filter: rc_3f2a9c01d4:[host]:port``, the tenant's transport
+class and next hop). ``postqueue -f`` and
 ``postqueue -i`` retry with that stored next hop, so after a smarthost change queued mail
 keeps going to the old one. ``postsuper -r`` is the only way back through cleanup: pickup
 hands the message to the ``cleanup_requeue`` service, whose route table (the same
@@ -23,10 +24,14 @@ from pathlib import Path
 
 from relay_milter import defaults
 from relay_milter.config import TenantSet
+from relay_milter.postfix import classes
 from relay_milter.postfix.queue import OpsError, QueueChange, QueuedMessage, changed_count, run_tool
 
 CHUNK = 500  # queue ids per postcat run
 _FILTER = re.compile(r"^content_filter: (\S+)$", re.M)
+# The route marker the milter added (it deletes every copy a client sent); "X-Relay-Route: acme"
+# in mail accepted before the exact-match tables.
+_MARKER = re.compile(rf"^{re.escape(defaults.ROUTE_HEADER)}: ?(\S+)$", re.M | re.I)
 _ID_HEADER = re.compile(r"^\*\*\* ENVELOPE RECORDS (?:\S+/)?(\S+) \*\*\*$", re.M)
 
 
@@ -34,8 +39,8 @@ _ID_HEADER = re.compile(r"^\*\*\* ENVELOPE RECORDS (?:\S+/)?(\S+) \*\*\*$", re.M
 class StaleRoute:
     queue_id: str
     queue: str
-    tenant: str  # from the stored transport (relay_<tenant>)
-    stored: str  # content_filter as stored: relay_acme:[127.0.0.1]:39852
+    tenant: str  # the message's tenant (queue.attribute), or of a pre-class relay_<tenant> route
+    stored: str  # content_filter as stored: rc_3f2a9c01d4:[127.0.0.1]:39852
     current: str | None  # the tenant's route now; None if the tenant no longer exists
 
 
@@ -55,14 +60,15 @@ class RouteScan:
         return [s.queue_id for s in self.stale if s.queue == "deferred" and s.current and (tenant is None or s.tenant == tenant)]
 
 
-def stored_routes(config_directory: Path | str, queue_ids: Sequence[str]) -> dict[str, str]:
-    """queue id -> the content_filter stored in its queue file (``postcat -e -q``)."""
-    routes: dict[str, str] = {}
+def stored_routes(config_directory: Path | str, queue_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """queue id -> (the content_filter stored in its queue file, the tenant of the route
+    marker the milter added to its header, or None): ``postcat -e -h -q``."""
+    routes: dict[str, tuple[str, str | None]] = {}
     for i in range(0, len(queue_ids), CHUNK):
         part = list(queue_ids[i : i + CHUNK])
-        cmd = ["postcat", "-c", str(config_directory), "-e", "-q", *part]
+        cmd = ["postcat", "-c", str(config_directory), "-e", "-h", "-q", *part]
         try:
-            r = run_tool(cmd, f"postcat -c {config_directory} -e -q", None, 120, f"{len(routes)} queue file(s) read")
+            r = run_tool(cmd, f"postcat -c {config_directory} -e -h -q", None, 120, f"{len(routes)} queue file(s) read")
         except OpsError:
             # postcat exits non-zero if any one file vanished (delivered meanwhile): read one by one.
             r = None
@@ -72,7 +78,7 @@ def stored_routes(config_directory: Path | str, queue_ids: Sequence[str]) -> dic
         else:
             for qid in part:
                 try:
-                    texts.append(run_tool(["postcat", "-c", str(config_directory), "-e", "-q", qid], "postcat", None, 60, "").stdout)
+                    texts.append(run_tool(["postcat", "-c", str(config_directory), "-e", "-h", "-q", qid], "postcat", None, 60, "").stdout)
                 except OpsError:
                     continue
         for text in texts:
@@ -81,23 +87,51 @@ def stored_routes(config_directory: Path | str, queue_ids: Sequence[str]) -> dic
                 block = text[m.end() : starts[n + 1].start() if n + 1 < len(starts) else len(text)]
                 f = _FILTER.search(block)
                 if f:
-                    routes[m.group(1)] = f.group(1)
+                    marker = _MARKER.search(block)
+                    routes[m.group(1)] = (f.group(1), marker.group(1).lower() if marker else None)
+    return routes
+
+
+def current_routes(config_directory: Path | str) -> dict[str, str]:
+    """tenant id -> its route now (``<class>:<next hop>``), from the live route table."""
+    prefix = defaults.ROUTE_HEADER.lower() + ":"
+    routes: dict[str, str] = {}
+    try:
+        text = (Path(config_directory) / "relay" / "route").read_text(encoding="utf-8")
+    except OSError as exc:
+        raise OpsError(f"cannot read the route table: {exc}") from None
+    for line in text.splitlines():
+        key, _, value = line.partition("\t")
+        if key.lower().startswith(prefix) and value.startswith("FILTER "):
+            routes[key[len(prefix):]] = value.removeprefix("FILTER ").strip()
     return routes
 
 
 def scan(config_directory: Path | str, messages: Iterable[QueuedMessage], tenants: TenantSet) -> RouteScan:
-    """Messages whose stored tenant route differs from the tenant's route now."""
+    """Messages whose stored tenant route differs from their tenant's route now (the live
+    route table). A message's tenant is the one of the route marker in its header, else the
+    one ``queue.attribute`` gave it; a route from before transport classes
+    (``relay_<tenant>:...``) names its tenant itself."""
     messages = [m for m in messages if m.queue in ("deferred", "active", "hold", "incoming")]
     result = RouteScan(scanned=len(messages))
-    where = {m.queue_id: m.queue for m in messages}
-    current = {t.transport: f"{t.transport}:{t.smarthost.nexthop}" for t in tenants}
-    for qid, stored in stored_routes(config_directory, [m.queue_id for m in messages]).items():
+    by_id = {m.queue_id: m for m in messages}
+    known = {t.id for t in tenants}
+    current = {tid: r for tid, r in current_routes(config_directory).items() if tid in known}
+    for qid, (stored, marker) in stored_routes(config_directory, [m.queue_id for m in messages]).items():
         transport = stored.partition(":")[0]
-        if not transport.startswith("relay_"):
+        if not classes.is_tenant_transport(transport):
             continue  # not a tenant route (e.g. no filter): nothing to compare
-        now = current.get(transport)
+        m = by_id.get(qid)
+        tenant = marker if marker in known else None
+        if tenant is None and m is not None and m.tenant in known:
+            tenant = m.tenant
+        if tenant is None and transport.startswith("relay_"):
+            tenant = transport.removeprefix("relay_")
+        if tenant is None:
+            continue  # whose it is is unknown: nothing to compare it with
+        now = current.get(tenant)
         if now != stored:
-            result.stale.append(StaleRoute(qid, where.get(qid, "?"), transport.removeprefix("relay_"), stored, now))
+            result.stale.append(StaleRoute(qid, m.queue if m else "?", tenant, stored, now))
     return result
 
 

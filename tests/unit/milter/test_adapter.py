@@ -66,7 +66,7 @@ def test_good_message_is_rewritten_and_routed(ctx, key, caplog):
     assert msg["X-Relay-Route"].strip() == "acme"
     assert msg["Reply-To"].strip() == "replies@acme.example"
     assert "dkim=pass" in msg["Authentication-Results"]
-    assert "4XyZ1Qd2: event=accepted tenant=acme route=relay_acme:[127.0.0.1]:2525" in caplog.text
+    assert "4XyZ1Qd2: event=accepted tenant=acme smarthost=[127.0.0.1]:2525" in caplog.text
 
 
 def test_bad_recipient_is_rejected_at_rcpt_with_a_precise_reply(ctx, key, caplog):

@@ -11,6 +11,7 @@ import pytest
 
 from relay_milter.config import Settings, load_tenants
 from relay_milter.postfix.render import render_files
+from support.classes import class_of, entry
 from support.paths import EXAMPLES, TEMPLATES
 
 EXAMPLES = EXAMPLES
@@ -27,40 +28,45 @@ def files():
 
 def test_main_cf_is_closed_and_fails_safe(files):
     main = files["main.cf"]
-    assert "relay_domains = acme.relay.example.net globex.relay.example.net\n" in main
+    assert "relay_domains = hash:/etc/postfix/relay/relay_domains\n" in main
+    assert files["relay/relay_domains"].endswith("acme.relay.example.net\tacme\nglobex.relay.example.net\tglobex\n")
     assert "smtpd_relay_restrictions = reject_unauth_destination\n" in main
     assert "mydestination =\n" in main
     assert "milter_default_action = tempfail\n" in main
     assert "default_transport = unrouted\n" in main and "relay_transport = unrouted\n" in main
     assert "defer_transports = unrouted\n" in main
     assert "maximal_queue_lifetime = 48h\n" in main
-    assert "relay_acme_destination_concurrency_limit = 10\n" in main
+    acme = class_of(files["relay/route"], "acme")
+    assert f"{acme}_destination_concurrency_limit = 10\n" in main
 
 
-def test_master_cf_has_one_transport_per_tenant_with_its_tls_policy(files):
+def test_master_cf_has_one_transport_per_class_with_its_tls_policy(files):
     master = files["master.cf"]
-    assert "relay_acme unix -       -       n       -       10       smtp\n" in master
-    assert "relay_globex unix -       -       n       -       4       smtp\n" in master
-    acme = master.split("relay_acme unix", 1)[1].split("# Tenant", 1)[0]
-    assert "-o smtp_tls_security_level=verify" in acme
-    assert "-o smtp_tls_policy_maps=texthash:/etc/postfix/relay/tls/acme.policy" in acme
-    assert files["relay/tls/acme.policy"].endswith(
+    acme, globex = class_of(files["relay/route"], "acme"), class_of(files["relay/route"], "globex")
+    assert acme != globex and acme.startswith("rc_") and globex.startswith("rc_")  # tls and concurrency differ
+    assert f"{acme} unix -       -       n       -       100       smtp\n" in master
+    assert f"{globex} unix -       -       n       -       100       smtp\n" in master
+    a = entry(master, acme)
+    assert "-o smtp_tls_security_level=verify" in a
+    assert f"-o smtp_tls_policy_maps=hash:/etc/postfix/relay/tls/{acme}.policy" in a
+    assert f"# Transport class {acme}: tls=verify concurrency=10 (its tenants: relay/route)\n" in master
+    assert files[f"relay/tls/{acme}.policy"].endswith(
         "[acme-example.mail.protection.outlook.com]:25\tverify match=acme-example.mail.protection.outlook.com\n"
     )
-    assert files["relay/tls/globex.policy"].endswith("[smtp.globex.example]:587\tencrypt\n")
+    assert files[f"relay/tls/{globex}.policy"].endswith("[smtp.globex.example]:587\tencrypt\n")
     assert "smtp_sasl_auth_enable=yes" not in master  # no tenant logs in to its smarthost here
-    globex = master.split("relay_globex unix", 1)[1]
-    assert "-o smtp_tls_security_level=encrypt" in globex
+    assert "-o smtp_tls_security_level=encrypt" in entry(master, globex)
     assert "unrouted  unix" in master
 
 
 def test_route_table_maps_the_marker_to_the_smarthost_only(files):
     route = files["relay/route"]
-    assert "\nX-Relay-Route:acme\tFILTER relay_acme:[acme-example.mail.protection.outlook.com]:25\n" in route
-    assert "FILTER relay_globex:[smtp.globex.example]:587" in route
+    acme, globex = class_of(route, "acme"), class_of(route, "globex")
+    assert f"\nX-Relay-Route:acme\tFILTER {acme}:[acme-example.mail.protection.outlook.com]:25\n" in route
+    assert f"FILTER {globex}:[smtp.globex.example]:587" in route
     bounce = files["relay/bounce_transport"]
-    assert "acme.example\trelay_acme:[acme-example.mail.protection.outlook.com]:25" in bounce
-    assert "globex.example\trelay_globex:[smtp.globex.example]:587" in bounce
+    assert f"acme.example\t{acme}:[acme-example.mail.protection.outlook.com]:25" in bounce
+    assert f"globex.example\t{globex}:[smtp.globex.example]:587" in bounce
 
 
 def test_render_command_writes_the_files(tmp_path):
@@ -147,13 +153,17 @@ def test_smarthost_password_only_in_a_root_only_table(tmp_path):
     r = relayctl("--tenants", str(tenants), "--settings", str(settings), "render", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "Pa55" not in r.stdout + r.stderr
-    table = out / "relay" / "smtp_auth" / "globex"
+    globex = class_of((out / "relay" / "route").read_text(), "globex")
+    table = out / "relay" / "smtp_auth" / globex
     assert table.read_text().endswith("[smtp.globex.example]:587\trelay@globex.example:Pa55-word-for-globex\n")
+    db = table.with_name(table.name + ".db")  # postmap's hash: file: as private as its source
     assert table.stat().st_mode & 0o777 == 0o600 and table.parent.stat().st_mode & 0o777 == 0o700
-    leaked = [p for p in out.rglob("*") if p.is_file() and p != table and "Pa55" in p.read_text()]
+    assert db.stat().st_mode & 0o777 == 0o600
+    leaked = [p for p in out.rglob("*") if p.is_file() and p not in (table, db) and b"Pa55" in p.read_bytes()]
     assert leaked == []
-    master = (out / "master.cf").read_text().split("relay_globex unix", 1)[1]
-    assert f"-o smtp_sasl_password_maps=texthash:/etc/postfix/relay/smtp_auth/globex" in master
+    master = entry((out / "master.cf").read_text(), globex)
+    assert f"-o smtp_sasl_password_maps=hash:/etc/postfix/relay/smtp_auth/{globex}" in master
+    assert "-o smtp_connection_cache_on_demand=no" in master
     # Without the secret the configuration is refused, naming the tenant and the field.
     secrets.write_text("{}\n")
     r = relayctl("--tenants", str(tenants), "--settings", str(settings), "render", "--out", str(out))
@@ -187,15 +197,19 @@ def test_source_address_and_rate_render_per_tenant(tmp_path):
     ]})
     settings = Settings(reputation=rep, secrets_file=tmp_path / "none.yaml")
     files = render_files(ts, settings)
-    master = files["master.cf"]
-    acme = master.split("relay_acme unix", 1)[1].split("# Tenant", 1)[0]
+    master, route = files["master.cf"], files["relay/route"]
+    names = {t: class_of(route, t) for t in ("acme", "globex", "hooli")}
+    assert len(set(names.values())) == 3  # different source addresses and rates: different classes
+    acme = entry(master, names["acme"])
     assert "-o smtp_bind_address=127.0.0.2\n" in acme and "-o smtp_helo_name=out-a.relay.test\n" in acme
-    globex = master.split("relay_globex unix", 1)[1].split("# Tenant", 1)[0]
+    globex = entry(master, names["globex"])
     assert "smtp_bind_address" not in globex and "smtp_helo_name" not in globex
-    hooli = master.split("relay_hooli unix", 1)[1].split("# Tenant", 1)[0]
+    hooli = entry(master, names["hooli"])
     assert "-o smtp_bind_address6=2001:db8::25\n" in hooli and "smtp_bind_address=" not in hooli
-    assert "\nrelay_acme_destination_rate_delay = 3s\n" in files["main.cf"]
-    assert "relay_globex_destination_rate_delay" not in files["main.cf"]
+    assert f"\n{names['acme']}_destination_rate_delay = 3s\n" in files["main.cf"]
+    assert f"{names['globex']}_destination_rate_delay" not in files["main.cf"]
     failed_over = render_files(ts, settings, reputation_state={"failovers": {"127.0.0.2": {"to": "127.0.0.4"}}})
-    acme = failed_over["master.cf"].split("relay_acme unix", 1)[1].split("# Tenant", 1)[0]
+    moved = class_of(failed_over["relay/route"], "acme")
+    assert moved != names["acme"]  # the source address is part of the class
+    acme = entry(failed_over["master.cf"], moved)
     assert "-o smtp_bind_address=127.0.0.4\n" in acme and "-o smtp_helo_name=out-c.relay.test\n" in acme

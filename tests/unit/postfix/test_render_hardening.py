@@ -22,6 +22,7 @@ import pytest
 from relay_milter.config import Settings, load_tenants
 from relay_milter.lab import wait_for
 from relay_milter.postfix.render import UnsafeDirectory, install, render_files, write_files
+from support.classes import class_of
 from support.factories import tenant_doc, write_tenants
 
 PASSWORD = "Pa55-word-for-acme-0815"  # pragma: allowlist secret (a fake password the test plants)
@@ -58,9 +59,10 @@ def test_render_into_a_new_directory(relay, tmp_path):
     out = tmp_path / "new"
     r = render(relay, out)
     assert r.returncode == 0, r.stderr
-    table = out / "relay" / "smtp_auth" / "acme"
+    table = out / "relay" / "smtp_auth" / class_of((out / "relay" / "route").read_text(), "acme")
     assert PASSWORD in table.read_text()
     assert table.stat().st_mode & 0o777 == 0o600 and table.parent.stat().st_mode & 0o777 == 0o700
+    assert table.with_name(table.name + ".db").stat().st_mode & 0o777 == 0o600
     assert (out / "main.cf").stat().st_mode & 0o777 == 0o644
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left
     # An existing, empty, root-owned directory is fine too.
@@ -129,13 +131,16 @@ def test_install_never_writes_through_a_planted_symlink(relay, tmp_path):
     (config / "main.cf").symlink_to(target)
     settings = Settings(config_directory=config, secrets_file=tmp_path / "secrets.yaml")
     files = render_files(load_tenants(tenants), settings)
+    acme = class_of(files["relay/route"], "acme")
+    (auth / f"{acme}.db").symlink_to(target)  # at the table's .db, which postmap builds
     changed = install(files, settings)
-    assert "relay/smtp_auth/acme" in changed and "main.cf" in changed
+    assert f"relay/smtp_auth/{acme}" in changed and "main.cf" in changed
     assert "relay/smtp_auth/acme.tmp (removed)" in changed  # a stale entry: the link is removed
     assert target.read_text() == "root:x:0:0\n"
     assert not (config / "main.cf").is_symlink() and (config / "main.cf").read_text() == files["main.cf"]
-    assert (auth / "acme").read_text() == files["relay/smtp_auth/acme"]
-    assert (auth / "acme").stat().st_mode & 0o777 == 0o600
+    assert (auth / acme).read_text() == files[f"relay/smtp_auth/{acme}"]
+    assert (auth / acme).stat().st_mode & 0o777 == 0o600
+    assert not (auth / f"{acme}.db").is_symlink() and (auth / f"{acme}.db").stat().st_mode & 0o777 == 0o600
     assert not (auth / "acme.tmp").exists() and not (auth / "acme.tmp").is_symlink()
 
 
@@ -190,7 +195,8 @@ def test_killed_check_removes_its_staging_directory(relay, tmp_path, sig):
         assert proc.poll() is None, proc.communicate()
         [staging] = list(tmpdir.iterdir())
         assert staging.name.startswith("relay-staging-")
-        assert PASSWORD in (staging / "relay" / "smtp_auth" / "acme").read_text()
+        [table] = [p for p in (staging / "relay" / "smtp_auth").iterdir() if not p.name.endswith(".db")]
+        assert PASSWORD in table.read_text()
         tool_pid = int(marker.read_text())
         proc.send_signal(sig)
         proc.wait(30)

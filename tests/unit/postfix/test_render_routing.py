@@ -11,6 +11,7 @@ import pytest
 from relay_milter.config import Settings, load_tenants
 from relay_milter.core import route
 from relay_milter.postfix.render import REQUEUE_TABLE, ROUTE_TABLE, render_and_check, render_files
+from support.classes import class_of, entry
 from support.paths import EXAMPLES
 
 
@@ -24,7 +25,7 @@ def test_no_header_checks_anywhere_but_the_requeue_seal_table(files):
     for name in ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks"):
         assert f"\n{name} =\n" in main
     requeue = master.split("cleanup_requeue unix", 1)[1].split("\nqmgr", 1)[0] + "\n"
-    assert f"-o header_checks=texthash:/etc/postfix/{REQUEUE_TABLE}\n" in requeue
+    assert f"-o header_checks=hash:/etc/postfix/{REQUEUE_TABLE}\n" in requeue
     assert "-o mime_header_checks=\n" in requeue and "-o nested_header_checks=\n" in requeue
     assert f"/{ROUTE_TABLE}\n" not in requeue  # the milter's route table never routes requeued mail
 
@@ -33,7 +34,7 @@ def test_requeue_table_routes_only_the_seal(files):
     key = route.parse_route_key(files["relay/requeue/route.key"])
     table = files[REQUEUE_TABLE]
     seal = route.tenant_seal(key, "acme")
-    assert f"\nX-Relay-Route-Seal:{seal}\tFILTER relay_acme:" in table
+    assert f"\nX-Relay-Route-Seal:{seal}\tFILTER {class_of(files[ROUTE_TABLE], 'acme')}:" in table
     assert not re.search(r"^X-Relay-Route:", table, re.M)
 
 
@@ -85,20 +86,21 @@ def test_one_pass_route_check_catches_a_wrong_or_missing_route(tmp_path, files):
     assert route_problems(good, tenants) == []
     bad = tmp_path / "bad"
     tampered = dict(files)
+    acme, globex = class_of(files[ROUTE_TABLE], "acme"), class_of(files[ROUTE_TABLE], "globex")
     tampered[ROUTE_TABLE] = (
-        files[ROUTE_TABLE].replace("relay_globex:", "relay_acme:")
+        files[ROUTE_TABLE].replace(f"{globex}:", f"{acme}:")
         .replace("X-Relay-Route:acme\t", "X-Relay-Route:acmx\t")
-        + "X-Relay-Route:no-such-tenant\tFILTER relay_acme:[x]:25\n"
+        + f"X-Relay-Route:no-such-tenant\tFILTER {acme}:[x]:25\n"
     )
     key = route.parse_route_key(files["relay/requeue/route.key"])
-    tampered[REQUEUE_TABLE] = files[REQUEUE_TABLE] + "X-Relay-Route:acme\tFILTER relay_acme:[x]:25\n"
+    tampered[REQUEUE_TABLE] = files[REQUEUE_TABLE] + f"X-Relay-Route:acme\tFILTER {acme}:[x]:25\n"
     write_files(tampered, bad, require_empty=True)
     (bad / "main.cf").write_text("")
     problems = route_problems(bad, tenants)
     assert any(p.startswith("route table: tenant acme resolves to ''") for p in problems), problems
-    assert any(p.startswith("route table: tenant globex resolves to 'FILTER relay_acme:") for p in problems), problems
-    assert any(p.startswith("route table: an unknown tenant resolves to 'FILTER relay_acme:[x]:25'") for p in problems), problems
-    assert any(p.startswith("requeue table: tenant acme resolves to 'FILTER relay_acme:[x]:25', expected ''") for p in problems), problems
+    assert any(p.startswith(f"route table: tenant globex resolves to 'FILTER {acme}:") for p in problems), problems
+    assert any(p.startswith(f"route table: an unknown tenant resolves to 'FILTER {acme}:[x]:25'") for p in problems), problems
+    assert any(p.startswith(f"requeue table: tenant acme resolves to 'FILTER {acme}:[x]:25', expected ''") for p in problems), problems
     assert route.tenant_seal(key, "acme") in files[REQUEUE_TABLE]
 
 
@@ -109,11 +111,15 @@ def test_postfix_check_sees_one_tenant_entry_standing_for_all():
 
     from support.factories import tenant, tenant_set
 
-    files = render_files(tenant_set(tenant("acme"), tenant("globex"), tenant("initech")), Settings())
+    ts = tenant_set(*(tenant(t, smarthost={"host": "127.0.0.1", "concurrency": c}) for t, c in (("acme", 2), ("globex", 3), ("initech", 4))))
+    files = render_files(ts, Settings())
     master = files["master.cf"]
+    names = sorted(class_of(files[ROUTE_TABLE], t) for t in ("acme", "globex", "initech"))
+    assert len(set(names)) == 3 and all(f"\n{n} unix" in master for n in names)
     cut = one_tenant_entry(master)
-    assert "relay_acme unix" in cut and "-o smtp_tls_policy_maps=texthash:/etc/postfix/relay/tls/acme.policy" in cut
-    assert "globex" not in cut and "initech" not in cut
-    assert cut.count("\nrelay_") == 1
-    kept = [ln for ln in master.splitlines() if ln and not ln.startswith(("#", " ")) and not ln.startswith("relay_")]
+    first = names[0]
+    assert f"\n{first} unix" in cut and f"-o smtp_tls_policy_maps=hash:/etc/postfix/relay/tls/{first}.policy" in cut
+    assert not any(n in cut for n in names[1:])
+    assert cut.count("\nrc_") == 1
+    kept = [ln for ln in master.splitlines() if ln and not ln.startswith(("#", " ")) and not ln.startswith("rc_")]
     assert kept and all(ln in cut.splitlines() for ln in kept)
