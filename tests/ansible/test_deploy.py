@@ -904,8 +904,9 @@ def test_check_diff_shows_a_tenant_change_without_applying_it(deployment):
     out = r.stdout
     # The tenant file diff and the resulting Postfix master.cf/main.cf diff.
     assert re.search(r"^\+\s+concurrency: 7$", out, re.M), out[-4000:]  # tenant file (default 5 was implicit)
-    assert "+relay_globex_destination_concurrency_limit = 7" in out
-    assert re.search(r"relay_globex unix\s+-\s+-\s+n\s+-\s+7\s+smtp", out)
+    # globex moves to a transport class of its own (concurrency is a class setting).
+    assert re.search(r"^\+rc_\w+_destination_concurrency_limit = 7$", out, re.M), out[-4000:]
+    assert re.search(r"^\+rc_\w+ unix\s+-\s+-\s+n\s+-\s+100\s+smtp", out, re.M), out[-4000:]
     for h in HOSTS:
         assert d.recap(out)[h]["changed"] > 0
         assert d.live_snapshot(h) == before[h]  # check mode changed nothing

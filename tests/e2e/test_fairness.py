@@ -16,6 +16,7 @@ import pytest
 
 from conftest import Mailer
 from relay_milter.lab import Lab, Sink, TenantSpec, rsa_key, wait_for
+from support.classes import class_of
 
 pytestmark = pytest.mark.e2e
 
@@ -151,7 +152,8 @@ def test_ingress_limits_tempfail_naming_the_limit(lab):
 
 
 def test_smarthost_rate_paces_deliveries(lab):
-    assert "\nrelay_hooli_destination_rate_delay = 2s\n" in (lab.config_dir / "main.cf").read_text()
+    hooli = class_of((lab.config_dir / "relay" / "route").read_text(), "hooli")  # its transport class
+    assert f"\n{hooli}_destination_rate_delay = 2s\n" in (lab.config_dir / "main.cf").read_text()
     for n in range(3):
         code, _, _ = send(lab, "hooli", f"paced-{n}")
         assert code == 250

@@ -225,9 +225,12 @@ def check_stream(fleet: Fleet, tenant: str, max_duplicates: int = 0) -> list[dic
 
 
 def status_sent(node: Node) -> collections.Counter:
-    """Postfix's own count: ``status=sent`` lines per tenant transport in the node's log."""
-    line = re.compile(r"postfix/relay_(\w+)/smtp\[\d+\]: \w+: to=.* status=sent ")  # hygiene: not a path (a log line)
-    return collections.Counter(m.group(1) for m in line.finditer(node.maillog_text()))
+    """Postfix's own count: ``status=sent`` lines per tenant in the node's log (the tenant of
+    a queue id from cleanup's route line: tenants share transport classes)."""
+    text = node.maillog_text()
+    tenant_of = dict(re.findall(r"\]: (\w+): milter-header-filter: header X-Relay-Route: ?(\w+) from ", text))
+    line = re.compile(r"postfix/rc_\w+/smtp\[\d+\]: (\w+): to=.* status=sent ")  # hygiene: not a path (a log line)
+    return collections.Counter(tenant_of.get(m.group(1), "?") for m in line.finditer(text))
 
 
 def sender_pid(receiver: WebhookReceiver, client_port: int) -> int | None:

@@ -202,8 +202,9 @@ def test_hidden_route_marker_never_routes_even_after_postsuper_requeue(rlab, whe
     [got] = wait_for(lambda: arrived(lab, "acme", mid), 60, what="requeued message at acme")
     # postsuper -r sent it through pickup and cleanup again, where the seal routed it.
     new = wait_for(lambda: re.search(rf"(\w+): .*orig_id={qid}", maillog_after(lab, mark)), 10, what="pickup's orig_id line")
-    routed = wait_for(lambda: re.findall(rf"{new.group(1)}: filter: header X-Relay-Route-Seal:(\w+)\.[0-9a-f]{{40}} from \S+; .*: relay_(\w+):", maillog_after(lab, mark)), 10, what="cleanup's filter line")
-    assert routed == [("acme", "acme")]
+    routed = wait_for(lambda: re.findall(rf"{new.group(1)}: filter: header X-Relay-Route-Seal:(\w+)\.[0-9a-f]{{40}} from \S+; .*: (rc_\w+:\S+)$", maillog_after(lab, mark), re.M), 10, what="cleanup's filter line")
+    acme_route = re.search(r"^X-Relay-Route:acme\tFILTER (\S+)$", (lab.config_dir / "relay" / "route").read_text(), re.M).group(1)
+    assert routed == [("acme", acme_route)]
     assert got.rcpt_tos == ["alice@example.org"]
     assert got.header("X-Relay-Route") == [] and got.header("X-Relay-Route-Seal") == []
     marker_delivered(lab, "globex")

@@ -125,7 +125,7 @@ def test_nothing_to_release_exits_1(lab):
 
 def attempts(lab: Lab, qid: str) -> int:
     """Delivery attempts of ``qid`` through its tenant's transport, from the Postfix log."""
-    return sum(1 for ln in lab.maillog_text().splitlines() if "/relay_" in ln and f" {qid}: to=<" in ln)  # hygiene: not a path (relay_<tenant>/smtp in a log line)
+    return sum(1 for ln in lab.maillog_text().splitlines() if "/rc_" in ln and f" {qid}: to=<" in ln)  # hygiene: not a path (rc_<class>/smtp in a log line)
 
 
 def test_requeue_retries_now_and_keeps_the_tenant_route(lab):
@@ -135,7 +135,7 @@ def test_requeue_retries_now_and_keeps_the_tenant_route(lab):
     r = rc(lab, "requeue", "--tenant", "globex", "--yes")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "requeued 2 message(s) of tenant globex"
-    # Same queue ids, one more attempt each (2 recipients) through relay_globex: the route
+    # Same queue ids, one more attempt each (2 recipients) through globex's transport class: the route
     # survived. postsuper -r would have produced new ids on the "unrouted" transport.
     for q in ids:
         wait_for(lambda: attempts(lab, q) == counts[q] + 2, 20, what=f"a new attempt for {q}")

@@ -1,17 +1,21 @@
 """Issue 17: 2,000 tenants on one real Postfix. Mail to the first, the middle and the last
 tenant goes to that tenant's own smarthost, routed by the exact-match route table.
 
-Every tenant has its own transport in master.cf, its own route in relay/route, its own seal
-in relay/requeue/route and its own pinned key (one ed25519 key, generated here, shared by
-all: key generation is not what this test measures). The first, middle and last tenant
-each have a smarthost of their own; the other 1,997 share one sink, which must receive
-nothing.
+Tenants share transport classes (postfix/classes.py): the 1,997 others have a smarthost
+name of their own each (o<id>.others.test, which the lab's DNS answers with one sink's
+address) and the same settings, so they are one master.cf transport; every tenant has its
+own route in relay/route, its own seal in relay/requeue/route and its own pinned key (one
+ed25519 key, generated here, shared by all: key generation is not what this test
+measures). The first, middle and last tenant each have a smarthost of their own; the
+others' sink must receive nothing. Then one more tenant is added with ``relayctl apply``:
+only hash: tables change, Postfix is not reloaded, and its mail is accepted and delivered.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 import yaml
@@ -32,7 +36,8 @@ class ScaleLab(Lab):
         # The lab's DNS answers for .test itself: a name it has no record for is NXDOMAIN at
         # once, as a real zone answers (check asks for every tenant's key record).
         zone = "test"
-        return (f"--local=/{zone}/",)  # dnsmasq's syntax for "answer this domain yourself"
+        # "answer this domain yourself"; every name under others.test is the loopback address.
+        return (f"--local=/{zone}/", "--address=/others.test/127.0.0.1")
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +50,10 @@ def scale_lab():
         if tid in WATCHED:
             lab.add_tenant(TenantSpec(tid, f"{tid}.relay.test", f"hop.{tid}.test", "s1", key, [f"{tid}.example"]), Sink(tid))
         else:
-            doc = tenant_doc(tid, key, smarthost={"host": "127.0.0.1", "port": others.port, "tls": "none"}, allow_bcc=True)
+            doc = tenant_doc(tid, key, smarthost={"host": f"o{tid}.others.test", "port": others.port, "tls": "none"}, allow_bcc=True)
             (lab.tenants_dir / f"{tid}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     lab.sinks["others"] = others  # started and stopped with the lab's sinks
-    lab.relayctl_timeout = 600  # postconf is slow with thousands of master.cf services (docs/scale.md)
+    lab.relayctl_timeout = 600
     try:
         yield lab.start()
     finally:
@@ -66,7 +71,10 @@ def test_route_tables_hold_every_tenant_once(scale_lab):
     keys = [line.split("\t", 1)[0] for line in route.splitlines() if line and not line.startswith("#")]
     assert keys == [f"X-Relay-Route:{tid}" for tid in IDS]
     master = (lab.config_dir / "master.cf").read_text()
-    assert len(re.findall(r"^relay_t\d{5} unix ", master, re.M)) == COUNT
+    services = re.findall(r"^(rc_\w+) unix ", master, re.M)
+    used = {m.group(1) for m in re.finditer(r"\tFILTER (rc_\w+):", route)}
+    # The others share one class; the watched tenants (same settings, each its own sink) too.
+    assert len(services) == len(used) == 1, services
 
 
 def test_first_middle_and_last_tenant_reach_their_own_smarthost(scale_lab):
@@ -82,7 +90,7 @@ def test_first_middle_and_last_tenant_reach_their_own_smarthost(scale_lab):
     log = lab.maillog_text()[mark:]
     # Cleanup routed each message by one exact-match lookup of the marker the milter added.
     for tid in WATCHED:
-        assert re.search(rf"milter-header-filter: header X-Relay-Route:{tid} from .*: relay_{tid}:\[127\.0\.0\.1\]:{lab.sinks[tid].port}$", log, re.M), tid
+        assert re.search(rf"milter-header-filter: header X-Relay-Route:{tid} from .*: rc_\w+:\[127\.0\.0\.1\]:{lab.sinks[tid].port}$", log, re.M), tid
     # A later message to the middle tenant, delivered: nothing else is still on its way.
     assert send(lab, WATCHED[1], to="later@example.org")[0] == 250
     wait_for(lambda: len(lab.sinks[WATCHED[1]].messages) == 2, 60, what="the later message")
@@ -93,3 +101,31 @@ def test_first_middle_and_last_tenant_reach_their_own_smarthost(scale_lab):
 def test_an_unknown_relay_domain_is_refused(scale_lab):
     code, text, _ = send(scale_lab, "t99999")
     assert code == 554 and "Relay access denied" in text
+
+
+def test_a_new_tenant_is_served_without_a_postfix_reload(scale_lab):
+    """Issue 17: adding one tenant changes hash: tables only (its settings match a class);
+    apply does not reload Postfix, whose daemons pick the new tables up by themselves."""
+    lab = scale_lab
+    tid = "t02000"
+    mark = len(lab.maillog_text())
+    lab.add_tenant(TenantSpec(tid, f"{tid}.relay.test", f"hop.{tid}.test", "s1", lab.key, [f"{tid}.example"]), Sink(tid).start())
+    started = time.monotonic()
+    r = lab.relayctl("apply")
+    assert "postfix reloaded" not in r.stdout and "no reload needed" in r.stdout, r.stdout
+    assert "installed" in r.stdout and "master.cf" not in r.stdout and "main.cf" not in r.stdout, r.stdout
+
+    def accepted():
+        code, text, _ = send(lab, tid, to="new@example.org")
+        assert code in (250, 451, 550, 554), text  # 451/550/554 until the milter and smtpd have the tenant
+        return code == 250
+
+    wait_for(accepted, 60, interval=0.5, what="mail for the new tenant accepted")
+    print(f"\nnew tenant: apply and first accepted message {time.monotonic() - started:.1f} s")
+    [got] = lab.sinks[tid].wait(1, timeout=60)
+    assert got.rcpt_tos == ["new@example.org"]
+    log = lab.maillog_text()[mark:]
+    assert "reload -- version" not in log  # the master was never told to reload
+    # Postfix's daemons saw the new tables and restarted by themselves.
+    assert re.search(r"table hash:\S+/relay/(route|relay_domains) has changed -- restarting", log), log[-3000:]
+    assert lab.sinks["others"].messages == []

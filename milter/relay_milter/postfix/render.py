@@ -79,6 +79,10 @@ BOUNCE_TABLE = "relay/bounce_transport"
 TLS_DIR = "relay/tls"
 # hash: tables (write_files runs postmap; Postfix picks a new one up without a reload).
 HASH_TABLES = (ROUTE_TABLE, REQUEUE_TABLE, RELAY_DOMAINS_TABLE, BOUNCE_TABLE)
+# Header-check tables: cleanup looks a header line up as it is, without folding it to lower
+# case (other lookups fold), so postmap must not fold their keys either (postmap -f); their
+# keys are spelled exactly as the milter adds the header ("X-Relay-Route:acme").
+CASE_EXACT_TABLES = (ROUTE_TABLE, REQUEUE_TABLE)
 # Files of earlier releases that install() deletes: the regexp route tables, replaced by the
 # exact-match ones above (a regexp table tested every tenant's pattern for every header).
 RETIRED = ("relay/route.regexp", REQUEUE_DIR + "/route.regexp")
@@ -348,7 +352,10 @@ def write_files(files: dict[str, str], out: Path, require_empty: bool = False) -
                     # postmap reads main.cf for its defaults: the one being written, if any.
                     has_main = "main.cf" in written_names or (out / "main.cf").is_file()
                     postmap = ["postmap", "-c", str(out)] if has_main else ["postmap"]
-                _write_at(fds[-1], base, text, 0o600 if secret else 0o644, postmap if is_hash_table(name) else None)
+                table_postmap = None
+                if is_hash_table(name):
+                    table_postmap = [*postmap, "-f"] if name in CASE_EXACT_TABLES else postmap
+                _write_at(fds[-1], base, text, 0o600 if secret else 0o644, table_postmap)
             finally:
                 for fd in fds[1:]:
                     os.close(fd)
@@ -447,9 +454,10 @@ def lookup_all(staging: Path, table: str, keys: list[str]) -> tuple[dict[str, st
     """Look every key up in the hash: table ``table`` (relative to ``staging``) with one
     ``postmap -q -`` (keys on standard input): key -> value for the keys found, and an
     error text if postmap failed."""
-    argv = ["postmap", "-c", str(staging), "-q", "-", f"hash:{staging / table}"]
+    exact = ["-f"] if table in CASE_EXACT_TABLES else []  # looked up as cleanup does: no folding
+    argv = ["postmap", "-c", str(staging), *exact, "-q", "-", f"hash:{staging / table}"]
     try:
-        r = run_postfix_tool(argv, input="".join(k + "\n" for k in keys), what=f"postmap -q - hash:{table}")
+        r = run_postfix_tool(argv, input="".join(k + "\n" for k in keys), what=f"postmap -q - hash:{table}", not_found_ok=True)
     except PostfixToolError as exc:
         return {}, str(exc)
     found: dict[str, str] = {}

@@ -63,6 +63,7 @@ def run_postfix_tool(
     timeout: float = DEFAULT_TIMEOUT,
     what: str | None = None,
     done: str | None = None,
+    not_found_ok: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run ``argv`` with ``input`` on standard input (else /dev/null); return it on exit 0.
 
@@ -70,6 +71,7 @@ def run_postfix_tool(
     already done when this run is one of several (earlier chunks stay changed). Raises
     PostfixToolError: "cannot run X: ... (is Postfix installed?)", "WHAT timed out after
     Ns (DONE; is Postfix running?)" or "WHAT failed (exit N) after DONE: <diagnostic>".
+    ``not_found_ok``: exit 1 without a diagnostic is fine too (``postmap -q`` found nothing).
     """
     what = what or shlex.join(argv)
     try:
@@ -79,6 +81,8 @@ def run_postfix_tool(
     except subprocess.TimeoutExpired:
         hint = f"{done}; is Postfix running?" if done else "is Postfix running?"
         raise PostfixToolError(f"{what} timed out after {timeout:g}s ({hint})") from None
+    if not_found_ok and r.returncode == 1 and not first_diagnostic(r.stderr):
+        return r
     if r.returncode != 0:
         after = f" after {done}" if done else ""
         raise PostfixToolError(

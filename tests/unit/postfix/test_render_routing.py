@@ -123,3 +123,19 @@ def test_postfix_check_sees_one_tenant_entry_standing_for_all():
     assert cut.count("\nrc_") == 1
     kept = [ln for ln in master.splitlines() if ln and not ln.startswith(("#", " ")) and not ln.startswith("rc_")]
     assert kept and all(ln in cut.splitlines() for ln in kept)
+
+
+def test_route_tables_are_case_exact_as_cleanup_looks_them_up(tmp_path, files):
+    """Cleanup looks a header line up without folding its case; a route table whose keys
+    postmap folded to lower case would route nothing, and the check says so."""
+    import subprocess
+
+    from relay_milter.postfix.render import route_problems, write_files
+
+    tenants = load_tenants(EXAMPLES)
+    staged = tmp_path / "s"
+    write_files(files, staged, require_empty=True)
+    assert route_problems(staged, tenants) == []
+    subprocess.run(["postmap", "-c", str(staged), f"hash:{staged / ROUTE_TABLE}"], check=True)  # folds the keys
+    problems = route_problems(staged, tenants)
+    assert any(p.startswith("route table: tenant acme resolves to ''") for p in problems), problems
