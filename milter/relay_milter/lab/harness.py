@@ -287,11 +287,12 @@ class SinkHandler:
         return reply
 
 
-def _authenticator(user: str, password: str):
+def _authenticator(users: dict[str, str]):
     from aiosmtpd.smtp import AuthResult, LoginPassword
 
     def check(server, session, envelope, mechanism, auth_data):
-        ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user and auth_data.password.decode() == password
+        user = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else None
+        ok = user in users and auth_data.password.decode() == users[user]
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
     return check
@@ -302,10 +303,15 @@ class Sink:
 
     ``tls``: offer STARTTLS with this certificate (plaintext stays possible, so a
     relay that skipped TLS would be caught delivering in clear). ``auth``:
-    (user, password) the relay must log in with; AUTH is offered only under TLS.
+    (user, password) the relay must log in with, or {user: password} for a smarthost
+    several tenants log in to (each message records its session's login); AUTH is offered
+    only under TLS.
     """
 
-    def __init__(self, name: str, port: int | None = None, tls: CertPair | None = None, auth: tuple[str, str] | None = None):
+    def __init__(
+        self, name: str, port: int | None = None, tls: CertPair | None = None,
+        auth: tuple[str, str] | dict[str, str] | None = None,
+    ):
         self.name = name
         self.port = port or free_port()
         self.tls = tls
@@ -332,7 +338,8 @@ class Sink:
             import logging
 
             logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's login_data deprecation noise
-            kwargs |= {"authenticator": _authenticator(*self.auth), "auth_required": True, "auth_require_tls": True}
+            users = dict([self.auth]) if isinstance(self.auth, tuple) else dict(self.auth)
+            kwargs |= {"authenticator": _authenticator(users), "auth_required": True, "auth_require_tls": True}
         self._controller = Controller(SinkHandler(self), hostname="127.0.0.1", port=self.port, ready_timeout=10, **kwargs)
         self._controller.start()
         return self

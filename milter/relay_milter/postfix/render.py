@@ -23,9 +23,9 @@ Files rendered (relative to the Postfix config directory):
 Every table that changes with the tenants is a ``hash:`` table: ``write_files`` builds its
 ``.db`` with ``postmap`` under a temporary name and renames it into place, and Postfix's
 daemons notice the new file and restart by themselves before their next client. So a
-change that touches only such tables (adding a tenant whose settings match an existing
-transport class, changing a smarthost host or password) needs no ``postfix reload``
-(``needs_reload``). The route tables are exact-match: one hash lookup per header whatever
+change that touches only such tables (a tenant's smarthost host, port, TLS match or
+password) needs no ``postfix reload`` (``needs_reload``); a new or removed tenant reloads
+because of relay_domains, and a new transport class because of master.cf. The route tables are exact-match: one hash lookup per header whatever
 the number of tenants, and ``check_staged`` verifies every tenant's route, TLS policy and
 login with one ``postmap -q -`` per table (docs/scale.md).
 """
@@ -104,10 +104,14 @@ def is_hash_table(name: str) -> bool:
 
 def needs_reload(changed: list[str]) -> bool:
     """Whether Postfix must reload to use the installed changes: not when only hash: tables
-    (Postfix's daemons re-read those by themselves), the milter's tenant set or the
-    keys changed. Removed files (`` (removed)``) of retired classes come with a master.cf change."""
+    (Postfix's daemons re-read those by themselves), the milter's tenant set or the keys
+    changed. Except relay_domains: trivial-rewrite checks its tables only every 10 s and
+    smtpd remembers its last answer, so a new or removed tenant (its relay domain) reloads,
+    for mail to be accepted within seconds. Removed files (`` (removed)``) of retired
+    classes come with a master.cf change."""
     quiet = (APPLIED_TENANTS, defaults.ROUTE_KEY_FILE, defaults.VERP_KEY_FILE)
-    return any(not (is_hash_table(n.removesuffix(" (removed)")) or n in quiet) for n in changed)
+    names = [n.removesuffix(" (removed)") for n in changed]
+    return any(n == RELAY_DOMAINS_TABLE or not (is_hash_table(n) or n in quiet) for n in names)
 
 
 def is_secret(name: str) -> bool:

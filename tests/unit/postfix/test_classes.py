@@ -106,7 +106,8 @@ def test_class_names_stay_when_tenants_come_and_go():
 
 
 def test_adding_a_tenant_of_an_existing_class_changes_tables_only(tmp_path):
-    """install() then reports hash: tables and the milter's tenant set only: no reload."""
+    """install() then reports hash: tables and the milter's tenant set only; relay_domains
+    reloads (trivial-rewrite would see it only within 10 s), a smarthost move does not."""
     live = tmp_path / "etc"
     live.mkdir()
     settings = Settings(config_directory=live, queue_directory=tmp_path / "q", data_directory=tmp_path / "d")
@@ -116,17 +117,24 @@ def test_adding_a_tenant_of_an_existing_class_changes_tables_only(tmp_path):
     changed = install(render_files(bigger, settings), settings, hold=(APPLIED_TENANTS,))
     assert "main.cf" not in changed and "master.cf" not in changed
     assert ROUTE_TABLE in changed and "relay/relay_domains" in changed and APPLIED_TENANTS in changed
-    assert not needs_reload(changed)
+    assert needs_reload(changed)
     assert b"hooli" in (live / (ROUTE_TABLE + ".db")).read_bytes()
+    # hooli's smarthost moves to another host and port: tables only, no reload.
+    moved = tenant_set(*base, tenant("hooli", smarthost={"host": "mx2.hooli.example", "port": 2525}))
+    changed = install(render_files(moved, settings), settings)
+    assert "master.cf" not in changed and "main.cf" not in changed and "relay/relay_domains" not in changed
+    assert ROUTE_TABLE in changed and not needs_reload(changed)
+    assert b"[mx2.hooli.example]:2525" in (live / (ROUTE_TABLE + ".db")).read_bytes()
     # A tenant with other settings needs a new class: master.cf changes, Postfix must reload.
-    other = tenant_set(*bigger, tenant("initech", smarthost={"host": "smtp.initech.example", "concurrency": 3}))
+    other = tenant_set(*moved, tenant("initech", smarthost={"host": "smtp.initech.example", "concurrency": 3}))
     changed = install(render_files(other, settings), settings)
     assert "master.cf" in changed and needs_reload(changed)
 
 
 def test_needs_reload():
     assert not needs_reload([ROUTE_TABLE, "relay/requeue/route", "relay/tls/rc_0123456789.policy", APPLIED_TENANTS])
-    assert not needs_reload(["relay/smtp_auth/rc_0123456789_1 (removed)", "relay/relay_domains", "relay/bounce_transport"])
+    assert not needs_reload(["relay/smtp_auth/rc_0123456789_1 (removed)", "relay/bounce_transport"])
+    assert needs_reload(["relay/relay_domains", ROUTE_TABLE])
     for name in ("main.cf", "master.cf", "relay/strip_route.regexp", "relay/notify.policy", "sasl/smtpd.conf"):
         assert needs_reload([ROUTE_TABLE, name])
 
