@@ -107,8 +107,10 @@ def check(obj: Context, templates: Path | None, strict: bool, probe: bool) -> No
               help="Re-route deferred mail that still carries a tenant's old smarthost (postsuper -r); "
                    "with --no-reroute, only report it and print the command.")
 @click.option("--force", is_flag=True, help="Overwrite a live main.cf/master.cf that was edited by hand since the last apply.")
+@click.option("--recheck", is_flag=True, help="Look up every tenant's smarthost name and DNS key, not only those of the "
+              "tenants changed since the last apply.")
 @click.pass_obj
-def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, force: bool) -> None:
+def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, force: bool, recheck: bool) -> None:
     """Run every `relayctl check`, then install the configuration, reload, and activate it.
 
     If any check fails, nothing live changes (exit 4): not Postfix, and not the
@@ -123,13 +125,19 @@ def apply(obj: Context, templates: Path | None, reload: bool, reroute: bool, for
     in settings postfix_extra instead.
     """
     from relay_milter.cli.operator import check_rendered, reroute_after_apply, run_preflight
-    from relay_milter.config import APPLIED_TENANTS
+    from relay_milter.config import APPLIED_TENANTS, applied_tenants_path, changed_since_applied
     from relay_milter.postfix import handedit
     from relay_milter.postfix.render import activate, install, needs_reload, postfix_running, reload_postfix, render_and_check
     from relay_milter.reputation.state import state_for
 
     ts, settings = obj.load()
-    pf = run_preflight(ts, settings)
+    # DNS lookups (smarthost names, keys in DNS: warnings only) for the tenants that changed
+    # since the last apply; the others' were done then (`relayctl check` looks up all).
+    changed_ids = changed_since_applied(ts, applied_tenants_path(settings)) if not recheck else None
+    if changed_ids is not None and len(changed_ids) < len(ts.tenants):
+        click.echo(f"preflight: DNS lookups for the {len(changed_ids)} tenant(s) changed since the last apply "
+                   "(relayctl check, or apply --recheck, looks up every tenant)")
+    pf = run_preflight(ts, settings, dns_for=changed_ids)
     # The failovers in force are kept: the tenants of a listed address stay on its standby.
     files, result = render_and_check(ts, settings, templates, reputation_state=state_for(settings))
     if not check_rendered(settings, files) or not result.ok or pf.errors:

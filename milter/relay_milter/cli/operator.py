@@ -10,9 +10,12 @@ from relay_milter.config import Settings, TenantSet
 from relay_milter.postfix import preflight
 
 
-def run_preflight(tenants: TenantSet, settings: Settings, strict: bool = False) -> preflight.Preflight:
-    """Run the checks and print every finding that is not plain ok (warnings and errors on stderr)."""
-    pf = preflight.run(tenants, settings, strict=strict)
+def run_preflight(
+    tenants: TenantSet, settings: Settings, strict: bool = False, dns_for: set[str] | None = None
+) -> preflight.Preflight:
+    """Run the checks and print every finding that is not plain ok (warnings and errors on stderr).
+    ``dns_for``: DNS lookups for these tenants only (preflight.run)."""
+    pf = preflight.run(tenants, settings, strict=strict, dns_for=dns_for)
     for f in pf.findings:
         if f.level == "ok":
             click.echo(f"ok: {f.subject}: {f.text}")

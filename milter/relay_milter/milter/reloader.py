@@ -75,12 +75,15 @@ class ReloadingPolicy:
         self.gate = gate or IngressGate()
         self._seen = fingerprint(self.tenants_dir)
         self._seen_applied = _file_fingerprint(self.applied)
+        # Tenants validated from the applied set, by their JSON: a reload validates only
+        # the entries that changed (config.load_applied_tenants).
+        self._validated: dict = {}
         self._policy = Policy(self._initial(), settings, self.keys, self.gate)
         self._stop = threading.Event()
 
     def _initial(self) -> TenantSet:
         if self.applied.exists():
-            return load_applied_tenants(self.applied)
+            return load_applied_tenants(self.applied, self._validated)
         logs.event(log, logging.WARNING, None, "no_applied_set", applied=str(self.applied),
                    action="serving the tenant files directly until the first relayctl apply")
         return load_tenants(self.tenants_dir)
@@ -123,7 +126,7 @@ class ReloadingPolicy:
     def _reload_applied(self) -> None:
         started = time.monotonic()
         try:
-            tenants = load_applied_tenants(self.applied)
+            tenants = load_applied_tenants(self.applied, self._validated)
         except ConfigError as exc:
             logs.event(log, logging.ERROR, None, "reload_failed", reason=str(exc).replace("\n", "; "), kept=self._kept())
             return

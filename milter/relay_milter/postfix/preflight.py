@@ -272,16 +272,23 @@ def _tenant_findings(t: Tenant, source: Path, settings: Settings, strict: bool, 
     return pf.findings
 
 
-def run(tenants: TenantSet, settings: Settings, strict: bool = False, dns: bool = True) -> Preflight:
-    """Every check above. ``dns=False`` skips the network lookups (smarthost names, keys in DNS).
-    Tenants are checked in parallel threads; findings come out in tenant order."""
+def run(
+    tenants: TenantSet, settings: Settings, strict: bool = False, dns: bool = True, dns_for: set[str] | None = None
+) -> Preflight:
+    """Every check above. ``dns=False`` skips the network lookups (smarthost names, keys in DNS);
+    ``dns_for``: only for these tenant ids (apply: the tenants that changed since the last
+    apply; their lookups were done then). Tenants are checked in parallel threads; findings
+    come out in tenant order."""
     from concurrent.futures import ThreadPoolExecutor
 
     pf = Preflight()
     check_relay_tls(settings, pf)
     sources = [(t, tenants.sources.get(t.id, Path(f"tenant {t.id}"))) for t in tenants]
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        for findings in pool.map(lambda ts: _tenant_findings(ts[0], ts[1], settings, strict, dns), sources):
+        def one(ts: tuple[Tenant, Path]) -> list[Finding]:
+            return _tenant_findings(ts[0], ts[1], settings, strict, dns and (dns_for is None or ts[0].id in dns_for))
+
+        for findings in pool.map(one, sources):
             pf.findings += findings
     return pf
 

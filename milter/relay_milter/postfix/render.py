@@ -42,6 +42,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +361,12 @@ def write_files(files: dict[str, str], out: Path, require_empty: bool = False) -
                 if is_hash_table(name):
                     table_postmap = [*postmap, "-f"] if name in CASE_EXACT_TABLES else postmap
                 _write_at(fds[-1], base, text, 0o600 if secret else 0o644, table_postmap)
+                if name == "main.cf":
+                    # Postfix's tools wait (300 ms at a time) while main.cf's mtime is the
+                    # current second, in case it is still being written: date it 2 s back, so
+                    # the postmap and postconf runs that follow do not wait a second each.
+                    past = time.time() - 2
+                    os.utime(base, (past, past), dir_fd=fds[-1], follow_symlinks=False)
             finally:
                 for fd in fds[1:]:
                     os.close(fd)

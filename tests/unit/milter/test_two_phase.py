@@ -60,3 +60,43 @@ def test_the_snapshot_round_trips(setup):
 
     again = load_applied_tenants(applied)
     assert again.tenants == ts.tenants and again.sources == ts.sources
+
+
+def test_a_reload_validates_only_the_tenants_that_changed(tmp_path):
+    """Issue 17: with the reloader's cache, unchanged entries keep their validated Tenant
+    objects; a changed or new one is validated (and a bad one still refused)."""
+    import pytest as _pytest
+
+    from relay_milter.config import ConfigError, dump_tenant_set, load_applied_tenants
+    from support.factories import tenant, tenant_set
+
+    path = tmp_path / "applied.json"
+    path.write_text(dump_tenant_set(tenant_set(tenant("acme"), tenant("globex"))))
+    cache: dict = {}
+    first = load_applied_tenants(path, cache)
+    path.write_text(dump_tenant_set(tenant_set(tenant("acme"), tenant("globex", smarthost={"host": "mx.globex.example"}), tenant("hooli"))))
+    second = load_applied_tenants(path, cache)
+    assert second.by_id("acme") is first.by_id("acme")
+    assert second.by_id("globex") is not first.by_id("globex") and second.by_id("globex").smarthost.host == "mx.globex.example"
+    assert second.by_id("hooli") is not None and len(cache) == 3
+    bad = path.read_text().replace('"port": 2525', '"port": 0', 1)
+    path.write_text(bad)
+    with _pytest.raises(ConfigError, match="unreadable applied tenant set"):
+        load_applied_tenants(path, cache)
+
+
+def test_apply_looks_up_dns_only_for_tenants_changed_since_the_last_apply(tmp_path, monkeypatch):
+    from relay_milter.config import changed_since_applied, dump_tenant_set
+    from relay_milter.postfix import preflight
+    from support.factories import tenant, tenant_set
+
+    path = tmp_path / "applied.json"
+    assert changed_since_applied(tenant_set(tenant("acme")), path) is None  # nothing applied yet: all
+    path.write_text(dump_tenant_set(tenant_set(tenant("acme"), tenant("globex"))))
+    now = tenant_set(tenant("acme"), tenant("globex", smarthost={"host": "mx.globex.example"}), tenant("hooli"))
+    assert changed_since_applied(now, path) == {"globex", "hooli"}
+    looked_up: list[str] = []
+    monkeypatch.setattr(preflight, "check_smarthost_name", lambda t, *a: looked_up.append(t.id))
+    monkeypatch.setattr(preflight, "check_pinned_vs_dns", lambda t, *a: looked_up.append(t.id + " key"))
+    preflight.run(now, Settings(), dns_for={"globex", "hooli"})
+    assert sorted(looked_up) == ["globex", "globex key", "hooli", "hooli key"]
