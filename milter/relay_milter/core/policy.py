@@ -167,9 +167,14 @@ class Policy:
         # Ingress limits and backpressure (core/quota.py); shared across reloads by the reloader.
         self.gate = gate or IngressGate()
         self._relay_domains = frozenset(t.relay_domain for t in tenants)
-        self._relay_suffixes = tuple("." + d for d in self._relay_domains)
         self._signing_domains = frozenset(t.signing_domain for t in tenants)
 
+
+    def _below_relay_domain(self, domain: str) -> bool:
+        """Whether ``domain`` is a subdomain of a relay domain: one set lookup per parent
+        domain (a tuple of suffixes for endswith() cost a comparison per tenant)."""
+        parts = domain.split(".")
+        return any(".".join(parts[i:]) in self._relay_domains for i in range(1, len(parts)))
     def current(self) -> "Policy":
         """A fixed policy is its own source (see reloader.ReloadingPolicy)."""
         return self
@@ -212,7 +217,7 @@ class Policy:
         except AddressError as exc:
             return Verdict.reject("550", "5.1.3", f"bad recipient address syntax: {exc.reason}")
         tenant = self.tenants.by_relay_domain(decoded.relay_domain)
-        if tenant is None and decoded.relay_domain.endswith(self._relay_suffixes):
+        if tenant is None and self._below_relay_domain(decoded.relay_domain):
             # Postfix refuses these first (parent_domain_matches_subdomains has no relay_domains).
             return Verdict.reject("550", "5.1.2", f"{decoded.relay_domain} is not a relay domain (a relay domain covers no subdomains)")
         if tenant is None:
@@ -221,7 +226,7 @@ class Policy:
             # step for a moment (a tenant is being added): ask the client to retry.
             return Verdict.tempfail("451", "4.3.5", f"{decoded.relay_domain} is not configured on this relay yet")
         target_domain = decoded.address.rpartition("@")[2]
-        if target_domain in self._relay_domains or target_domain.endswith(self._relay_suffixes):
+        if target_domain in self._relay_domains or self._below_relay_domain(target_domain):
             return Verdict.reject("550", "5.1.3", "encoded recipient points back at a relay domain")
         if tx.tenant is not None and tx.tenant.id != tenant.id:
             return Verdict.tempfail(
@@ -341,7 +346,7 @@ class Policy:
         except AddressError as exc:
             return Verdict.reject("550", "5.1.3", f"bad recipient address syntax: {exc.reason}")
         domain = address.rpartition("@")[2]
-        if domain in self._relay_domains or domain.endswith(self._relay_suffixes):
+        if domain in self._relay_domains or self._below_relay_domain(domain):
             # Encoded relay addresses belong to the signed ingress; here they could
             # only be an attempt to reach another tenant's route.
             return Verdict.reject("550", "5.7.1", "relay-domain recipients are not accepted on submission")
