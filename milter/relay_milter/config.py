@@ -1060,6 +1060,37 @@ def tenant_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
+def _file_tenants(path: Path) -> tuple[list[Tenant], list[str]]:
+    """The tenants one file defines, validated alone, and the errors (file, tenant, field)."""
+    try:
+        docs = _documents(path)
+    except ConfigError as exc:
+        return [], [str(exc)]
+    tenants: list[Tenant] = []
+    errors: list[str] = []
+    for n, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            errors.append(f"{path}: entry {n}: expected a mapping, got {type(doc).__name__}")
+            continue
+        try:
+            tenants.append(Tenant.model_validate(doc))
+        except ValidationError as exc:
+            errors.append(_format_validation(path, str(doc.get("id", f"#{n}")), exc))
+    return tenants, errors
+
+
+def check_tenant_files(paths: list[Path]) -> tuple[list[Tenant], list[str]]:
+    """Validate some tenant files each on its own (no cross-checks between tenants: apply
+    does those): the milter's quick look at files edited since the last apply."""
+    tenants: list[Tenant] = []
+    errors: list[str] = []
+    for path in paths:
+        found, problems = _file_tenants(path)
+        tenants += found
+        errors += problems
+    return tenants, errors
+
+
 def load_tenants(directory: Path | str) -> TenantSet:
     """Load and cross-check every tenant file in a directory. Raises ConfigError."""
     directory = Path(directory)
@@ -1067,21 +1098,9 @@ def load_tenants(directory: Path | str) -> TenantSet:
     tenants: list[Tenant] = []
     sources: dict[str, Path] = {}
     for path in tenant_files(directory):
-        try:
-            docs = _documents(path)
-        except ConfigError as exc:
-            errors.append(str(exc))
-            continue
-        for n, doc in enumerate(docs, 1):
-            if not isinstance(doc, dict):
-                errors.append(f"{path}: entry {n}: expected a mapping, got {type(doc).__name__}")
-                continue
-            name = str(doc.get("id", f"#{n}"))
-            try:
-                tenant = Tenant.model_validate(doc)
-            except ValidationError as exc:
-                errors.append(_format_validation(path, name, exc))
-                continue
+        found, problems = _file_tenants(path)
+        errors += problems
+        for tenant in found:
             if tenant.id in sources:
                 errors.append(f"{path}: tenant {tenant.id}: field id: duplicate, already defined in {sources[tenant.id]}")
                 continue
