@@ -313,7 +313,7 @@ def test_smarthost_answers_slowly(flab):
     finally:
         sink.delay = 0.0
     # The slowness was real: some acme deliveries spent >= 1.4 s in transmission (delays=a/b/c/d).
-    slow = [float(d) for d in re.findall(rf"/smtp\[\d+\]: \w+: to=<user\d+@example\.org>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{sink.port},.*delays=[\d.]+/[\d.]+/[\d.]+/([\d.]+)", flab.maillog_text())]
+    slow = [float(d) for d in re.findall(rf"/smtp\[\d+\]: \w+: to=<user\d+@example\.org>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{sink.port},.*delays=[\d.]+/[\d.]+/[\d.]+/([\d.]+)", flab.maillog_text())]  # hygiene: not a path (a log line)
     assert any(d >= 1.4 for d in slow), slow[-10:]
 
 

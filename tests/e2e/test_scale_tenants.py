@@ -38,7 +38,7 @@ class ScaleLab(Lab):
         # once, as a real zone answers (check asks for every tenant's key record).
         zone = "test"
         # "answer this domain yourself"; every name under others.test is the loopback address.
-        return (f"--local=/{zone}/", "--address=/others.test/127.0.0.1")
+        return (f"--local=/{zone}/", "--address=/others.test/127.0.0.1")  # hygiene: not a path (dnsmasq syntax)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,6 @@ def test_a_new_tenant_then_a_smarthost_move_without_a_reload(scale_lab):
     log = lab.maillog_text()
     assert log.count("reload -- version") == reloads  # the master was not told to reload
     # Cleanup saw the new route table and restarted by itself.
-    assert re.search(r"cleanup\[\d+\]: table hash:\S+/relay/route\(\S*\) has changed -- restarting", log[mark:]), log[-3000:]
+    assert re.search(r"cleanup\[\d+\]: table hash:\S+/relay/route\(\S*\) has changed -- restarting", log[mark:]), log[-3000:]  # hygiene: not a path (a log line)
     assert len(lab.sinks[tid].messages) == 1
     assert lab.sinks["others"].messages == []
