@@ -92,6 +92,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=300, help="messages per cell (default: %(default)s)")
     ap.add_argument("--src", action="append", help="a directory holding relay_milter (repeatable; default: this checkout's milter/)")
+    ap.add_argument("--extra-tenants", type=int, default=0,
+                    help="also define this many other tenants (issue 17: the cost per message must not grow with them)")
     ap.add_argument("--profile", choices=("tottime", "cumulative"), help="also print cProfile's top 30 entries (to stderr), sorted so")
     args = ap.parse_args()
     here = Path(__file__).resolve().parent.parent
@@ -115,6 +117,11 @@ def main() -> int:
                 | {"relay_domain": f"{tid}.relay.test", "signing_domain": f"hop-{tid}.bench.example",
                    "selector": "bench", "allowed_sender_domains": [f"{tid}.example"], "allow_bcc": True}
             )
+        for n in range(args.extra_tenants):
+            tid = f"x{n:05d}"
+            docs.append(tenant_doc(tid, keys["ed"], smarthost={"host": f"{tid}.sink.test", "port": 2525})
+                        | {"relay_domain": f"{tid}.relay.test", "signing_domain": f"hop-{tid}.bench.example",
+                           "allowed_sender_domains": [f"{tid}.example"]})
         (work / "tenants").mkdir()
         write_tenants(work / "tenants", docs)
         cells = []

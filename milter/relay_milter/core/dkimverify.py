@@ -229,7 +229,7 @@ def verify_hop_signature(
             candidates.append((idx, sig, key))
         elif refused:
             reasons.append(refused)
-        elif d in other_signing_domains:
+        elif d != tenant.signing_domain and d in other_signing_domains:
             reasons.append(f"signed by d={d}, which belongs to another tenant")
         elif d == tenant.signing_domain:
             reasons.append(f"signed with selector s={s}, expected s={selectors}")

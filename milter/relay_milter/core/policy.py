@@ -390,7 +390,9 @@ class Policy:
             msg.values("dkim-signature"),
             tenant,
             self.keys,
-            other_signing_domains=self._signing_domains - {tenant.signing_domain},
+            # Every tenant's signing domain (the tenant's own is skipped there): a set
+            # difference here would copy all of them for every message.
+            other_signing_domains=self._signing_domains,
             present=Counter(n.lower() for n, _ in msg.headers),
             max_candidates=self.settings.max_hop_signatures,
         )
