@@ -7,7 +7,7 @@ from typing import Any
 
 from relay_milter.cli.errors import ExitCode, fail, invalid_configuration, warn
 from relay_milter.cli.lastgood import fallback
-from relay_milter.config import ConfigError, Settings, TenantSet, load_settings, load_tenants
+from relay_milter.config import ConfigError, Settings, TenantSet, applied_tenants_path, load_settings, load_tenants
 
 DEFAULT_TENANTS = "/etc/tenant-relay/tenants"
 DEFAULT_SETTINGS = "/etc/tenant-relay/relay.yaml"
@@ -32,7 +32,8 @@ class Context:
         operator commands; see cli/lastgood.py). Invalid settings always exit 3."""
         settings = self.load_settings()
         try:
-            tenants = load_tenants(self.tenants_dir)
+            # Files unchanged since the last apply are not parsed again (config.load_tenants).
+            tenants = load_tenants(self.tenants_dir, applied=applied_tenants_path(settings))
         except ConfigError as exc:
             if not last_good:
                 invalid_configuration(exc)

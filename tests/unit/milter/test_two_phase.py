@@ -100,3 +100,28 @@ def test_apply_looks_up_dns_only_for_tenants_changed_since_the_last_apply(tmp_pa
     monkeypatch.setattr(preflight, "check_pinned_vs_dns", lambda t, *a: looked_up.append(t.id + " key"))
     preflight.run(now, Settings(), dns_for={"globex", "hooli"})
     assert sorted(looked_up) == ["globex", "globex key", "hooli", "hooli key"]
+
+
+def test_apply_parses_only_the_tenant_files_changed_since_the_last_apply(setup, monkeypatch):
+    """The applied set records each file's SHA-256; load_tenants(applied=) parses the files
+    whose content changed and takes the others' tenants from the applied set."""
+    from relay_milter import config
+    from relay_milter.config import load_applied_tenants
+
+    tenants, _, applied, key = setup
+    first = load_tenants(tenants, applied=applied)  # the setup's applied set has no digests
+    applied.write_text(dump_tenant_set(first))
+    assert '"sha256": "' in applied.read_text()
+    write_tenants(tenants, [tenant_doc("initech", key)])
+    parsed: list[str] = []
+    real = config._documents
+    monkeypatch.setattr(config, "_documents", lambda path: parsed.append(path.name) or real(path))
+    again = load_tenants(tenants, applied=applied)
+    assert parsed == ["initech.yaml"]
+    assert [t.id for t in again] == ["acme", "initech"] and again.by_id("acme") == first.by_id("acme")
+    assert dump_tenant_set(again).count('"sha256"') == 2
+    assert [t.id for t in load_applied_tenants(applied)] == ["acme"]
+    # An edit of acme's file is parsed (its digest changed), and a broken one is refused.
+    (tenants / "acme.yaml").write_text((tenants / "acme.yaml").read_text() + "bogus: 1\n")
+    with pytest.raises(config.ConfigError, match="field bogus"):
+        load_tenants(tenants, applied=applied)
