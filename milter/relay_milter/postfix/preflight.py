@@ -285,11 +285,12 @@ def run(
     check_relay_tls(settings, pf)
     sources = [(t, tenants.sources.get(t.id, Path(f"tenant {t.id}"))) for t in tenants]
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        def one(ts: tuple[Tenant, Path]) -> list[Finding]:
-            return _tenant_findings(ts[0], ts[1], settings, strict, dns and (dns_for is None or ts[0].id in dns_for))
-
-        for findings in pool.map(one, sources):
-            pf.findings += findings
+        # Only tenants with DNS lookups wait on the network: the others are checked here
+        # (a thread per check would cost more than the check).
+        lookups = {t.id for t, _ in sources if dns and (dns_for is None or t.id in dns_for)}
+        pending = {t.id: pool.submit(_tenant_findings, t, src, settings, strict, True) for t, src in sources if t.id in lookups}
+        for t, src in sources:
+            pf.findings += pending[t.id].result() if t.id in pending else _tenant_findings(t, src, settings, strict, False)
     return pf
 
 
