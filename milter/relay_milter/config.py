@@ -1342,31 +1342,44 @@ def changed_since_applied(tenants: TenantSet, path: Path) -> set[str] | None:
     return {t.id for t in tenants if applied.get(t.id) != json.dumps(t.model_dump(mode="json"), sort_keys=True)}
 
 
-def load_applied_tenants(path: Path, cache: dict[str, "Tenant"] | None = None) -> TenantSet:
+def _applied_lines(text: str) -> list[str] | None:
+    """The entry lines of an applied set in dump_tenant_set's layout (one tenant per line),
+    or None when the text is not laid out so (the caller parses it whole)."""
+    lines = text.rstrip("\n").split("\n")
+    if len(lines) < 2 or lines[0] != '{"format": 1, "tenants": [' or lines[-1] != "]}":
+        return None
+    return [line.removesuffix(",") for line in lines[1:-1]]
+
+
+def load_applied_tenants(path: Path, cache: dict[str, tuple["Tenant", str]] | None = None) -> TenantSet:
     """Read a snapshot written by ``dump_tenant_set``; ConfigError names the file.
 
-    ``cache`` (the milter's reloader keeps one): canonical JSON of a tenant entry -> the
-    Tenant validated from it last time. Entries whose text did not change are not validated
-    again, so a reload after adding one tenant to 10,000 validates one (Tenant is frozen);
-    the cache is refilled with this set's entries only."""
+    ``cache`` (the milter's reloader keeps one): the text of an entry's line -> the Tenant
+    validated from it last time and its source. Lines that did not change are neither
+    parsed nor validated again, so a reload after adding one tenant to 10,000 validates one
+    (Tenant is frozen); the cache is refilled with this set's lines only."""
     import json
 
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        entries = data["tenants"]
-        if cache is None:
+        text = Path(path).read_text(encoding="utf-8")
+        lines = _applied_lines(text) if cache is not None else None
+        if lines is not None and len(set(lines)) != len(lines):
+            lines = None  # the same entry twice: parsed whole, as without a cache
+        if lines is None:
+            entries = json.loads(text)["tenants"]
             tenants = tuple(Tenant.model_validate(e["tenant"]) for e in entries)
+            sources = {t.id: Path(e["source"]) for t, e in zip(tenants, entries)}
         else:
-            fresh: dict[str, Tenant] = {}
-            for e in entries:
-                key = json.dumps(e["tenant"], sort_keys=True)
-                fresh[key] = cache.get(key) or Tenant.model_validate(e["tenant"])
-            tenants = tuple(fresh.values())
-            if len(tenants) != len(entries):  # two identical entries: let TenantSet refuse them
-                tenants = tuple(Tenant.model_validate(e["tenant"]) for e in entries)
+            fresh: dict[str, tuple[Tenant, str]] = {}
+            for line in lines:
+                if line not in cache:
+                    e = json.loads(line)
+                    cache[line] = (Tenant.model_validate(e["tenant"]), str(e["source"]))
+                fresh[line] = cache[line]
             cache.clear()
             cache.update(fresh)
-        sources = {t.id: Path(e["source"]) for t, e in zip(tenants, entries)}
+            tenants = tuple(t for t, _ in fresh.values())
+            sources = {t.id: Path(src) for t, src in fresh.values()}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no applied tenant set (run `relayctl apply`)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:

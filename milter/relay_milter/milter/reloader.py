@@ -92,7 +92,7 @@ class ReloadingPolicy:
         self._seen_applied = _file_fingerprint(self.applied)
         # Tenants validated from the applied set, by their JSON: a reload validates only
         # the entries that changed (config.load_applied_tenants).
-        self._validated: dict = {}
+        self._validated: dict = {}  # line of the applied set -> (Tenant, source)
         self._policy = Policy(self._initial(), settings, self.keys, self.gate)
         self._stop = threading.Event()
 
