@@ -2,21 +2,26 @@
 """Issue 17: what the tenant count costs. One private relay per tenant count, side by side.
 
 For each count N (default 10, 1,000 and 10,000): N tenants with one pinned ed25519 key
-(generated here), every smarthost on one Postfix ``smtp-sink``. Measured, in this order:
+(generated here), each with a smarthost name of its own (<id>.sink.test, which the lab's
+DNS answers with 127.0.0.1), all served by one Postfix ``smtp-sink``. With the same
+settings they share one transport class (postfix/classes.py). Measured, in this order:
 
-  apply          ``relayctl apply --no-reload`` of the whole set (validation, preflight,
-                 render, the staged checks: postconf, one postmap -q - per route table,
-                 postfix check; install)
+  apply          ``relayctl apply --no-reload`` of the whole set, the first time (validation,
+                 preflight with every tenant's DNS lookups, render, the staged checks:
+                 postconf, one postmap -q - per table, postfix check; install)
+  transports     tenant transports (transport classes) in the rendered master.cf
   start          ``postfix start`` until it returns
   fds            descriptors the Postfix master holds after start (/proc/PID/fd)
   msg/s, p99     2 KB signed mail over ``--clients`` clients to the *last* tenant: deliveries
                  logged by Postfix / time; acceptance latency as the client sees it
-  milter CPU     milter CPU milliseconds per message in that run
-  add one        a new tenant file, ``relayctl apply`` (with the reload), until the first
-                 message for the new tenant is accepted (250)
+  milter CPU     milter CPU milliseconds per message in that run (supervisor and workers)
+  add one        a new tenant file, ``relayctl apply`` (it reloads Postfix only if it must:
+                 the column says whether it did), until the first message for the new
+                 tenant is accepted (250)
   reload         ``postfix reload`` until it returns
   milter reload  the milter's own figure for loading the applied set (event=reload seconds=)
-  milter RSS     the milter's resident memory after that reload
+  milter RSS     the milter's resident memory after that reload (supervisor and workers
+                 summed: pages shared after fork are counted in each)
 
 Needs root, postfix (smtp-sink) and dnsmasq. Work files in /var/tmp/relay-bench-tenants-*,
 removed at the end unless --keep. Progress on stderr, the table on stdout.

@@ -43,6 +43,7 @@ from relay_milter.core.addresses import encode_recipient
 from relay_milter.tracking.events import Kind
 from relay_milter.tracking.store import open_store
 from relay_milter.lab import DnsServer, Sink, free_port, make_message, rsa_key, sign, wait_for
+from support.classes import class_of
 from support.factories import unavailable
 from support.pgcluster import PgCluster, find_bindir
 from support.paths import REPO
@@ -542,7 +543,7 @@ def test_the_service_accounts_reach_only_what_they_need(deployment):
         secrets = {
             "sasldb": config / "sasl" / "sasldb2",
             "secrets.yaml": etc / "secrets.yaml",
-            "smarthost password map": config / "relay" / "smtp_auth" / "umbrella",
+            "smarthost password map": config / "relay" / "smtp_auth" / class_of((config / "relay" / "route").read_text(), "umbrella"),
             "tracker.env": etc / "tracker.env",
             "TLS key": etc / "tls" / "relay.key",
         }
