@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from conftest import Mailer
 from relay_milter.postfix.certs import make_ca, make_cert
 from relay_milter.lab import Lab, Sink, TenantSpec, make_message, rsa_key, wait_for
+from support.classes import class_of
 
 pytestmark = pytest.mark.e2e
 
@@ -357,11 +358,16 @@ def test_local_users_cannot_inject_mail_with_sendmail(lab, tmp_path):
 
 
 def test_smarthost_password_is_only_in_a_root_only_table(lab):
-    table = lab.config_dir / "relay" / "smtp_auth" / "acme"
-    st = table.stat()
-    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+    # acme's transport class's table (postfix/classes.py), and postmap's .db of it.
+    table = lab.config_dir / "relay" / "smtp_auth" / class_of((lab.config_dir / "relay" / "route").read_text(), "acme")
+    db = table.with_name(table.name + ".db")
+    for path in (table, db):
+        st = path.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600), path
+    assert table.parent.stat().st_mode & 0o777 == 0o700
     assert lab.smarthost_password in table.read_text()
-    others = [p for p in lab.config_dir.rglob("*") if p.is_file() and p != table and lab.smarthost_password.encode() in p.read_bytes()]
+    assert lab.smarthost_password.encode() in db.read_bytes()
+    others = [p for p in lab.config_dir.rglob("*") if p.is_file() and p not in (table, db) and lab.smarthost_password.encode() in p.read_bytes()]
     assert others == []
     assert (lab.relay_key.stat().st_mode & 0o777) == 0o600
     assert os.stat(lab.secrets_file).st_mode & 0o777 == 0o600

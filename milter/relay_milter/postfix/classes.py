@@ -61,10 +61,15 @@ class Settings:
     auth: bool
     concurrency: int
     rate_delay: str | None
-    source: Source | None
+    source: Source | None  # the address the class sends from now (after a failover: the standby)
+    # The address the configuration gives its tenants: it names the class, so a failover
+    # (sender reputation) changes the class's bind address, never the class, and mail
+    # queued before the failover keeps a transport that exists.
+    home: Source | None = None
 
     def digest(self) -> str:
-        text = repr((self.tls, str(self.ca_file) if self.ca_file else None, self.auth, self.concurrency, self.rate_delay, self.source))
+        home = self.home if self.home is not None else self.source
+        text = repr((self.tls, str(self.ca_file) if self.ca_file else None, self.auth, self.concurrency, self.rate_delay, home))
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def describe(self) -> str:
@@ -101,28 +106,36 @@ class Assignment:
         return f"{self.of[tenant.id]}:{tenant.smarthost.nexthop}"
 
 
-def settings_of(tenant: Tenant, source) -> Settings:
+def _source(entry) -> Source | None:
+    return Source(str(entry.address), entry.helo, entry.version) if entry is not None else None
+
+
+def settings_of(tenant: Tenant, source, home=None) -> Settings:
     sh = tenant.smarthost
-    src = Source(str(source.address), source.helo, source.version) if source is not None else None
     return Settings(
         tls=sh.tls,
         ca_file=sh.ca_file,
         auth=sh.auth is not None,
         concurrency=sh.concurrency,
         rate_delay=sh.rate.delay if sh.rate else None,
-        source=src,
+        source=_source(source),
+        home=_source(home) if home is not None else None,
     )
 
 
-def assign(tenants: Iterable[Tenant], sources: Mapping[str, object | None]) -> Assignment:
-    """Group tenants into transport classes. ``sources``: tenant id -> its pool address
-    (``render.source_addresses``) or None. The k-th tenant (by id) with given settings and
-    next hop goes to class ``rc_<digest>`` (k = 0) or ``rc_<digest>_<k>``."""
+def assign(
+    tenants: Iterable[Tenant], sources: Mapping[str, object | None], homes: Mapping[str, object | None] | None = None
+) -> Assignment:
+    """Group tenants into transport classes. ``sources``: tenant id -> the pool address it
+    sends from now (``render.source_addresses``, failovers applied) or None; ``homes``: the
+    address its configuration gives it (``reputation.configured_address``), which names the
+    class (default: ``sources``). The k-th tenant (by id) with given settings and next hop
+    goes to class ``rc_<digest>`` (k = 0) or ``rc_<digest>_<k>``."""
     rank: dict[tuple[str, str], int] = {}
     groups: dict[str, tuple[Settings, list[Tenant]]] = {}
     of: dict[str, str] = {}
     for t in sorted(tenants, key=lambda t: t.id):
-        s = settings_of(t, sources.get(t.id))
+        s = settings_of(t, sources.get(t.id), (homes or {}).get(t.id))
         digest = s.digest()
         k = rank.get((digest, t.smarthost.nexthop), 0)
         rank[(digest, t.smarthost.nexthop)] = k + 1

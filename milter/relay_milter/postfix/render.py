@@ -142,8 +142,10 @@ def source_addresses(tenants: TenantSet, settings: Settings, reputation_state: d
 def assignment_for(
     tenants: TenantSet, settings: Settings, reputation_state: dict | None = None
 ) -> transport_classes.Assignment:
-    """The transport classes of ``tenants`` (their source addresses, with failovers, included)."""
-    return transport_classes.assign(tenants, source_addresses(tenants, settings, reputation_state))
+    """The transport classes of ``tenants``: named after the source address each tenant's
+    configuration gives it, bound to the one it sends from now (failovers applied)."""
+    homes = {t.id: reputation.configured_address(t, settings.reputation) for t in tenants}
+    return transport_classes.assign(tenants, source_addresses(tenants, settings, reputation_state), homes)
 
 
 def render_files(
