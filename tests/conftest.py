@@ -34,12 +34,24 @@ def _e2e_unavailable() -> str | None:
 # -- in parallel: scripts/test.sh runs pytest-xdist workers with --dist loadgroup --------
 #
 # A test module is the unit of scheduling (its module-scoped lab is started once, on one
-# worker). Modules that change the host itself (the Ansible role converges private
-# relays but creates system accounts; network namespaces) share one group, so they run
-# one after another. Each worker takes only its own residue class of loopback ports and
-# DNS addresses (RELAY_LAB_SLOT, relay_milter.lab.harness.lab_slot).
+# worker, and its tests run there in file order). Modules that change the host itself (the
+# Ansible role converges private relays but creates system accounts; network namespaces)
+# share one group, so they run one after another. Each worker takes only its own residue
+# class of loopback ports and DNS addresses (RELAY_LAB_SLOT, relay_milter.lab.harness.lab_slot).
+#
+# The groups are given to xdist's scheduler directly (pytest_xdist_make_scheduler), not as
+# xdist_group marks: xdist (3.8) passes a mark to the scheduler by appending "@group" to
+# item._nodeid on the worker, and pytest 9.2 no longer reads _nodeid, so marks were lost
+# and every test was scheduled on its own (one module's tests on both workers, each with
+# its own module-scoped lab or deployment). tests/unit/test_parallel.py checks the split.
 
 HOST_GROUP = "host"  # modules that change the host: never two at once
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The scheduling unit of a test: its module, or HOST_GROUP for tests/ansible/."""
+    module = nodeid.split("::", 1)[0]
+    return HOST_GROUP if module.startswith("tests/ansible/") else module
 
 
 def pytest_configure(config):
@@ -48,12 +60,17 @@ def pytest_configure(config):
         os.environ["RELAY_LAB_SLOT"] = f"{int(worker.removeprefix('gw'))}/{count}"
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.nodeid.split("::", 1)[0]
-            item.add_marker(pytest.mark.xdist_group(HOST_GROUP if module.startswith("tests/ansible/") else module))
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist nothing calls it
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return ModuleScheduling(config, log)
 
 
 # -- every e2e test: no Postfix fatal/panic, no milter traceback (support/lablogs.py) -----
