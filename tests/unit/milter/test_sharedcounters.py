@@ -62,3 +62,11 @@ def test_a_full_table_says_so():
     assert c.window("a", 1, 1) == (1, 1)
     with pytest.raises(TableFull):
         c.window("c", 1, 1)
+
+
+def test_the_default_table_holds_ten_thousand_rate_limited_tenants():
+    """Issue 17: every tenant with a rate limit takes a slot, and 10,000 such tenants fit."""
+    c = SharedCounters()
+    for n in range(10_000):
+        c.window(f"t{n:05d}", 1, 1, add=1)
+    assert c.window("t09999", 1, 1) == (1, 1) and c.window("t00000", 1, 1) == (1, 1)
