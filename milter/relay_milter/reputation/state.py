@@ -5,11 +5,10 @@ are ``core/reputation.py``'s; this module only reads and replaces the file."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from relay_milter.config import ConfigError, Settings
+from relay_milter.files import replace_file
 from relay_milter.core.reputation import empty_state, normalise_state
 
 
@@ -38,20 +37,6 @@ def state_for(settings: Settings) -> dict:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Replace the file atomically (temp file in the same directory, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(state, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # no secrets: operators read it (relayctl ip list)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Replace the file atomically (files.replace_file: temp file, fsync, rename). Mode 0644:
+    no secrets, operators read it (relayctl ip list)."""
+    replace_file(path, json.dumps(state, indent=2, sort_keys=True) + "\n", mode=0o644, make_parent=True)
